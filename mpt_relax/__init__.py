@@ -1,6 +1,31 @@
-"""mpt_relax: MPT language models compiled with Apache TVM Relax."""
+"""mpt_relax: MPT language models compiled with Apache TVM Relax.
 
+    import mpt_relax
+    art = mpt_relax.build("dist/models/mpt-7b-instruct", target="llvm", quantization="q0f16")
+    eng = mpt_relax.Engine(art, device="cpu")
+    logits = eng.logits([1, 2, 3])          # float32 [3, vocab]
+    mod = mpt_relax.export_irmodule(mpt_relax.preset("mpt-7b-instruct"))
+"""
+
+from .artifact import ArtifactError
+from .builder import build, export_irmodule, resolve_model
 from .checkpoint import CheckpointError
+from .compiler import TargetError
 from .config import ConfigError, MPTConfig, preset
+from .engine import Engine, EngineError
+from .weights import WeightMapError
 
-__all__ = ["CheckpointError", "ConfigError", "MPTConfig", "preset"]
+__all__ = [
+    "ArtifactError",
+    "CheckpointError",
+    "ConfigError",
+    "Engine",
+    "EngineError",
+    "MPTConfig",
+    "TargetError",
+    "WeightMapError",
+    "build",
+    "export_irmodule",
+    "preset",
+    "resolve_model",
+]

@@ -29,7 +29,7 @@ class TargetSpec:
 
 
 def _cpu_schedules() -> list:
-    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return [dl.cpu.Reduction()]
 
 
 def llvm_target(mcpu: str | None = None) -> TargetSpec:

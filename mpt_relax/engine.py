@@ -1,0 +1,105 @@
+"""Runtime: load a built artifact and run its entry points.
+
+``Engine(artifact_dir, device)`` loads the library compiled for the device, the weights and
+``mpt-config.json``. This module holds the model-facing calls (prefill / decode over the
+KV cache, full-sequence logits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import artifact
+from .config import MPTConfig
+
+DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
+
+
+class EngineError(ValueError):
+    """Bad input to the engine (token ids, lengths, device); the message says what to do."""
+
+
+def _tvm_device(device: str) -> tvm.runtime.Device:
+    dev = tvm.runtime.device(device, 0)
+    if not dev.exist:
+        raise EngineError(f"device {device!r} is not available on this machine; use device='cpu'")
+    return dev
+
+
+class Engine:
+    """A loaded artifact: ``Engine(dist/mpt-7b-instruct-q4f16_1, device="cuda")``."""
+
+    def __init__(self, artifact_dir: str | Path, device: str = "cpu"):
+        self.path = Path(artifact_dir)
+        self.meta = artifact.read_config(self.path)
+        self.config = MPTConfig.from_dict(self.meta["model_config"])
+        if device not in DEVICE_TARGETS:
+            raise EngineError(f"unknown device {device!r}; choose one of: {', '.join(DEVICE_TARGETS)}")
+        target = DEVICE_TARGETS[device]
+        lib = self.meta["libraries"].get(target)
+        if lib is None:
+            raise EngineError(
+                f"{self.path} has no library for device {device!r} (built: {', '.join(self.meta['libraries'])}); "
+                f"rebuild with --target {target}"
+            )
+        if not self.meta.get("has_weights"):
+            raise EngineError(f"{self.path} was built without weights; rebuild it from a checkpoint directory")
+        self.device = _tvm_device(device)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / lib)), self.device)
+        self.params = self._load_params()
+
+    def _load_params(self) -> list[tvm.runtime.Tensor]:
+        arrays = dict(artifact.read_params(self.path))
+        names = self.meta["param_names"]
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise artifact.ArtifactError(f"{self.path} lacks weights {missing[:3]}...; rebuild with --force")
+        return [tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self.device) for n in names]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_window(self) -> int:
+        return int(self.meta["context_window_size"])
+
+    def check_tokens(self, token_ids, extra: int = 0) -> np.ndarray:
+        """Token ids as int32 [n]; errors for empty input, ids outside the vocabulary, or a
+        sequence (plus ``extra`` tokens to come) longer than the context window."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise EngineError("empty prompt: give at least one token")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise EngineError(f"token ids must be in [0, {self.vocab_size}); got min {ids.min()} max {ids.max()}")
+        if ids.size + extra > self.context_window:
+            raise EngineError(
+                f"{ids.size} prompt tokens + {extra} new tokens exceed the context window of {self.context_window}; "
+                "shorten the prompt or rebuild with a larger --max-seq-len"
+            )
+        return ids.astype(np.int32)
+
+    def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(array, self.device)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """One fresh prefill: float32 logits [len(token_ids), vocab] for every position."""
+        ids = self.check_tokens(token_ids)
+        return self.vm["prefill_logits"](self._tensor(ids), self.params).numpy()
+
+    def prefill(self, token_ids):
+        """Fresh sequence: (last-token logits float32 [vocab], kv-cache handle)."""
+        ids = self.check_tokens(token_ids)
+        logits, k, v = self.vm["prefill"](self._tensor(ids), self.params)
+        return logits.numpy()[0], (k, v)
+
+    def decode(self, token_id: int, cache):
+        """One token after ``cache``: (logits float32 [vocab], grown cache)."""
+        k, v = cache
+        ids = self.check_tokens([token_id], extra=int(k.shape[1]))
+        logits, k, v = self.vm["decode"](self._tensor(ids), k, v, self.params)
+        return logits.numpy()[0], (k, v)
