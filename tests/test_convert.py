@@ -26,7 +26,8 @@ def planted_tensors() -> dict[str, torch.Tensor]:
 
     Expected counts (see EXPECTED): "a" (bf16): 2 clamped, 2 flushed, 3 non-finite;
     "b" (fp32): 2 clamped (65519 and -7e4; 65504 itself is kept), 1 flushed (1e-10; 3e-8 rounds
-    up to the smallest subnormal instead), 0 non-finite; "c" (fp16, copied): 1 non-finite.
+    up to the smallest subnormal instead), 0 non-finite; "c" (fp16, copied): 1 non-finite;
+    "f" (bf16): a NaN among in-range values, 1 non-finite; "g" (empty) and "h" (0-d) are edge cases.
     """
     a = torch.linspace(0.5, 2.0, 32).reshape(4, 8)
     a[0, :3] = torch.tensor([7e4, -1e5, 0.0])
@@ -42,6 +43,9 @@ def planted_tensors() -> dict[str, torch.Tensor]:
         "c": c,
         "d": torch.tensor([1, -2, 3], dtype=torch.int64),
         "e": torch.tensor([True, False, True, True, False]),
+        "f": torch.tensor([1.0, NAN, -2.0]).to(torch.bfloat16),
+        "g": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "h": torch.tensor(3.5),
     }
 
 
@@ -51,8 +55,11 @@ EXPECTED = {  # name -> (clamped, flushed, nonfinite)
     "c": (0, 0, 1),
     "d": (0, 0, 0),
     "e": (0, 0, 0),
+    "f": (0, 0, 1),
+    "g": (0, 0, 0),
+    "h": (0, 0, 0),
 }
-SHARDS = [["a", "b"], ["c", "d", "e"]]
+SHARDS = [["a", "b"], ["c", "d", "e", "f", "g", "h"]]
 
 
 def expected_output(x: torch.Tensor) -> torch.Tensor:
@@ -133,10 +140,10 @@ def test_values_and_counts_for_every_input_format(tmp_path, fmt):
     assert out["b"][4] == 2.0**-24  # just above half the smallest subnormal: kept, not flushed
     counts = {t.name: (t.clamped, t.flushed, t.nonfinite) for t in report.tensors}
     assert counts == EXPECTED
-    assert (report.clamped, report.flushed, report.nonfinite) == (4, 3, 4)
+    assert (report.clamped, report.flushed, report.nonfinite) == (4, 3, 5)
     assert report.verified == len(source)
-    assert report.input_bytes == 32 * 2 + 16 * 4 + 8 * 2 + 3 * 8 + 5
-    assert report.output_bytes == 32 * 2 + 16 * 2 + 8 * 2 + 3 * 8 + 5
+    assert report.input_bytes == 32 * 2 + 16 * 4 + 8 * 2 + 3 * 8 + 5 + 3 * 2 + 4
+    assert report.output_bytes == 32 * 2 + 16 * 2 + 8 * 2 + 3 * 8 + 5 + 3 * 2 + 2
 
 
 def test_output_shards_index_and_config(tmp_path):
@@ -145,10 +152,11 @@ def test_output_shards_index_and_config(tmp_path):
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shard = "model-{:05d}-of-00003.safetensors".format
-    assert index["weight_map"] == {"a": shard(1), "b": shard(2), "c": shard(2), "d": shard(3), "e": shard(3)}
+    expected = {"a": 1, "b": 2, "c": 2, "d": 3, "e": 3, "f": 3, "g": 3, "h": 3}
+    assert index["weight_map"] == {name: shard(k) for name, k in expected.items()}
     assert report.shards == [shard(1), shard(2), shard(3)]
     sizes = [sum(t.numel() * t.element_size() for t in load_file(str(out / shard(k))).values()) for k in (1, 2, 3)]
-    assert sizes == [64, 48, 29]  # greedy in read order, each at most shard_size
+    assert sizes == [64, 48, 37]  # greedy in read order, each at most shard_size
     assert index["metadata"]["total_size"] == sum(sizes) == report.output_bytes
     config = json.loads((out / "config.json").read_text())
     assert config == {"model_type": "mpt", "d_model": 8, "dtype": "float16", "torch_dtype": "float16"}
@@ -270,8 +278,8 @@ def test_verification_catches_a_wrong_cast(tmp_path, monkeypatch):
     src = make_checkpoint(tmp_path / "src", "safetensors")
     real_cast = convert_module._cast_chunk
 
-    def off_by_one_ulp(x):
-        out, *counts = real_cast(x)
+    def off_by_one_ulp(x, out):
+        out, *counts = real_cast(x, out)
         return (out.view(torch.int16) ^ 1).view(torch.float16), *counts
 
     monkeypatch.setattr(convert_module, "_cast_chunk", off_by_one_ulp)
@@ -325,7 +333,7 @@ def test_cli_in_process(tmp_path, monkeypatch, capsys):
     make_checkpoint(tmp_path / "mpt-tiny", "bin")
     monkeypatch.setattr(cli, "MODELS_DIR", tmp_path)
     assert cli.main(["--model", "mpt-tiny", "--quiet", "--shard-size", "100B"]) == 0
-    assert "clamped to +-65504: 4; flushed to zero: 3; NaN/inf passed through: 4" in capsys.readouterr().out
+    assert "clamped to +-65504: 4; flushed to zero: 3; NaN/inf passed through: 5" in capsys.readouterr().out
     assert len(list((tmp_path / "mpt-tiny-float16").glob("model-*-of-00002.safetensors"))) == 2
     assert cli.main(["--model", "mpt-tiny", "--strict", "--force"]) == 1
     err = capsys.readouterr().err
