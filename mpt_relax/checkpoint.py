@@ -2,13 +2,14 @@
 
 Handles sharded or single ``.safetensors`` (``model.safetensors.index.json``) and PyTorch
 ``.bin`` pickles (``pytorch_model.bin.index.json``), loaded only with
-``torch.load(weights_only=True, mmap=True)``. Tensors come back as torch tensors in the dtype
-they were stored in (bf16, fp16, fp32, ...).
+``torch.load(weights_only=True)`` (memory-mapped for zip-format pickles). Tensors come back as
+torch tensors in the dtype they were stored in (bf16, fp16, fp32, ...).
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -27,10 +28,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {model_dir} does not exist")
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index = model_dir / index_name
-        if index.is_file():
-            return _shards_from_index(index)
+    index = _index_path(model_dir)
+    if index is not None:
+        return _shards_from_index(index, read_index(model_dir))
     for pattern in ("*.safetensors", "*.bin"):
         files = sorted(p for p in model_dir.glob(pattern) if p.is_file() and not p.name.startswith("training_args"))
         if files:
@@ -40,11 +40,30 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _index_path(model_dir: Path) -> Path | None:
+    """The index file in use: the safetensors index wins over the .bin index."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (model_dir / index_name).is_file():
+            return model_dir / index_name
+    return None
+
+
+def read_index(model_dir: str | Path) -> dict[str, str] | None:
+    """The ``weight_map`` (tensor name -> shard file name) of the directory's index, or None."""
+    index = _index_path(Path(model_dir))
+    if index is None:
+        return None
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index} is not a valid index file (needs a 'weight_map' object): {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _shards_from_index(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The distinct shard files the index names, in first-mention order; all must exist."""
     shards = list(dict.fromkeys(weight_map.values()))
     missing = [s for s in shards if not (index.parent / s).is_file()]
     if missing:
@@ -53,15 +72,29 @@ def _shards_from_index(index: Path) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one shard (memory-mapped where the format allows)."""
+    """All tensors of one shard, memory-mapped where the format allows.
+
+    ``.safetensors`` and zip-format ``.bin`` pickles are mapped (pages are read on first
+    touch); legacy (pre-zip) pickles are read whole. Raises :class:`CheckpointError` for an
+    empty, truncated or corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"shard {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"shard {path} is empty; re-download it")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # corrupt, truncated or not a checkpoint at all
-        raise CheckpointError(f"cannot read shard {path}: {type(err).__name__}: {err}".splitlines()[0]) from err
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise CheckpointError(
+            f"cannot read shard {path} ({size} bytes; corrupt or truncated? re-download it): {reason}"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"shard {path} is not a flat name -> tensor state dict")
     return state
