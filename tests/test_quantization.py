@@ -169,6 +169,8 @@ def test_group_quant_linear_parameters():
     assert params["q_weight"].shape == [64, 16] and params["q_weight"].dtype == "uint32"
     assert params["q_scale"].shape == [64, 4] and params["q_scale"].dtype == "float16"
     assert params["bias"].dtype == "float16"
+    layer.to("float32")  # like nn.Linear.to: the bias follows, codes and scales do not
+    assert (layer.q_weight.dtype, layer.q_scale.dtype, layer.bias.dtype) == ("uint32", "float16", "float32")
     with pytest.raises(ValueError, match="multiple of the group size"):
         GroupQuantLinear(48, 64, Q4)
     with pytest.raises(ValueError, match="does not quantize"):
