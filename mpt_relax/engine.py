@@ -51,6 +51,8 @@ class Engine:
         self.device = _tvm_device(device)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / lib)), self.device)
         self.params = self._load_params()
+        self._caches: dict[int, tuple | None] = {}
+        self._next_seq = 0
 
     def _load_params(self) -> list[tvm.runtime.Tensor]:
         arrays = dict(artifact.read_params(self.path))
@@ -91,15 +93,43 @@ class Engine:
         ids = self.check_tokens(token_ids)
         return self.vm["prefill_logits"](self._tensor(ids), self.params).numpy()
 
-    def prefill(self, token_ids):
-        """Fresh sequence: (last-token logits float32 [vocab], kv-cache handle)."""
-        ids = self.check_tokens(token_ids)
-        logits, k, v = self.vm["prefill"](self._tensor(ids), self.params)
-        return logits.numpy()[0], (k, v)
+    # ------------------------------------------------------------ sequences (the KV-cache contract)
+    def add_sequence(self) -> int:
+        """Start an empty sequence; returns its id."""
+        seq_id = self._next_seq
+        self._next_seq += 1
+        self._caches[seq_id] = None
+        return seq_id
 
-    def decode(self, token_id: int, cache):
-        """One token after ``cache``: (logits float32 [vocab], grown cache)."""
-        k, v = cache
-        ids = self.check_tokens([token_id], extra=int(k.shape[1]))
-        logits, k, v = self.vm["decode"](self._tensor(ids), k, v, self.params)
-        return logits.numpy()[0], (k, v)
+    def remove_sequence(self, seq_id: int) -> None:
+        """Drop a sequence and free its cache."""
+        self._cache_of(seq_id)
+        del self._caches[seq_id]
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Tokens cached for ``seq_id``."""
+        cache = self._cache_of(seq_id)
+        return 0 if cache is None else int(cache[0].shape[1])
+
+    def forward(self, seq_ids: list[int], tokens: list[list[int]]) -> np.ndarray:
+        """Append ``tokens[b]`` to sequence ``seq_ids[b]`` for every b; returns the float32 logits
+        after each sequence's last new token, [len(seq_ids), vocab]."""
+        if len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
+            raise EngineError("forward needs one token list per distinct sequence id")
+        rows = []
+        for seq_id, toks in zip(seq_ids, tokens):
+            cache = self._cache_of(seq_id)
+            ids = self._tensor(self.check_tokens(toks, extra=self.sequence_length(seq_id)))
+            if cache is None:
+                logits, k, v = self.vm["prefill"](ids, self.params)
+            else:
+                fn = "decode" if len(toks) == 1 else "extend"
+                logits, k, v = self.vm[fn](ids, cache[0], cache[1], self.params)
+            self._caches[seq_id] = (k, v)
+            rows.append(logits.numpy()[0])
+        return np.stack(rows)
+
+    def _cache_of(self, seq_id: int):
+        if seq_id not in self._caches:
+            raise EngineError(f"unknown sequence id {seq_id}; call add_sequence() first")
+        return self._caches[seq_id]

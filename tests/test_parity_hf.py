@@ -32,12 +32,14 @@ def hf_greedy(model, ids, steps: int) -> list[int]:
 
 
 def our_greedy(eng, ids, steps: int) -> list[int]:
-    logits, cache = eng.prefill(ids)
+    seq = eng.add_sequence()
+    logits = eng.forward([seq], [list(ids)])[0]
     tokens = []
     for _ in range(steps):
         tokens.append(int(np.argmax(logits)))
         if len(tokens) < steps:
-            logits, cache = eng.decode(tokens[-1], cache)
+            logits = eng.forward([seq], [[tokens[-1]]])[0]
+    eng.remove_sequence(seq)
     return tokens
 
 
@@ -65,11 +67,12 @@ def test_prefill_then_decode_equals_fresh_prefill(case, engine_for):
     eng = engine_for(ckpt)
     ids = np.random.default_rng(1).integers(0, 256, size=24)
     full = eng.logits(ids)
-    logits, cache = eng.prefill(ids[:16])
-    assert rel_err(logits, full[15]) < 1e-5
+    seq = eng.add_sequence()
+    assert rel_err(eng.forward([seq], [ids[:12].tolist()])[0], full[11]) < 1e-5
+    assert rel_err(eng.forward([seq], [ids[12:16].tolist()])[0], full[15]) < 1e-5  # cached prefix + 4
     for i in range(16, 24):
-        logits, cache = eng.decode(int(ids[i]), cache)
-        assert rel_err(logits, full[i]) < 1e-5
+        assert rel_err(eng.forward([seq], [[int(ids[i])]])[0], full[i]) < 1e-5
+    assert eng.sequence_length(seq) == 24
 
 
 def test_greedy_32_tokens_match_hf_generate(case, engine_for):
