@@ -7,6 +7,8 @@ export step (see :class:`TargetSpec`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import platform
 from typing import Callable
 
@@ -35,9 +37,30 @@ def _cpu_schedules() -> list:
     return [dl.cpu.Reduction()]
 
 
+class _SimtMatmul(dl.gpu.Matmul):
+    """dlight's GPU Matmul rule without its tensor-core branch.
+
+    In TVM 0.27 that branch (taken for CUDA sm_70+) first imports ``tvm.s_tir.tensor_intrin``
+    (40-120 s of start-up) and then segfaults inside Tensorize on our fp16 NT matmuls. The
+    rule picks it only from the target's ``arch``, so it sees the target without one.
+    """
+
+    def apply(self, func, target, tunable):
+        if target.kind.name == "cuda" and "arch" in target.attrs:
+            target = _without_arch(str(target))
+        return super().apply(func, target, tunable)
+
+
+@functools.lru_cache(maxsize=None)
+def _without_arch(target_json: str) -> tvm.target.Target:
+    config = json.loads(target_json)
+    config.pop("arch")
+    return tvm.target.Target(config)
+
+
 def _gpu_schedules(with_matmul: bool = True) -> list:
-    rules = [dl.gpu.Matmul()] if with_matmul else []
-    return rules + [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    rules = [_SimtMatmul()] if with_matmul else []
+    return rules + [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                     dl.gpu.Fallback()]
 
 
