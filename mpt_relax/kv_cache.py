@@ -22,6 +22,31 @@ Layouts (as the runtime stores them):
     pages:  [num_pages, 2, KV, page_size, hd]   (index 0 = K, 1 = V), one array per layer
     qkv:    [total_tokens, H + 2*KV, hd]          fused, split by the cache before attention
     output: [total_tokens, H, hd], lse: [total_tokens, H] fp32 (base-2 log-sum-exp)
+
+Targets. llvm gets loop kernels (query rows in blocks, keys in page-sized tiles, heads in
+parallel); every other target gets kernels tiled like TVM's GPU kernels and scheduled with TVM's
+prefill schedule. Page-table upkeep (append, page copy on fork, state merge, debug read-back)
+reuses TVM's position-free kernels.
+
+Use from a model (one cache for all layers; ``page_size`` is baked into the kernels):
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size):
+        return ALiBiPagedKVCache.create(cfg, dtype, target, max_batch_size,
+                                        max_total_seq_len, prefill_chunk_size, page_size)
+    # in layer i, with q [n, H, hd], k / v [n, KV, hd] for this forward's n new tokens:
+    out = cache.attention(i, q, k, v, cfg.attn_scale)            # [n, H, hd]
+
+and from an engine, around every call of an entry point that takes the cache:
+
+    rt = PagedKVCacheRuntime(vm["create_paged_kv_cache"](*shape_tuples), page_size)
+    rt.add_sequence(seq_id)                       # or rt.fork_sequence(parent, child, pos)
+    rt.begin_forward(seq_ids, append_lengths)     # tokens of the call, concatenated in this order
+    ... vm["prefill"](...) / vm["batch_decode"](...)
+    rt.end_forward()
+    rt.remove_sequence(seq_id)                    # frees its pages
+
+Not supported: sliding-window attention and token-tree (speculative) attention; the runtime
+refuses both (no sliding-window support, no tree-attention kernel).
 """
 
 from __future__ import annotations
@@ -37,11 +62,20 @@ from tvm.relax.frontend.nn.llm.kv_cache import (
     AttnKind,
     PagedKVCache,
     RopeMode,
+    _compact_kv_copy,
     _compact_kv_copy_cpu,
+    _copy_single_page,
     _copy_single_page_cpu,
     _kv_cache_debug_get_kv,
     _kv_cache_transpose_append,
+    _merge_state_inplace,
     _merge_state_inplace_cpu,
+)
+from tvm.relax.frontend.nn.llm._kernel_common import (
+    _get_prefill_kernel_config,
+    _schedule_prefill_kernel,
+    check_thread_limits,
+    get_max_num_threads_per_block,
 )
 from tvm.script import tirx as T
 from tvm.target import Target
@@ -338,6 +372,515 @@ def decode_paged_cpu(spec: AttentionSpec):
     return alibi_decode_paged_cpu
 
 
+# ---------------------------------------------------------------------------- GPU kernels
+# Tiled like TVM's own paged-attention kernels (and scheduled by TVM's prefill schedule, which
+# keys on the block names Q_load / K_load / V_load / S_gemm / S_store / O_init / O_gemm /
+# O_store / lse_store): a thread block owns tile_x (query token, head-in-group) rows of one kv
+# head, walks the keys tile_z at a time through shared memory, and keeps a per-row running max
+# and sum. The ALiBi bias and the causal mask are applied per row while the tile's max is taken.
+
+
+def _gpu_prefill_macros(spec: AttentionSpec, tile_x: int, tile_z: int, bdx: int, num_warps: int):
+    """Macros of the tiled prefill kernels (shared by the paged and the ragged one)."""
+    D, group, dtype = spec.head_dim, spec.group, spec.dtype
+    threads = bdx * num_warps
+    rows_per_thread = -(-tile_x // threads)
+
+    def token_of(LH_start, row):
+        return (LH_start + row) // group
+
+    def head_of(by, LH_start, row):
+        return by * group + (LH_start + row) % group
+
+    def visible(causal, col, kv_len, key_pos0, query_pos):
+        return tirx.all(col < kv_len, tirx.any(causal == 0, key_pos0 + col <= query_pos))
+
+    @T.macro
+    def load_q(q, Q_smem, q_begin, q_len, by, LH_start):
+        for li, lj in T.grid(tile_x, D):
+            with T.sblock("Q_load"):
+                i, j = T.axis.remap("SS", [li, lj])
+                T.reads()
+                T.writes()
+                if token_of(LH_start, i) < q_len:
+                    Q_smem[i, j] = q[q_begin + token_of(LH_start, i), head_of(by, LH_start, i), j]
+                else:
+                    Q_smem[i, j] = T.cast(0, dtype)
+
+    @T.macro
+    def init_state(m_smem, d_smem, O_local, ty, tx):
+        for i in T.serial(rows_per_thread):
+            row: T.let[T.int32] = i * threads + ty * bdx + tx
+            if row < tile_x:
+                m_smem[row] = T.float32(_NEG)
+                d_smem[row] = T.float32(0)
+        for li, lj in T.grid(tile_x, D):
+            with T.sblock("O_init"):
+                i, j = T.axis.remap("SS", [li, lj])
+                O_local[i, j] = T.float32(0)
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale):
+        with T.sblock():
+            for li, lj, lk in T.grid(tile_x, tile_z, D):
+                with T.sblock("S_gemm"):
+                    i, j, k = T.axis.remap("SSR", [li, lj, lk])
+                    with T.init():
+                        S_local[i, j] = T.float32(0)
+                    S_local[i, j] += T.cast(Q_smem[i, k], "float32") * T.cast(K_smem[j, k], "float32") * sm_scale * LOG2E
+        T.tvm_storage_sync("shared")
+        for li, lj in T.grid(tile_x, tile_z):
+            with T.sblock("S_store"):
+                i, j = T.axis.remap("SS", [li, lj])
+                S_smem[i, j] = S_local[i, j]
+        T.tvm_storage_sync("shared")
+
+    def query_pos_of(q_pos, q_begin, q_len, LH_start, row):
+        return q_pos[q_begin + T.min(token_of(LH_start, row), q_len - 1)]
+
+    def biased(S_smem, row, j, by, LH_start, L_kv_start, q_pos, q_begin, q_len, key_pos0):
+        """Row ``row``'s base-2 score for key ``L_kv_start + j`` with its ALiBi bias."""
+        slope = _slope_log2(spec, head_of(by, LH_start, row))
+        key_pos = key_pos0 + L_kv_start + j
+        return S_smem[row, j] + _alibi_bias(spec, slope, key_pos, query_pos_of(q_pos, q_begin, q_len, LH_start, row))
+
+    def seen(row, j, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len, key_pos0):
+        """Whether row ``row`` is a real query that sees key ``L_kv_start + j``."""
+        query_pos = query_pos_of(q_pos, q_begin, q_len, LH_start, row)
+        return tirx.all(token_of(LH_start, row) < q_len, visible(causal, L_kv_start + j, kv_len, key_pos0, query_pos))
+
+    @T.macro
+    def softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len, key_pos0):
+        # Each thread owns whole rows. Three passes (max, exp, sum) so that the syncs the
+        # planner puts between them stay outside the row predicate.
+        for i in T.serial(rows_per_thread):
+            row: T.let[T.int32] = i * threads + ty * bdx + tx
+            if row < tile_x:
+                with T.sblock("softmax_max"):
+                    m_prev[i] = m_smem[row]
+                    m_new[i] = m_smem[row]
+                    for j in T.serial(tile_z):
+                        if seen(row, j, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len, key_pos0):
+                            m_new[i] = T.max(m_new[i], biased(S_smem, row, j, by, LH_start, L_kv_start, q_pos, q_begin, q_len, key_pos0))
+                    d_new[i] = d_smem[row] * T.exp2(m_prev[i] - m_new[i])
+        for i in T.serial(rows_per_thread):
+            row: T.let[T.int32] = i * threads + ty * bdx + tx
+            with T.sblock("softmax_exp"):
+                for j in T.serial(tile_z):
+                    if row < tile_x:
+                        S_smem[row, j] = T.if_then_else(
+                            seen(row, j, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len, key_pos0),
+                            T.exp2(biased(S_smem, row, j, by, LH_start, L_kv_start, q_pos, q_begin, q_len, key_pos0) - m_new[i]),
+                            T.float32(0),
+                        )
+        for i in T.serial(rows_per_thread):
+            row: T.let[T.int32] = i * threads + ty * bdx + tx
+            if row < tile_x:
+                with T.sblock("softmax_sum"):
+                    for j in T.serial(tile_z):
+                        d_new[i] += S_smem[row, j]
+                    m_prev_smem[row] = m_prev[i]
+                    m_smem[row] = m_new[i]
+                    d_smem[row] = d_new[i]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem):
+        with T.sblock():
+            for li, lj, lk in T.grid(tile_x, D, tile_z):
+                with T.sblock("O_gemm"):
+                    i, j, k = T.axis.remap("SSR", [li, lj, lk])
+                    with T.init():
+                        O_local[i, j] *= T.exp2(m_prev_smem[i] - m_smem[i])
+                    O_local[i, j] += S_smem[i, k] * T.cast(V_smem[k, j], "float32")
+
+    @T.macro
+    def store(output, lse, O_local, m_smem, d_smem, q_begin, q_len, by, LH_start):
+        for li, lj in T.grid(tile_x, D):
+            with T.sblock("O_store"):
+                i, j = T.axis.remap("SS", [li, lj])
+                if token_of(LH_start, i) < q_len:
+                    output[q_begin + token_of(LH_start, i), head_of(by, LH_start, i), j] = T.cast(
+                        T.if_then_else(d_smem[i] > 0, O_local[i, j] / d_smem[i], T.float32(0)), dtype
+                    )
+        for li in T.grid(tile_x):
+            with T.sblock("lse_store"):
+                i = T.axis.remap("S", [li])
+                if token_of(LH_start, i) < q_len:
+                    lse[q_begin + token_of(LH_start, i), head_of(by, LH_start, i)] = T.if_then_else(
+                        d_smem[i] > 0, m_smem[i] + T.log2(d_smem[i]), T.float32(_NEG)
+                    )
+
+    @T.macro
+    def next_work(tile_id, batch_idx, batch_tiles, q_indptr, batch_size):
+        # Persistent blocks: skip past the sequences whose tiles are all taken.
+        while tile_id[0] >= batch_tiles[0] and batch_idx[0] < batch_size:
+            tile_id[0] -= batch_tiles[0]
+            batch_idx[0] += 1
+            if batch_idx[0] < batch_size:
+                batch_tiles[0] = T.ceildiv((q_indptr[batch_idx[0] + 1] - q_indptr[batch_idx[0]]) * group, tile_x)
+
+    def kv_tiles(causal, kv_len, key_pos0, q_pos, q_begin, q_len, LH_start):
+        """Key tiles the query tile needs: under causal masking, up to its last row's position."""
+        last = q_pos[q_begin + T.min(token_of(LH_start, tile_x - 1), q_len - 1)]
+        return T.ceildiv(_visible_keys(causal, kv_len, key_pos0, last), tile_z)
+
+    return load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles
+
+
+def _gpu_prefill_config(spec: AttentionSpec, target: Target):
+    """TVM's prefill tiling for this head shape / dtype / target (query tile must span hd)."""
+    NUM_BLKS, LOAD_VEC, _, bdx, num_warps, tile_x, tile_y, tile_z = _get_prefill_kernel_config(
+        spec.kv_heads, spec.n_heads, spec.head_dim, spec.dtype, target
+    )
+    if tile_y != spec.head_dim:
+        raise ValueError(f"no prefill tiling for head_dim {spec.head_dim} on {target.kind.name} (got tile_y {tile_y})")
+    return NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z
+
+
+def _gpu_prefill_scratch(spec: AttentionSpec, tile_x: int, tile_z: int, rows_per_thread: int):
+    """Shared / local buffers of the tiled prefill kernels."""
+    D, dtype = spec.head_dim, spec.dtype
+    return (
+        T.sblock_alloc_buffer((tile_x, D), dtype, scope="shared"),  # Q_smem
+        T.sblock_alloc_buffer((tile_z, D), dtype, scope="shared"),  # K_smem
+        T.sblock_alloc_buffer((tile_z, D), dtype, scope="shared"),  # V_smem
+        T.sblock_alloc_buffer((tile_x, tile_z), "float32", scope="local"),  # S_local
+        T.sblock_alloc_buffer((tile_x, tile_z), "float32", scope="shared"),  # S_smem
+        T.sblock_alloc_buffer((tile_x, D), "float32", scope="local"),  # O_local
+        T.sblock_alloc_buffer((tile_x,), "float32", scope="shared"),  # m_smem
+        T.sblock_alloc_buffer((tile_x,), "float32", scope="shared"),  # m_prev_smem
+        T.sblock_alloc_buffer((tile_x,), "float32", scope="shared"),  # d_smem
+        T.sblock_alloc_buffer((rows_per_thread,), "float32", scope="local"),  # m_prev
+        T.sblock_alloc_buffer((rows_per_thread,), "float32", scope="local"),  # m_new
+        T.sblock_alloc_buffer((rows_per_thread,), "float32", scope="local"),  # d_new
+    )
+
+
+def _gpu_walk_state():
+    """Per-thread scalars of the persistent tile walk: tile id, sequence, its tiles, kv length."""
+    return tuple(T.sblock_alloc_buffer((1,), "int32", scope="local") for _ in range(4))
+
+
+def prefill_paged_gpu(spec: AttentionSpec, target: Target):
+    """GPU version of :func:`prefill_paged_cpu` (same signature and semantics)."""
+    H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
+    NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
+    rows_per_thread = -(-tile_x // (bdx * num_warps))
+    load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def alibi_prefill_paged(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_last_page_len: T.handle, var_k_pos_offset: T.handle,
+        var_q_pos: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(var_last_page_len, (batch_size,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (total_len,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (total_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H), "float32")
+
+        for lbx in T.thread_binding(NUM_BLKS, thread="blockIdx.x"):
+            for lby in T.thread_binding(KV, thread="blockIdx.y"):
+                for lty in T.thread_binding(num_warps, thread="threadIdx.y"):
+                    for ltx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        with T.sblock("attn"):
+                            bx, by, ty, tx = T.axis.remap("SSSS", [lbx, lby, lty, ltx])
+                            T.reads()
+                            T.writes()
+                            tile_id, batch_idx, batch_tiles, kv_len = _gpu_walk_state()
+                            Q_smem, K_smem, V_smem, S_local, S_smem, O_local, m_smem, m_prev_smem, d_smem, m_prev, m_new, d_new = _gpu_prefill_scratch(spec, tile_x, tile_z, rows_per_thread)
+                            tile_id[0] = bx
+                            batch_idx[0] = 0
+                            batch_tiles[0] = T.ceildiv((q_indptr[1] - q_indptr[0]) * spec.group, tile_x)
+                            while T.tvm_thread_invariant(batch_idx[0] < batch_size):
+                                next_work(tile_id, batch_idx, batch_tiles, q_indptr, batch_size)
+                                if T.tvm_thread_invariant(batch_idx[0] < batch_size):
+                                    b: T.let[T.int32] = batch_idx[0]
+                                    LH_start: T.let[T.int32] = tile_id[0] * tile_x
+                                    q_begin: T.let[T.int32] = q_indptr[b]
+                                    q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                                    first_page: T.let[T.int32] = page_indptr[b]
+                                    kv_len[0] = _paged_kv_len(page_indptr, last_page_len, b, page_size)
+                                    T.tvm_storage_sync("shared")
+                                    init_state(m_smem, d_smem, O_local, ty, tx)
+                                    load_q(q, Q_smem, q_begin, q_len, by, LH_start)
+                                    T.tvm_storage_sync("shared")
+                                    for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
+                                        L_kv_start: T.let[T.int32] = iterator * tile_z
+                                        for lz, ly in T.grid(tile_z, D):
+                                            with T.sblock("K_load"):
+                                                i, j = T.axis.remap("SS", [lz, ly])
+                                                T.reads()
+                                                T.writes()
+                                                if L_kv_start + i < kv_len[0]:
+                                                    K_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 0, by, (L_kv_start + i) % page_size, j]
+                                                else:
+                                                    K_smem[i, j] = T.cast(0, dtype)
+                                        T.tvm_storage_sync("shared")
+                                        for lz, ly in T.grid(tile_z, D):
+                                            with T.sblock("V_load"):
+                                                i, j = T.axis.remap("SS", [lz, ly])
+                                                T.reads()
+                                                T.writes()
+                                                if L_kv_start + i < kv_len[0]:
+                                                    V_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 1, by, (L_kv_start + i) % page_size, j]
+                                                else:
+                                                    V_smem[i, j] = T.cast(0, dtype)
+                                        T.tvm_storage_sync("shared")
+                                        score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
+                                        softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
+                                        accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
+                                    store(output, lse, O_local, m_smem, d_smem, q_begin, q_len, by, LH_start)
+                                    tile_id[0] += NUM_BLKS
+    # fmt: on
+    sch = tvm.s_tir.Schedule(alibi_prefill_paged)
+    sch = _schedule_prefill_kernel(sch, LOAD_VEC, bdx, num_warps, tile_x, D, tile_z, False, False)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def prefill_ragged_gpu(spec: AttentionSpec, target: Target):
+    """GPU version of :func:`prefill_ragged_cpu` (same signature and semantics)."""
+    H, KV, D, dtype = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype
+    NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
+    rows_per_thread = -(-tile_x // (bdx * num_warps))
+    load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def alibi_prefill_ragged(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+        var_kv_indptr: T.handle, var_q_pos: T.handle, var_k_pos_offset: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size, qo_len, kv_total = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        k = T.match_buffer(var_k, (kv_total, KV, D), dtype)
+        v = T.match_buffer(var_v, (kv_total, KV, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (qo_len,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+
+        for lbx in T.thread_binding(NUM_BLKS, thread="blockIdx.x"):
+            for lby in T.thread_binding(KV, thread="blockIdx.y"):
+                for lty in T.thread_binding(num_warps, thread="threadIdx.y"):
+                    for ltx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        with T.sblock("attn"):
+                            bx, by, ty, tx = T.axis.remap("SSSS", [lbx, lby, lty, ltx])
+                            T.reads()
+                            T.writes()
+                            tile_id, batch_idx, batch_tiles, kv_len = _gpu_walk_state()
+                            Q_smem, K_smem, V_smem, S_local, S_smem, O_local, m_smem, m_prev_smem, d_smem, m_prev, m_new, d_new = _gpu_prefill_scratch(spec, tile_x, tile_z, rows_per_thread)
+                            tile_id[0] = bx
+                            batch_idx[0] = 0
+                            batch_tiles[0] = T.ceildiv((q_indptr[1] - q_indptr[0]) * spec.group, tile_x)
+                            while T.tvm_thread_invariant(batch_idx[0] < batch_size):
+                                next_work(tile_id, batch_idx, batch_tiles, q_indptr, batch_size)
+                                if T.tvm_thread_invariant(batch_idx[0] < batch_size):
+                                    b: T.let[T.int32] = batch_idx[0]
+                                    LH_start: T.let[T.int32] = tile_id[0] * tile_x
+                                    q_begin: T.let[T.int32] = q_indptr[b]
+                                    q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                                    kv_begin: T.let[T.int32] = kv_indptr[b]
+                                    kv_len[0] = kv_indptr[b + 1] - kv_indptr[b]
+                                    T.tvm_storage_sync("shared")
+                                    init_state(m_smem, d_smem, O_local, ty, tx)
+                                    load_q(q, Q_smem, q_begin, q_len, by, LH_start)
+                                    T.tvm_storage_sync("shared")
+                                    for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
+                                        L_kv_start: T.let[T.int32] = iterator * tile_z
+                                        for lz, ly in T.grid(tile_z, D):
+                                            with T.sblock("K_load"):
+                                                i, j = T.axis.remap("SS", [lz, ly])
+                                                if L_kv_start + i < kv_len[0]:
+                                                    K_smem[i, j] = k[kv_begin + L_kv_start + i, by, j]
+                                                else:
+                                                    K_smem[i, j] = T.cast(0, dtype)
+                                        T.tvm_storage_sync("shared")
+                                        for lz, ly in T.grid(tile_z, D):
+                                            with T.sblock("V_load"):
+                                                i, j = T.axis.remap("SS", [lz, ly])
+                                                T.reads()
+                                                T.writes()
+                                                if L_kv_start + i < kv_len[0]:
+                                                    V_smem[i, j] = v[kv_begin + L_kv_start + i, by, j]
+                                                else:
+                                                    V_smem[i, j] = T.cast(0, dtype)
+                                        T.tvm_storage_sync("shared")
+                                        score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
+                                        softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
+                                        accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
+                                    store(output, lse, O_local, m_smem, d_smem, q_begin, q_len, by, LH_start)
+                                    tile_id[0] += NUM_BLKS
+    # fmt: on
+    sch = tvm.s_tir.Schedule(alibi_prefill_ragged)
+    sch = _schedule_prefill_kernel(sch, LOAD_VEC, bdx, num_warps, tile_x, D, tile_z, True, False)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _gpu_decode_config(spec: AttentionSpec, target: Target):
+    """Thread shape of the decode kernel.
+
+    bdx threads split head_dim (vec elements each) and reduce the dot product among themselves;
+    bdy query heads of one kv group share each loaded key; bdz thread groups take different
+    keys and merge their softmax states at the end; gdz blocks cover groups larger than bdy.
+    """
+    itemsize = (tvm.runtime.DataType(spec.dtype).bits + 7) // 8
+    vec = min(max(8 // itemsize, spec.head_dim // 32), 4)
+    bdx = spec.head_dim // vec
+    thread_limit = min(get_max_num_threads_per_block(target), 512)
+    bdy = spec.group
+    while bdx * bdy > thread_limit and bdy > 1:
+        bdy //= 2
+    gdz = spec.group // bdy
+    bdz = max(thread_limit // (bdx * bdy), 1)
+    keys_per_thread = 2 if spec.group == 1 else 1  # keys each (tz, ty) loads per step
+    check_thread_limits(target, bdx=bdx, bdy=bdy, bdz=bdz, gdz=1)
+    return vec, bdx, bdy, bdz, gdz, keys_per_thread
+
+
+def decode_paged_gpu(spec: AttentionSpec, target: Target):
+    """GPU version of :func:`decode_paged_cpu` (same signature and semantics)."""
+    H, KV, D, dtype, group, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.group, spec.page_size
+    VEC, bdx, bdy, bdz, gdz, per_thread = _gpu_decode_config(spec, target)
+    slice_keys = bdy * per_thread  # keys one tz slice scores per step
+    step_keys = bdz * slice_keys  # keys the block loads per step
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def alibi_decode_paged(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_last_page_len: T.handle, var_k_pos_offset: T.handle, var_q_pos: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (B, H, D), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
+        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(var_last_page_len, (B,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (B,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (B,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (B, H, D), dtype)
+        lse = T.match_buffer(var_lse, (B, H), "float32")
+
+        for bx in T.thread_binding(B, thread="blockIdx.x"):
+            for fused_by_bz in T.thread_binding(KV * gdz, thread="blockIdx.y"):
+                for ty in T.thread_binding(bdy, thread="threadIdx.y"):
+                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        for tz in T.thread_binding(bdz, thread="threadIdx.z"):
+                            with T.sblock("attn"):
+                                q_f32 = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                K_smem = T.sblock_alloc_buffer((step_keys, D), dtype, scope="shared")
+                                V_smem = T.sblock_alloc_buffer((step_keys, D), dtype, scope="shared")
+                                O_merge = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
+                                md_merge = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
+                                kv_len = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                partial = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                dot = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                S_local = T.sblock_alloc_buffer((slice_keys,), "float32", scope="local")
+                                O_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                d = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                other_scale = T.sblock_alloc_buffer((1,), "float32", scope="local")
+
+                                by: T.let[T.int32] = fused_by_bz % KV
+                                head: T.let[T.int32] = by * group + (fused_by_bz // KV) * bdy + ty
+                                first_page: T.let[T.int32] = page_indptr[bx]
+                                slope: T.let[T.float32] = _slope_log2(spec, head)
+                                kv_len[0] = _paged_kv_len(page_indptr, last_page_len, bx, page_size)
+                                m[0] = T.float32(_NEG)
+                                d[0] = T.float32(0)
+                                for vec in T.vectorized(VEC):
+                                    O_local[vec] = T.float32(0)
+                                    q_f32[vec] = T.cast(q[bx, head, tx * VEC + vec], "float32") * sm_scale * LOG2E
+
+                                for step in T.serial(T.ceildiv(kv_len[0], step_keys)):
+                                    # (tz, ty) loads per_thread keys; tx loads VEC features of each.
+                                    for j in T.serial(per_thread):
+                                        with T.sblock("KV_load"):
+                                            T.reads()
+                                            T.writes()
+                                            key: T.let[T.int32] = step * step_keys + (tz * bdy + ty) * per_thread + j
+                                            slot: T.let[T.int32] = (tz * bdy + ty) * per_thread + j
+                                            if key < kv_len[0]:
+                                                for vec in T.vectorized(VEC):
+                                                    K_smem[slot, tx * VEC + vec] = pages[page_values[first_page + key // page_size], 0, by, key % page_size, tx * VEC + vec]
+                                                    V_smem[slot, tx * VEC + vec] = pages[page_values[first_page + key // page_size], 1, by, key % page_size, tx * VEC + vec]
+                                            else:
+                                                for vec in T.vectorized(VEC):
+                                                    K_smem[slot, tx * VEC + vec] = T.cast(0, dtype)
+                                                    V_smem[slot, tx * VEC + vec] = T.cast(0, dtype)
+                                    T.tvm_storage_sync("shared")
+                                    # Score this tz slice's keys: dot product reduced across tx.
+                                    m_prev[0] = m[0]
+                                    for j in T.serial(slice_keys):
+                                        partial[0] = T.float32(0)
+                                        for vec in T.unroll(VEC):
+                                            partial[0] += q_f32[vec] * T.cast(K_smem[tz * slice_keys + j, tx * VEC + vec], "float32")
+                                        with T.sblock("dot_allreduce"):
+                                            T.reads(partial[0])
+                                            T.writes(dot[0])
+                                            T.attr(T.comm_reducer(lambda x0, y0: x0 + y0, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                            T.tvm_thread_allreduce(T.uint32(1), partial[0], True, dot[0], tx, dtype="void")
+                                        S_local[j] = dot[0] + _alibi_bias(spec, slope, k_pos_offset[bx] + step * step_keys + tz * slice_keys + j, q_pos[bx])
+                                        if step * step_keys + tz * slice_keys + j < kv_len[0]:
+                                            m[0] = T.max(m[0], S_local[j])
+                                    d[0] *= T.exp2(m_prev[0] - m[0])
+                                    for vec in T.vectorized(VEC):
+                                        O_local[vec] *= T.exp2(m_prev[0] - m[0])
+                                    for j in T.serial(slice_keys):
+                                        S_local[j] = T.if_then_else(step * step_keys + tz * slice_keys + j < kv_len[0], T.exp2(S_local[j] - m[0]), T.float32(0))
+                                        d[0] += S_local[j]
+                                        for vec in T.vectorized(VEC):
+                                            O_local[vec] += S_local[j] * T.cast(V_smem[tz * slice_keys + j, tx * VEC + vec], "float32")
+                                    T.tvm_storage_sync("shared")
+
+                                if bdz > 1:
+                                    # Merge the bdz slices' (max, sum, accumulator) states.
+                                    for vec in T.vectorized(VEC):
+                                        O_merge[tz, ty, tx * VEC + vec] = O_local[vec]
+                                    md_merge[tz, ty, 0] = m[0]
+                                    md_merge[tz, ty, 1] = d[0]
+                                    T.tvm_storage_sync("shared")
+                                    m[0] = T.float32(_NEG)
+                                    d[0] = T.float32(0)
+                                    for vec in T.vectorized(VEC):
+                                        O_local[vec] = T.float32(0)
+                                    for z in T.serial(bdz):
+                                        m_prev[0] = m[0]
+                                        m[0] = T.max(m[0], md_merge[z, ty, 0])
+                                        other_scale[0] = T.exp2(md_merge[z, ty, 0] - m[0])
+                                        d[0] = d[0] * T.exp2(m_prev[0] - m[0]) + md_merge[z, ty, 1] * other_scale[0]
+                                        for vec in T.vectorized(VEC):
+                                            O_local[vec] = O_local[vec] * T.exp2(m_prev[0] - m[0]) + O_merge[z, ty, tx * VEC + vec] * other_scale[0]
+
+                                for vec in T.vectorized(VEC):
+                                    output[bx, head, tx * VEC + vec] = T.cast(T.if_then_else(d[0] > 0, O_local[vec] / d[0], T.float32(0)), dtype)
+                                lse[bx, head] = T.if_then_else(d[0] > 0, m[0] + T.log2(d[0]), T.float32(_NEG))
+    # fmt: on
+    return alibi_decode_paged
+
+
 # ---------------------------------------------------------------------------- shared helpers
 
 
@@ -469,8 +1012,8 @@ class _Kernels:
 
 
 def _attention_kernels(spec: AttentionSpec, target: Target) -> _Kernels:
-    """CPU loop kernels for llvm."""
-    KV, D, dtype, page_size = spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
+    """CPU loop kernels for llvm, tiled GPU kernels for every other target."""
+    H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
     if target.kind.name == "llvm":
         return _Kernels(
             prefill_ragged_cpu(spec),
@@ -480,7 +1023,14 @@ def _attention_kernels(spec: AttentionSpec, target: Target) -> _Kernels:
             _copy_single_page_cpu(KV, page_size, D, dtype),
             _compact_kv_copy_cpu(KV, D, dtype, page_size),
         )
-    raise NotImplementedError(f"ALiBi paged attention has CPU (llvm) kernels only so far, not {target.kind.name}")
+    return _Kernels(
+        prefill_ragged_gpu(spec, target),
+        prefill_paged_gpu(spec, target),
+        decode_paged_gpu(spec, target),
+        _merge_state_inplace(H, D, dtype, target, "alibi_attention_merge_state"),
+        _copy_single_page(KV, page_size, D, dtype, target),
+        _compact_kv_copy(KV, D, dtype, target, page_size),
+    )
 
 
 # ---------------------------------------------------------------------------- capacity

@@ -9,12 +9,15 @@ scores = q.k * scale + slope_h * (j - i), causal, softmax, @ v.
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
+from tvm.s_tir import dlight as dl
 
 from mpt_relax.config import MPTConfig
 from mpt_relax.kv_cache import (
@@ -42,12 +45,12 @@ LONG = MPTConfig(d_model=64, n_heads=4, n_layers=1, kv_n_heads=1)
 class _AttentionModule(nn.Module):
     """Creates the cache and exposes one attention call per layer (``attention_<layer>``, L <= 2)."""
 
-    def __init__(self, cfg: MPTConfig, dtype: str):
-        self.cfg, self.dtype = cfg, dtype
+    def __init__(self, cfg: MPTConfig, dtype: str, target: tvm.target.Target = TARGET):
+        self.cfg, self.dtype, self.target = cfg, dtype, target
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size):
         return ALiBiPagedKVCache.create(
-            self.cfg, self.dtype, TARGET, max_batch_size, max_total_seq_len, prefill_chunk_size, PAGE
+            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, PAGE
         )
 
     def spec(self) -> dict:
@@ -290,3 +293,41 @@ def test_pages_for_budget_and_its_error():
     assert max_total_seq_len_for_pages(1280, 16) == 1279 * 16
     with pytest.raises(KVCacheCapacityError, match="holds 1 page"):
         pages_for_budget(mpt7b, "float16", 16, 12 * 2**20)
+
+
+# ---------------------------------------------------------------------------- GPU builds (no GPU here)
+
+
+def _gpu_build(cfg: MPTConfig, dtype: str, target: tvm.target.Target) -> tvm.runtime.Module:
+    """Compile the cache module for a GPU target; the kernels TVM ships unscheduled get dlight's fallback."""
+    module = _AttentionModule(cfg, dtype, target)
+    mod, _ = module.export_tvm(module.spec())
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(relax.transform.LegalizeOps()(mod))
+    return tvm.compile(mod, target)
+
+
+def _device_modules(module: tvm.runtime.Module, kind: str) -> list:
+    found = [module] if module.kind == kind else []
+    for imported in module.imports:
+        found += _device_modules(imported, kind)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["cuda", "metal"])
+def test_gpu_kernels_build(kind, tmp_path):
+    """GQA fp16 kernels generate for CUDA (sm_80) and Metal; with nvcc present the CUDA source
+    must also compile to a cubin (this wheel keeps CUDA as source until it is loaded on a GPU)."""
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"} if kind == "cuda" else {"kind": "metal"})
+    (device,) = _device_modules(_gpu_build(GQA, "float16", target).mod, kind)
+    source = device.inspect_source()
+    for kernel in ("alibi_prefill_ragged", "alibi_prefill_paged", "alibi_decode_paged"):
+        assert kernel in source
+    if kind != "cuda" or shutil.which("nvcc") is None:
+        return
+    (tmp_path / "kernels.cu").write_text(source)
+    result = subprocess.run(
+        ["nvcc", "-arch=sm_80", "-cubin", "-o", str(tmp_path / "kernels.cubin"), str(tmp_path / "kernels.cu")],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
