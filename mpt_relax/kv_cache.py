@@ -382,7 +382,7 @@ def decode_paged_cpu(spec: AttentionSpec):
 
 def _gpu_prefill_macros(spec: AttentionSpec, tile_x: int, tile_z: int, bdx: int, num_warps: int):
     """Macros of the tiled prefill kernels (shared by the paged and the ragged one)."""
-    D, group, dtype = spec.head_dim, spec.group, spec.dtype
+    D, group, dtype, page_size = spec.head_dim, spec.group, spec.dtype, spec.page_size
     threads = bdx * num_warps
     rows_per_thread = -(-tile_x // threads)
 
@@ -513,6 +513,51 @@ def _gpu_prefill_macros(spec: AttentionSpec, tile_x: int, tile_z: int, bdx: int,
                     )
 
     @T.macro
+    def load_kv_paged(pages, page_values, first_page, by, L_kv_start, kv_len, K_smem, V_smem):
+        for lz, ly in T.grid(tile_z, D):
+            with T.sblock("K_load"):
+                i, j = T.axis.remap("SS", [lz, ly])
+                T.reads()
+                T.writes()
+                if L_kv_start + i < kv_len:
+                    K_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 0, by, (L_kv_start + i) % page_size, j]
+                else:
+                    K_smem[i, j] = T.cast(0, dtype)
+        T.tvm_storage_sync("shared")
+        for lz, ly in T.grid(tile_z, D):
+            with T.sblock("V_load"):
+                i, j = T.axis.remap("SS", [lz, ly])
+                T.reads()
+                T.writes()
+                if L_kv_start + i < kv_len:
+                    V_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 1, by, (L_kv_start + i) % page_size, j]
+                else:
+                    V_smem[i, j] = T.cast(0, dtype)
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def load_kv_ragged(k, v, kv_begin, by, L_kv_start, kv_len, K_smem, V_smem):
+        # K_load declares no access regions: the ragged schedule transposes its write layout.
+        for lz, ly in T.grid(tile_z, D):
+            with T.sblock("K_load"):
+                i, j = T.axis.remap("SS", [lz, ly])
+                if L_kv_start + i < kv_len:
+                    K_smem[i, j] = k[kv_begin + L_kv_start + i, by, j]
+                else:
+                    K_smem[i, j] = T.cast(0, dtype)
+        T.tvm_storage_sync("shared")
+        for lz, ly in T.grid(tile_z, D):
+            with T.sblock("V_load"):
+                i, j = T.axis.remap("SS", [lz, ly])
+                T.reads()
+                T.writes()
+                if L_kv_start + i < kv_len:
+                    V_smem[i, j] = v[kv_begin + L_kv_start + i, by, j]
+                else:
+                    V_smem[i, j] = T.cast(0, dtype)
+        T.tvm_storage_sync("shared")
+
+    @T.macro
     def next_work(tile_id, batch_idx, batch_tiles, q_indptr, batch_size):
         # Persistent blocks: skip past the sequences whose tiles are all taken.
         while tile_id[0] >= batch_tiles[0] and batch_idx[0] < batch_size:
@@ -526,7 +571,7 @@ def _gpu_prefill_macros(spec: AttentionSpec, tile_x: int, tile_z: int, bdx: int,
         last = q_pos[q_begin + T.min(token_of(LH_start, tile_x - 1), q_len - 1)]
         return T.ceildiv(_visible_keys(causal, kv_len, key_pos0, last), tile_z)
 
-    return load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles
+    return load_q, load_kv_paged, load_kv_ragged, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles
 
 
 def _gpu_prefill_config(spec: AttentionSpec, target: Target):
@@ -568,7 +613,7 @@ def prefill_paged_gpu(spec: AttentionSpec, target: Target):
     H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
     NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
     rows_per_thread = -(-tile_x // (bdx * num_warps))
-    load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+    load_q, load_kv_paged, load_kv_ragged, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -619,26 +664,7 @@ def prefill_paged_gpu(spec: AttentionSpec, target: Target):
                                     T.tvm_storage_sync("shared")
                                     for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
                                         L_kv_start: T.let[T.int32] = iterator * tile_z
-                                        for lz, ly in T.grid(tile_z, D):
-                                            with T.sblock("K_load"):
-                                                i, j = T.axis.remap("SS", [lz, ly])
-                                                T.reads()
-                                                T.writes()
-                                                if L_kv_start + i < kv_len[0]:
-                                                    K_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 0, by, (L_kv_start + i) % page_size, j]
-                                                else:
-                                                    K_smem[i, j] = T.cast(0, dtype)
-                                        T.tvm_storage_sync("shared")
-                                        for lz, ly in T.grid(tile_z, D):
-                                            with T.sblock("V_load"):
-                                                i, j = T.axis.remap("SS", [lz, ly])
-                                                T.reads()
-                                                T.writes()
-                                                if L_kv_start + i < kv_len[0]:
-                                                    V_smem[i, j] = pages[page_values[first_page + (L_kv_start + i) // page_size], 1, by, (L_kv_start + i) % page_size, j]
-                                                else:
-                                                    V_smem[i, j] = T.cast(0, dtype)
-                                        T.tvm_storage_sync("shared")
+                                        load_kv_paged(pages, page_values, first_page, by, L_kv_start, kv_len[0], K_smem, V_smem)
                                         score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
                                         softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
                                         accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
@@ -655,7 +681,7 @@ def prefill_ragged_gpu(spec: AttentionSpec, target: Target):
     H, KV, D, dtype = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype
     NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
     rows_per_thread = -(-tile_x // (bdx * num_warps))
-    load_q, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+    load_q, load_kv_paged, load_kv_ragged, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -705,24 +731,7 @@ def prefill_ragged_gpu(spec: AttentionSpec, target: Target):
                                     T.tvm_storage_sync("shared")
                                     for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
                                         L_kv_start: T.let[T.int32] = iterator * tile_z
-                                        for lz, ly in T.grid(tile_z, D):
-                                            with T.sblock("K_load"):
-                                                i, j = T.axis.remap("SS", [lz, ly])
-                                                if L_kv_start + i < kv_len[0]:
-                                                    K_smem[i, j] = k[kv_begin + L_kv_start + i, by, j]
-                                                else:
-                                                    K_smem[i, j] = T.cast(0, dtype)
-                                        T.tvm_storage_sync("shared")
-                                        for lz, ly in T.grid(tile_z, D):
-                                            with T.sblock("V_load"):
-                                                i, j = T.axis.remap("SS", [lz, ly])
-                                                T.reads()
-                                                T.writes()
-                                                if L_kv_start + i < kv_len[0]:
-                                                    V_smem[i, j] = v[kv_begin + L_kv_start + i, by, j]
-                                                else:
-                                                    V_smem[i, j] = T.cast(0, dtype)
-                                        T.tvm_storage_sync("shared")
+                                        load_kv_ragged(k, v, kv_begin, by, L_kv_start, kv_len[0], K_smem, V_smem)
                                         score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
                                         softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
                                         accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
@@ -951,8 +960,12 @@ class ALiBiPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         spec = AttentionSpec.from_config(cfg, dtype, page_size)
         bb = rx.BlockBuilder.current()
         kernels = _attention_kernels(spec, target)
-        tir = lambda func, name: rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, name)])  # noqa: E731
         none = rx.Tuple([])
+
+        def tir(func: tirx.PrimFunc, name: str) -> rx.Tuple:
+            """An attention kernel in the runtime's ("tirx", function) form."""
+            return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, name)])
+
         args = [
             # sliding window off; the per-layer window size must still be positive, so TVM's default
             rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, 0, 1024]),
