@@ -17,6 +17,9 @@ Numerics. Scores, the bias, the running max / sum and the output accumulator are
 cache dtype; the softmax runs in base 2 (scores pre-multiplied by log2(e)), so the returned
 log-sum-exp is base 2 as the runtime's merge kernel expects. Masked keys contribute exactly
 zero (no -5e4 "phantom" entry), so large ALiBi biases at 65k+ tokens cannot be swamped.
+For half-precision caches the CPU kernels also round the normalised probabilities to the cache
+dtype before weighing the values, as MPT's reference attention does (two sweeps over the keys,
+see ``_cpu_sweeps``); the GPU kernels keep one online sweep without that rounding.
 
 Layouts (as the runtime stores them):
     pages:  [num_pages, 2, KV, page_size, hd]   (index 0 = K, 1 = V), one array per layer
@@ -148,9 +151,20 @@ def _visible_keys(causal, kv_len, key_pos0, query_pos):
 # tile is loaded (and converted to fp32) once per block, scored for every row of the block with
 # the tile as the vector axis, then folded into each row's running max / sum / accumulator with
 # one rescale per tile. Query heads run in parallel.
+#
+# In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
+# each row's max and sum, the second weighs the values by the normalised probabilities rounded to
+# the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
+# half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
+# identity and one online sweep does it all.
 
 _CPU_ROWS = 16
 _M, _D, _M_NEW, _RESCALE = range(4)  # slots of a row's softmax state
+
+
+def _cpu_sweeps(spec: AttentionSpec) -> int:
+    """Walks over the keys: 1 (online softmax) for float32, 2 (rounded probabilities) otherwise."""
+    return 1 if spec.dtype == "float32" else 2
 
 
 def _cpu_macros(spec: AttentionSpec):
@@ -161,8 +175,11 @@ def _cpu_macros(spec: AttentionSpec):
     state [R, 4]: running max, running sum, the tile's new max, the rescale factor;
     visible [R]: keys each row sees; k_tile_t [hd, page_size] (transposed), v_tile
     [page_size, hd]: the current key / value tile in fp32; scores [page_size].
+    ``sweep``: 0 for the online pass, 1 for the value pass of a two-sweep dtype
+    (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
     """
     D, dtype, TILE = spec.head_dim, spec.dtype, spec.page_size
+    rounded = _cpu_sweeps(spec) == 2
 
     @T.macro
     def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible):
@@ -177,7 +194,7 @@ def _cpu_macros(spec: AttentionSpec):
             max_visible[0] = T.max(max_visible[0], visible[r])
 
     @T.macro
-    def fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible):
+    def fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep):
         for r in T.serial(n_rows):
             if visible[r] > tile * TILE:
                 for t in T.vectorized(TILE):
@@ -185,26 +202,38 @@ def _cpu_macros(spec: AttentionSpec):
                 for x in T.serial(D):
                     for t in T.vectorized(TILE):
                         scores[t] += q_f32[r, x] * k_tile_t[x, t]
-                state[r, _M_NEW] = state[r, _M]
-                for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                    state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[t])
-                state[r, _RESCALE] = T.exp2(state[r, _M] - state[r, _M_NEW])
-                state[r, _D] *= state[r, _RESCALE]
-                for x in T.vectorized(D):
-                    acc[r, x] *= state[r, _RESCALE]
-                for t in T.vectorized(TILE):
-                    scores[t] = T.if_then_else(t < visible[r] - tile * TILE, T.exp2(scores[t] - state[r, _M_NEW]), T.float32(0))
-                for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                    state[r, _D] += scores[t]
-                    for x in T.vectorized(D):
-                        acc[r, x] += scores[t] * v_tile[t, x]
-                state[r, _M] = state[r, _M_NEW]
+                if sweep == 0:
+                    state[r, _M_NEW] = state[r, _M]
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[t])
+                    state[r, _RESCALE] = T.exp2(state[r, _M] - state[r, _M_NEW])
+                    state[r, _D] *= state[r, _RESCALE]
+                    if not rounded:
+                        for x in T.vectorized(D):
+                            acc[r, x] *= state[r, _RESCALE]
+                    for t in T.vectorized(TILE):
+                        scores[t] = T.if_then_else(t < visible[r] - tile * TILE, T.exp2(scores[t] - state[r, _M_NEW]), T.float32(0))
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        state[r, _D] += scores[t]
+                        if not rounded:
+                            for x in T.vectorized(D):
+                                acc[r, x] += scores[t] * v_tile[t, x]
+                    state[r, _M] = state[r, _M_NEW]
+                else:
+                    for t in T.vectorized(TILE):
+                        scores[t] = T.cast(T.cast(T.exp2(scores[t] - state[r, _M]) / state[r, _D], dtype), "float32")
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        for x in T.vectorized(D):
+                            acc[r, x] += scores[t] * v_tile[t, x]
 
     @T.macro
     def finish_rows(output, lse, row0, n_rows, head, acc, state):
         for r in T.serial(n_rows):
             for x in T.serial(D):
-                output[row0 + r, head, x] = T.cast(T.if_then_else(state[r, _D] > 0, acc[r, x] / state[r, _D], T.float32(0)), dtype)
+                if rounded:  # acc already holds the normalised sum (0 for a row without keys)
+                    output[row0 + r, head, x] = T.cast(acc[r, x], dtype)
+                else:
+                    output[row0 + r, head, x] = T.cast(T.if_then_else(state[r, _D] > 0, acc[r, x] / state[r, _D], T.float32(0)), dtype)
             lse[row0 + r, head] = T.if_then_else(state[r, _D] > 0, state[r, _M] + T.log2(state[r, _D]), T.float32(_NEG))
 
     return start_rows, fold_tile, finish_rows
@@ -233,6 +262,7 @@ def prefill_ragged_cpu(spec: AttentionSpec):
     """
     H, KV, D, dtype, TILE, R, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -264,11 +294,12 @@ def prefill_ragged_cpu(spec: AttentionSpec):
                         row0: T.let[T.int32] = q_indptr[b] + block * R
                         n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
                         start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b], k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                        for tile in T.serial(T.ceildiv(max_visible[0], TILE)):
+                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
                             for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
                                 k_tile_t[x, t] = T.cast(k[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
-                                v_tile[t, x] = T.cast(v[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
-                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible)
+                                if sweep == SWEEPS - 1:
+                                    v_tile[t, x] = T.cast(v[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
+                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                         finish_rows(output, lse, row0, n_rows, h, acc, state)
     # fmt: on
     return alibi_prefill_ragged_cpu
@@ -283,6 +314,7 @@ def prefill_paged_cpu(spec: AttentionSpec):
     """
     H, KV, D, dtype, TILE, R, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -315,12 +347,13 @@ def prefill_paged_cpu(spec: AttentionSpec):
                         row0: T.let[T.int32] = q_indptr[b] + block * R
                         n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
                         start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, _paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                        for tile in T.serial(T.ceildiv(max_visible[0], TILE)):
+                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
                             page: T.let[T.int32] = page_values[page_indptr[b] + tile]
                             for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
                                 k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
-                                v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
-                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible)
+                                if sweep == SWEEPS - 1:
+                                    v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
+                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                         finish_rows(output, lse, row0, n_rows, h, acc, state)
     # fmt: on
     return alibi_prefill_paged_cpu
@@ -334,6 +367,7 @@ def decode_paged_cpu(spec: AttentionSpec):
     """
     H, KV, D, dtype, TILE, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -361,12 +395,13 @@ def decode_paged_cpu(spec: AttentionSpec):
                 slope: T.let[T.float32] = _slope_log2(spec, h)
                 for b in T.serial(B):
                     start_rows(q, q_pos, b, 1, h, sm_scale, 0, _paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                    for tile in T.serial(T.ceildiv(max_visible[0], TILE)):
+                    for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
                         page: T.let[T.int32] = page_values[page_indptr[b] + tile]
                         for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
                             k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
-                            v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
-                        fold_tile(q_pos, b, 1, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible)
+                            if sweep == SWEEPS - 1:
+                                v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
+                        fold_tile(q_pos, b, 1, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                     finish_rows(output, lse, b, 1, h, acc, state)
     # fmt: on
     return alibi_decode_paged_cpu
