@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import tvm
 
 from . import artifact, compiler
 from .checkpoint import weight_files
 from .config import MPTConfig, preset, template_for
-from .model import MPTForCausalLM
+from .model import DEFAULT_PAGE_SIZE, MPTForCausalLM
 from .weights import stream_params, weight_rules
 
 VERSION = "0.1.0"
@@ -74,24 +75,33 @@ def model_dtype(quantization: str) -> str:
     return MODEL_DTYPES[quantization]
 
 
-def export_irmodule(config: MPTConfig | str, dtype: str = "float32"):
-    """The model's IRModule (entry points prefill / extend / decode / prefill_logits), no weights.
+def export_irmodule(
+    config: MPTConfig | str,
+    dtype: str = "float32",
+    target: str | tvm.target.Target = "llvm",
+    page_size: int = DEFAULT_PAGE_SIZE,
+):
+    """The model's IRModule for one target, no weights.
 
-    ``config`` is an :class:`MPTConfig` or a preset name.
+    Entry points: create_paged_kv_cache / prefill / batch_decode (see :mod:`mpt_relax.model`).
+    ``config`` is an :class:`MPTConfig` or a preset name; ``target`` a target name (as
+    :func:`build` takes) or a ``tvm.target.Target``: the paged-attention kernels differ
+    between the CPU and GPUs. ``page_size``: tokens per KV-cache page, baked into the kernels.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    model = MPTForCausalLM(cfg, dtype)
+    tvm_target = compiler.resolve_target(target).target if isinstance(target, str) else target
+    model = MPTForCausalLM(cfg, dtype, target=tvm_target, page_size=page_size)
     mod, _ = model.export_tvm(spec=model.export_spec())
     return mod
 
 
-def _fingerprint(src: ModelSource, quantization: str) -> str:
+def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
     files = []
     if src.weights_dir is not None:
         for f in sorted(p for p in src.weights_dir.iterdir() if p.is_file()):
             st = f.stat()
             files.append([f.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps([VERSION, src.config.to_dict(), quantization, files], sort_keys=True)
+    blob = json.dumps([VERSION, src.config.to_dict(), quantization, page_size, files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,6 +117,7 @@ def build(
     output: str | Path | None = None,
     *,
     max_seq_len: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = "dist",
     quiet: bool = False,
@@ -114,14 +125,15 @@ def build(
     """Compile ``model`` for each target and write the artifact; returns its directory.
 
     An artifact that is up to date (same config, quantization, checkpoint files and targets)
-    is returned as is unless ``force``.
+    is returned as is unless ``force``. ``page_size`` (tokens per KV-cache page) is baked into
+    the attention kernels and recorded in ``mpt-config.json``.
     """
     targets = [target] if isinstance(target, str) else list(target)
     specs = [compiler.resolve_target(t) for t in targets]
     dtype = model_dtype(quantization)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
-    fingerprint = _fingerprint(src, quantization)
+    fingerprint = _fingerprint(src, quantization, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
         return out
@@ -131,12 +143,13 @@ def build(
     else:
         weight_files(src.weights_dir)  # fail early on a directory without weights
 
-    net = MPTForCausalLM(src.config, dtype)
-    mod, param_specs = net.export_tvm(spec=net.export_spec())
+    net = MPTForCausalLM(src.config, dtype)  # for the weight map: the parameters do not depend on the target
     with artifact.atomic_directory(out) as tmp:
         libraries = {}
         for spec in specs:
             t0 = time.time()
+            target_net = MPTForCausalLM(src.config, dtype, target=spec.target, page_size=page_size)
+            mod, param_specs = target_net.export_tvm(spec=target_net.export_spec())
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
             compiler.compile_module(mod, spec).export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name
@@ -152,6 +165,7 @@ def build(
             "quantization": quantization,
             "model_dtype": dtype,
             "context_window_size": src.config.max_seq_len,
+            "page_size": page_size,
             "prompt_template": src.config.prompt_template,
             "tokenizer_files": tokenizer_files,
             "param_names": [name for name, _ in param_specs],
