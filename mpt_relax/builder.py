@@ -7,6 +7,7 @@ replaces the output only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,15 +17,16 @@ from pathlib import Path
 from typing import Sequence
 
 import tvm
+from tqdm import tqdm
 
 from . import artifact, compiler
 from .checkpoint import weight_files
 from .config import MPTConfig, preset, template_for
 from .model import DEFAULT_PAGE_SIZE, MPTForCausalLM
-from .weights import stream_params, weight_rules
+from .quantization import Quantization, get_quantization, quantize_module
+from .weights import check_checkpoint, stream_params, weight_rules
 
 VERSION = "0.1.0"
-MODEL_DTYPES = {"q0f32": "float32", "q0f16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +71,22 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(name, cfg, path)
 
 
-def model_dtype(quantization: str) -> str:
-    if quantization not in MODEL_DTYPES:
-        raise ValueError(f"unknown quantization {quantization!r}; choose one of: {', '.join(MODEL_DTYPES)}")
-    return MODEL_DTYPES[quantization]
+def quantized_model(
+    config: MPTConfig,
+    q: Quantization,
+    target: str | tvm.target.Target = "llvm",
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> tuple[MPTForCausalLM, MPTForCausalLM]:
+    """(float model, model to export): the second has its Linear layers quantized by ``q`` and
+    its paged-attention kernels made for ``target`` with ``page_size`` tokens per page."""
+    float_model = MPTForCausalLM(config, q.model_dtype)
+    export = quantize_module(MPTForCausalLM(config, q.model_dtype, target=target, page_size=page_size), q)
+    return float_model, export
 
 
 def export_irmodule(
     config: MPTConfig | str,
-    dtype: str = "float32",
+    quantization: str = "q0f32",
     target: str | tvm.target.Target = "llvm",
     page_size: int = DEFAULT_PAGE_SIZE,
 ):
@@ -90,7 +99,7 @@ def export_irmodule(
     """
     cfg = preset(config) if isinstance(config, str) else config
     tvm_target = compiler.resolve_target(target).target if isinstance(target, str) else target
-    model = MPTForCausalLM(cfg, dtype, target=tvm_target, page_size=page_size)
+    _, model = quantized_model(cfg, get_quantization(quantization), tvm_target, page_size)
     mod, _ = model.export_tvm(spec=model.export_spec())
     return mod
 
@@ -117,6 +126,7 @@ def build(
     output: str | Path | None = None,
     *,
     max_seq_len: int | None = None,
+    cuda_arch: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = "dist",
@@ -124,13 +134,17 @@ def build(
 ) -> Path:
     """Compile ``model`` for each target and write the artifact; returns its directory.
 
+    ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
+    ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each.
+    ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming).
+    ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
+    ``mpt-config.json``.
     An artifact that is up to date (same config, quantization, checkpoint files and targets)
-    is returned as is unless ``force``. ``page_size`` (tokens per KV-cache page) is baked into
-    the attention kernels and recorded in ``mpt-config.json``.
+    is returned as is unless ``force``.
     """
     targets = [target] if isinstance(target, str) else list(target)
-    specs = [compiler.resolve_target(t) for t in targets]
-    dtype = model_dtype(quantization)
+    specs = [compiler.resolve_target(t, cuda_arch=cuda_arch) for t in targets]  # fails before any work
+    q = get_quantization(quantization)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
     fingerprint = _fingerprint(src, quantization, page_size)
@@ -143,39 +157,81 @@ def build(
     else:
         weight_files(src.weights_dir)  # fail early on a directory without weights
 
-    net = MPTForCausalLM(src.config, dtype)  # for the weight map: the parameters do not depend on the target
+    float_net, net = quantized_model(src.config, q)
+    rules = weight_rules(float_net, q)
+    param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
     with artifact.atomic_directory(out) as tmp:
+        if src.weights_dir is not None:
+            with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
+                check_checkpoint(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings)
+                nbytes = artifact.write_params(
+                    tmp, _progress(stream_params(src.weights_dir, rules, checked=True), len(param_names), quiet),
+                    extra=_quantization_records(rules, q),
+                )
+            _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
         libraries = {}
         for spec in specs:
-            t0 = time.time()
-            target_net = MPTForCausalLM(src.config, dtype, target=spec.target, page_size=page_size)
-            mod, param_specs = target_net.export_tvm(spec=target_net.export_spec())
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
-            compiler.compile_module(mod, spec).export_library(str(tmp / lib_name))
+            with _stage(f"export the IRModule for {spec.name}", quiet):  # the attention kernels differ per target
+                mod = export_irmodule(src.config, quantization, spec.target, page_size)
+            with _stage(f"compile {spec.name}", quiet):
+                executable = compiler.compile_module(mod, spec)
+            with _stage(f"export {lib_name}", quiet):
+                executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name
-            _log(f"compiled {spec.name} -> {lib_name} in {time.time() - t0:.1f}s", quiet)
-        if src.weights_dir is not None:
-            t0 = time.time()
-            nbytes = artifact.write_params(tmp, stream_params(src.weights_dir, weight_rules(net)))
-            _log(f"wrote {nbytes / 1e6:.1f} MB of weights in {time.time() - t0:.1f}s", quiet)
-        tokenizer_files = artifact.copy_tokenizer(src.weights_dir, tmp)
         artifact.write_config(tmp, {
             "model_name": src.name,
             "model_config": src.config.to_dict(),
-            "quantization": quantization,
-            "model_dtype": dtype,
+            "quantization": _quantization_info(q),
+            "model_dtype": q.model_dtype,
             "context_window_size": src.config.max_seq_len,
             "page_size": page_size,
             "prompt_template": src.config.prompt_template,
-            "tokenizer_files": tokenizer_files,
-            "param_names": [name for name, _ in param_specs],
+            "tokenizer_files": artifact.copy_tokenizer(src.weights_dir, tmp),
+            "param_names": param_names,
             "libraries": libraries,
             "has_weights": src.weights_dir is not None,
+            "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "fingerprint": fingerprint,
             "mpt_relax_version": VERSION,
         })
     _log(f"artifact ready: {out}", quiet)
     return out
+
+
+def _quantization_info(q: Quantization) -> dict:
+    return {
+        "name": q.name, "bits": q.bits, "group_size": q.group_size, "model_dtype": q.model_dtype,
+        "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)" if q.is_quantized else None,
+        "embedding": f"{q.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the sampled "
+                     "token directly (about 3% of MPT-7B's parameters)",
+    }
+
+
+def _quantization_records(rules, q: Quantization) -> dict[str, dict]:
+    """tensor-cache.json fields for the packed tensors: scheme and the source tensor."""
+    records = {}
+    for rule in rules.values():
+        if len(rule.outputs) > 1:
+            for out_name in rule.outputs:
+                records[out_name] = {"quantization": {"scheme": q.name, "source": rule.source,
+                                                      "source_shape": list(rule.shape),
+                                                      "role": out_name.rsplit(".", 1)[1]}}
+    return records
+
+
+@contextlib.contextmanager
+def _stage(name: str, quiet: bool):
+    t0 = time.perf_counter()
+    _log(f"{name} ...", quiet)
+    yield
+    _log(f"{name} done in {time.perf_counter() - t0:.1f}s", quiet)
+
+
+def _progress(items, total: int, quiet: bool):
+    if quiet:
+        return items
+    return tqdm(items, total=total, unit="tensor", disable=None, file=sys.stderr, leave=False)
 
 
 def _up_to_date(out: Path, fingerprint: str, specs: list[compiler.TargetSpec]) -> bool:

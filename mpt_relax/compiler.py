@@ -7,11 +7,14 @@ export step (see :class:`TargetSpec`).
 from __future__ import annotations
 
 import dataclasses
+import platform
 from typing import Callable
 
 import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
+
+from .quantization import fuse_dequantize_matmul
 
 
 class TargetError(ValueError):
@@ -32,24 +35,85 @@ def _cpu_schedules() -> list:
     return [dl.cpu.Reduction()]
 
 
+def _gpu_schedules(with_matmul: bool = True) -> list:
+    rules = [dl.gpu.Matmul()] if with_matmul else []
+    return rules + [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                    dl.gpu.Fallback()]
+
+
 def llvm_target(mcpu: str | None = None) -> TargetSpec:
-    """The host CPU; ``mcpu`` defaults to the build machine's own CPU."""
+    """The host CPU; ``mcpu`` defaults to the build machine's own CPU (fp16 needs it: without
+    an mcpu LLVM emulates half precision in software)."""
     host = {"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()}
     return TargetSpec("llvm", tvm.target.Target(host), _cpu_schedules, ".so")
 
 
-def resolve_target(name: str) -> TargetSpec:
-    """A TargetSpec by name; raises :class:`TargetError` for unknown names."""
-    if name == "llvm" or name == "cpu":
-        return llvm_target()
-    raise TargetError(f"unknown target {name!r}; choose one of: llvm")
+def local_cuda_arch() -> str | None:
+    """``sm_XY`` of GPU 0 if a CUDA device is present, else None."""
+    dev = tvm.cuda(0)
+    return "sm_" + dev.compute_version.replace(".", "") if dev.exist else None
+
+
+def cuda_target(arch: str | None = None) -> TargetSpec:
+    """CUDA for ``arch`` (default: the local GPU's, else sm_80); nvcc builds it without a GPU."""
+    arch = arch or local_cuda_arch() or "sm_80"
+    if not arch.startswith("sm_") or not arch[3:].isdigit():
+        raise TargetError(f"--cuda-arch must look like sm_80 or sm_90, got {arch!r}")
+    cuda = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+            "thread_warp_size": 32}
+    host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    return TargetSpec("cuda", tvm.target.Target(cuda, host=host), _gpu_schedules, ".so")
+
+
+def metal_target() -> TargetSpec:
+    """Apple GPUs. On macOS a .dylib; elsewhere a .tar of arm64 objects + Metal shaders to link
+    on the Mac. dlight's gpu.Matmul rule crashes in tensorize for Metal, so it is left out."""
+    on_mac = platform.system() == "Darwin"
+    host = {"kind": "llvm"} if on_mac else {"kind": "llvm", "mtriple": "arm64-apple-macos"}
+    metal = {"kind": "metal", "max_threads_per_block": 256, "thread_warp_size": 32, "max_shared_memory_per_block": 32768}
+    return TargetSpec("metal", tvm.target.Target(metal, host=host), lambda: _gpu_schedules(with_matmul=False),
+                      ".dylib" if on_mac else ".tar")
+
+
+def vulkan_target() -> TargetSpec:
+    """Vulkan, where the installed TVM has SPIR-V codegen; the PyPI wheel does not."""
+    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+        raise TargetError(
+            "this TVM build has no Vulkan codegen (target.build.vulkan is not registered; the PyPI apache-tvm wheel "
+            "is built without it): build TVM from source with USE_VULKAN=ON and USE_SPIRV=ON to compile for vulkan"
+        )
+    vulkan = {"kind": "vulkan", "max_threads_per_block": 256, "thread_warp_size": 1,
+              "supports_float16": True, "supports_int64": True}
+    return TargetSpec("vulkan", tvm.target.Target(vulkan, host={"kind": "llvm"}), _gpu_schedules, ".so")
+
+
+def auto_target() -> str:
+    """What this machine can run: a CUDA GPU, else Metal on macOS, else the CPU."""
+    if tvm.cuda(0).exist:
+        return "cuda"
+    if platform.system() == "Darwin" and tvm.metal(0).exist:
+        return "metal"
+    return "llvm"
+
+
+TARGETS = ("auto", "cuda", "metal", "vulkan", "llvm")
+
+
+def resolve_target(name: str, *, cuda_arch: str | None = None) -> TargetSpec:
+    """A TargetSpec by name (``auto`` picks :func:`auto_target`); raises :class:`TargetError`."""
+    name = auto_target() if name == "auto" else name
+    makers = {"llvm": llvm_target, "cpu": llvm_target, "cuda": lambda: cuda_target(cuda_arch),
+              "metal": metal_target, "vulkan": vulkan_target}
+    if name not in makers:
+        raise TargetError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}")
+    return makers[name]()
 
 
 def pipeline(spec: TargetSpec) -> tvm.transform.Pass:
     """Legalize, fuse, schedule with dlight, plan memory and lower for the VM."""
     passes = [
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.FuseTransposeMatmul(),  # x @ W^T as one NT matmul: no weight transposes at run time
+        fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

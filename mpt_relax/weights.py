@@ -18,6 +18,7 @@ import torch
 from tvm.relax.frontend import nn
 
 from .checkpoint import CheckpointError, iter_tensors, tensor_shapes
+from .quantization import Quantization, linear_weight_names, quantize_param
 
 FP16_MAX = 65504.0
 
@@ -56,27 +57,36 @@ def cast_rule(name: str, param: nn.Parameter) -> WeightRule:
     return WeightRule(name, shape, (name,), lambda t: {name: to_numpy(t, param.dtype)})
 
 
-def weight_rules(model: nn.Module, overrides: dict[str, WeightRule] | None = None) -> dict[str, WeightRule]:
-    """Checkpoint name -> rule for every parameter of ``model``.
+def quantize_rule(name: str, param: nn.Parameter, q: Quantization, linear_weights: frozenset[str]) -> WeightRule:
+    """A Linear weight [out, in] -> ``<path>.q_weight`` + ``<path>.q_scale``, quantized from fp32."""
+    shape = tuple(int(s) for s in param.shape)
+    prefix = name.removesuffix(".weight")
+    return WeightRule(
+        name, shape, (f"{prefix}.q_weight", f"{prefix}.q_scale"),
+        lambda t: quantize_param(name, to_numpy(t, "float32"), q, linear_weights),
+    )
 
-    ``overrides`` (keyed by checkpoint name) replace the default cast rule, e.g. for quantized
-    Linear weights whose parameters are ``q_weight``/``q_scale`` instead of ``weight``.
-    """
-    rules = {name: cast_rule(name, p) for name, p in model.named_parameters()}
-    overrides = overrides or {}
-    rules.update(overrides)
-    return rules
+
+def weight_rules(model: nn.Module, q: Quantization | None = None) -> dict[str, WeightRule]:
+    """Checkpoint name -> rule for every parameter of the float ``model`` (before
+    ``quantize_module``); with a quantizing ``q`` its Linear weights get :func:`quantize_rule`."""
+    linear = linear_weight_names(model) if q is not None and q.is_quantized else frozenset()
+    return {
+        name: quantize_rule(name, p, q, linear) if name in linear else cast_rule(name, p)
+        for name, p in model.named_parameters()
+    }
 
 
 def stream_params(
-    model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True
+    model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True, checked: bool = False
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(param name, array)`` for every parameter, one checkpoint shard in memory at a time.
 
-    All name and shape problems are collected first (from the tensor headers, without
-    converting anything) and raised as one :class:`WeightMapError`.
+    Unless the caller already ran :func:`check_checkpoint` (``checked``), all name and shape
+    problems are collected first and raised as one :class:`WeightMapError`.
     """
-    check_checkpoint(model_dir, rules, tied_head=tied_head)
+    if not checked:
+        check_checkpoint(model_dir, rules, tied_head=tied_head)
     for name, tensor in iter_tensors(model_dir):
         rule = rules.get(name)
         if rule is not None:
