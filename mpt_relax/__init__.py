@@ -2,8 +2,10 @@
 
     import mpt_relax
     art = mpt_relax.build("dist/models/mpt-7b-instruct", target="llvm", quantization="q0f16")
-    eng = mpt_relax.Engine(art, device="cpu")
+    eng = mpt_relax.Engine(art, device="cpu", max_batch_size=8, kv_memory="2GB")
     logits = eng.logits([1, 2, 3])          # float32 [3, vocab]
+    a, b = eng.add_sequence(), eng.add_sequence()
+    last = eng.forward([a, b], [[1, 2, 3], [4, 5]])   # float32 [2, vocab], one ragged prefill
     mod = mpt_relax.export_irmodule(mpt_relax.preset("mpt-7b-instruct"))
 """
 
@@ -13,6 +15,7 @@ from .checkpoint import CheckpointError
 from .compiler import TargetError
 from .config import ConfigError, MPTConfig, preset
 from .engine import Engine, EngineError
+from .kv_cache import KVCacheCapacityError
 from .weights import WeightMapError
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "ConfigError",
     "Engine",
     "EngineError",
+    "KVCacheCapacityError",
     "MPTConfig",
     "TargetError",
     "WeightMapError",

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import tvm
 from tqdm import tqdm
-
 
 from . import artifact, compiler
 from .checkpoint import weight_files
 from .config import MPTConfig, preset, template_for
-from .model import MPTForCausalLM
+from .model import DEFAULT_PAGE_SIZE, MPTForCausalLM
 from .quantization import Quantization, get_quantization, quantize_module
 from .weights import check_checkpoint, stream_params, weight_rules
 
@@ -71,31 +71,46 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(name, cfg, path)
 
 
-def quantized_model(config: MPTConfig, q: Quantization) -> tuple[MPTForCausalLM, MPTForCausalLM]:
-    """(float model, model to export): the second has its Linear layers quantized by ``q``."""
+def quantized_model(
+    config: MPTConfig,
+    q: Quantization,
+    target: str | tvm.target.Target = "llvm",
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> tuple[MPTForCausalLM, MPTForCausalLM]:
+    """(float model, model to export): the second has its Linear layers quantized by ``q`` and
+    its paged-attention kernels made for ``target`` with ``page_size`` tokens per page."""
     float_model = MPTForCausalLM(config, q.model_dtype)
-    export = quantize_module(MPTForCausalLM(config, q.model_dtype), q)
+    export = quantize_module(MPTForCausalLM(config, q.model_dtype, target=target, page_size=page_size), q)
     return float_model, export
 
 
-def export_irmodule(config: MPTConfig | str, quantization: str = "q0f32"):
-    """The model's IRModule (entry points prefill / extend / decode / prefill_logits), no weights.
+def export_irmodule(
+    config: MPTConfig | str,
+    quantization: str = "q0f32",
+    target: str | tvm.target.Target = "llvm",
+    page_size: int = DEFAULT_PAGE_SIZE,
+):
+    """The model's IRModule for one target, no weights.
 
-    ``config`` is an :class:`MPTConfig` or a preset name.
+    Entry points: create_paged_kv_cache / prefill / batch_decode (see :mod:`mpt_relax.model`).
+    ``config`` is an :class:`MPTConfig` or a preset name; ``target`` a target name (as
+    :func:`build` takes) or a ``tvm.target.Target``: the paged-attention kernels differ
+    between the CPU and GPUs. ``page_size``: tokens per KV-cache page, baked into the kernels.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    _, model = quantized_model(cfg, get_quantization(quantization))
+    tvm_target = compiler.resolve_target(target).target if isinstance(target, str) else target
+    _, model = quantized_model(cfg, get_quantization(quantization), tvm_target, page_size)
     mod, _ = model.export_tvm(spec=model.export_spec())
     return mod
 
 
-def _fingerprint(src: ModelSource, quantization: str) -> str:
+def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
     files = []
     if src.weights_dir is not None:
         for f in sorted(p for p in src.weights_dir.iterdir() if p.is_file()):
             st = f.stat()
             files.append([f.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps([VERSION, src.config.to_dict(), quantization, files], sort_keys=True)
+    blob = json.dumps([VERSION, src.config.to_dict(), quantization, page_size, files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -112,6 +127,7 @@ def build(
     *,
     max_seq_len: int | None = None,
     cuda_arch: str | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = "dist",
     quiet: bool = False,
@@ -121,6 +137,8 @@ def build(
     ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
     ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each.
     ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming).
+    ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
+    ``mpt-config.json``.
     An artifact that is up to date (same config, quantization, checkpoint files and targets)
     is returned as is unless ``force``.
     """
@@ -129,7 +147,7 @@ def build(
     q = get_quantization(quantization)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
-    fingerprint = _fingerprint(src, quantization)
+    fingerprint = _fingerprint(src, quantization, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
         return out
@@ -141,20 +159,21 @@ def build(
 
     float_net, net = quantized_model(src.config, q)
     rules = weight_rules(float_net, q)
-    with _stage("export", quiet):
-        mod, param_specs = net.export_tvm(spec=net.export_spec())
+    param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
     with artifact.atomic_directory(out) as tmp:
         if src.weights_dir is not None:
             with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
                 check_checkpoint(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings)
                 nbytes = artifact.write_params(
-                    tmp, _progress(stream_params(src.weights_dir, rules, checked=True), len(param_specs), quiet),
+                    tmp, _progress(stream_params(src.weights_dir, rules, checked=True), len(param_names), quiet),
                     extra=_quantization_records(rules, q),
                 )
             _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
         libraries = {}
         for spec in specs:
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
+            with _stage(f"export the IRModule for {spec.name}", quiet):  # the attention kernels differ per target
+                mod = export_irmodule(src.config, quantization, spec.target, page_size)
             with _stage(f"compile {spec.name}", quiet):
                 executable = compiler.compile_module(mod, spec)
             with _stage(f"export {lib_name}", quiet):
@@ -166,9 +185,10 @@ def build(
             "quantization": _quantization_info(q),
             "model_dtype": q.model_dtype,
             "context_window_size": src.config.max_seq_len,
+            "page_size": page_size,
             "prompt_template": src.config.prompt_template,
             "tokenizer_files": artifact.copy_tokenizer(src.weights_dir, tmp),
-            "param_names": [name for name, _ in param_specs],
+            "param_names": param_names,
             "libraries": libraries,
             "has_weights": src.weights_dir is not None,
             "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,

@@ -1,21 +1,34 @@
 """The MPT decoder as a ``tvm.relax.frontend.nn.Module``.
 
 Module and parameter names follow the PyTorch checkpoint (``transformer.blocks.0.attn.Wqkv.weight``
-...), so the weight map is a name-for-name match. One sequence at a time, no batch axis:
-token ids are ``[n]`` int32, hidden states ``[n, d_model]``.
+...), so the weight map is a name-for-name match. There is no batch axis: a forward takes the
+new tokens of every sequence in the batch concatenated, token ids ``[n]`` int32, hidden states
+``[n, d_model]``.
 
-The KV cache is two stacked tensors, ``k_cache`` / ``v_cache`` of shape ``[L, T, KV, hd]``;
-each entry point returns the grown cache.
+Attention reads and extends the ALiBi paged KV cache (:mod:`mpt_relax.kv_cache`) on every
+target. The engine creates the cache once (``create_paged_kv_cache``), declares before each
+call which sequences the ``n`` tokens extend and by how many (``begin_forward``), and the
+cache routes each token's attention to its own sequence's keys. Entry points
+(:meth:`MPTForCausalLM.export_spec`):
+
+    create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size) -> cache
+    prefill(ids [n], logit_positions [b], cache) -> fp32 logits [b, V] at rows logit_positions of the n tokens
+    batch_decode(ids [b], cache) -> fp32 logits [b, V], one new token for each of b sequences
+
+The attention kernels differ between the CPU and GPUs and bake in ``page_size``, so the model
+is built for one target and one page size.
 """
 
 from __future__ import annotations
 
-from tvm import te
+import tvm
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from .attention import causal_attention
 from .config import MPTConfig
+from .kv_cache import ALiBiPagedKVCache
+
+DEFAULT_PAGE_SIZE = 16
 
 
 def _norm(x: nn.Tensor, weight: nn.Parameter, bias: nn.Parameter | None, eps: float) -> nn.Tensor:
@@ -50,10 +63,12 @@ class LPLayerNorm(nn.Module):
 
 
 class MPTAttention(nn.Module):
-    """Fused-QKV attention: clip_qkv, optional qk LayerNorm, MHA/MQA/GQA, ALiBi."""
+    """Fused-QKV attention of layer ``layer_id``: clip_qkv, optional qk LayerNorm, MHA/MQA/GQA,
+    ALiBi over the paged KV cache."""
 
-    def __init__(self, cfg: MPTConfig, dtype: str):
+    def __init__(self, cfg: MPTConfig, dtype: str, layer_id: int):
         self.cfg = cfg
+        self.layer_id = layer_id
         bias = not cfg.no_bias
         self.Wqkv = _linear(cfg.d_model, cfg.qkv_dim, bias, dtype)
         self.out_proj = _linear(cfg.d_model, cfg.d_model, bias, dtype)
@@ -61,8 +76,8 @@ class MPTAttention(nn.Module):
             self.q_ln = LPLayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
             self.k_ln = LPLayerNorm(cfg.kv_n_heads * cfg.head_dim, cfg.layer_norm_epsilon, dtype)
 
-    def forward(self, h: nn.Tensor, k_past: nn.Tensor | None, v_past: nn.Tensor | None):
-        """h [n, d], k_past/v_past [t, KV, hd] or None -> (out [n, d], k [t+n, KV, hd], v [t+n, KV, hd])."""
+    def forward(self, h: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
+        """h [n, d] -> [n, d]; appends the n new keys / values to this layer's cache."""
         cfg = self.cfg
         n = h.shape[0]
         qkv = self.Wqkv(h).astype(h.dtype)
@@ -75,11 +90,8 @@ class MPTAttention(nn.Module):
         q = op.reshape(q, (n, cfg.n_heads, cfg.head_dim))
         k = op.reshape(k, (n, cfg.kv_n_heads, cfg.head_dim))
         v = op.reshape(v, (n, cfg.kv_n_heads, cfg.head_dim))
-        if k_past is not None:
-            k = op.concat([k_past, k], dim=0)
-            v = op.concat([v_past, v], dim=0)
-        out = causal_attention(cfg, q, k, v)
-        return self.out_proj(op.reshape(out, (n, cfg.d_model))).astype(h.dtype), k, v
+        out = cache.attention(self.layer_id, q, k, v, cfg.attn_scale)
+        return self.out_proj(op.reshape(out, (n, cfg.d_model))).astype(h.dtype)
 
 
 class MPTMLP(nn.Module):
@@ -98,17 +110,15 @@ class MPTMLP(nn.Module):
 class MPTBlock(nn.Module):
     """Pre-norm residual block: x + attn(norm_1(x)), then x + ffn(norm_2(x))."""
 
-    def __init__(self, cfg: MPTConfig, dtype: str):
+    def __init__(self, cfg: MPTConfig, dtype: str, layer_id: int):
         self.norm_1 = LPLayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
-        self.attn = MPTAttention(cfg, dtype)
+        self.attn = MPTAttention(cfg, dtype, layer_id)
         self.norm_2 = LPLayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
         self.ffn = MPTMLP(cfg, dtype)
 
-    def forward(self, x: nn.Tensor, k_past: nn.Tensor | None, v_past: nn.Tensor | None):
-        attn_out, k, v = self.attn(self.norm_1(x), k_past, v_past)
-        x = x + attn_out
-        x = x + self.ffn(self.norm_2(x))
-        return x, k, v
+    def forward(self, x: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
+        x = x + self.attn(self.norm_1(x), cache)
+        return x + self.ffn(self.norm_2(x))
 
 
 class MPTTransformer(nn.Module):
@@ -119,32 +129,38 @@ class MPTTransformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, dtype=dtype)
         if cfg.uses_wpe:
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model, dtype=dtype)
-        self.blocks = nn.ModuleList([MPTBlock(cfg, dtype) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([MPTBlock(cfg, dtype, i) for i in range(cfg.n_layers)])
         self.norm_f = LPLayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
 
-    def forward(self, ids: nn.Tensor, k_cache: nn.Tensor | None, v_cache: nn.Tensor | None):
-        """ids [n] -> (hidden [n, d], k_cache [L, t+n, KV, hd], v_cache [L, t+n, KV, hd])."""
+    def forward(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
+        """ids [n] (the batch's new tokens, in ``begin_forward`` order) -> hidden [n, d]."""
         x = self.wte(ids)
         if self.cfg.uses_wpe:
-            x = x + _position_rows(self.wpe.weight, ids, k_cache)
-        k_layers = op.split(k_cache, self.cfg.n_layers, axis=0) if k_cache is not None else None
-        v_layers = op.split(v_cache, self.cfg.n_layers, axis=0) if v_cache is not None else None
-        ks, vs = [], []
-        for i, block in enumerate(self.blocks):
-            k_past = op.squeeze(k_layers[i], 0) if k_layers is not None else None
-            v_past = op.squeeze(v_layers[i], 0) if v_layers is not None else None
-            x, k, v = block(x, k_past, v_past)
-            ks.append(op.unsqueeze(k, 0))
-            vs.append(op.unsqueeze(v, 0))
-        return self.norm_f(x), op.concat(ks, dim=0), op.concat(vs, dim=0)
+            x = x + self.wpe(cache.get_query_positions(ids.shape[0]))
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.norm_f(x)
 
 
 class MPTForCausalLM(nn.Module):
-    """The whole model with its entry points (exported by :func:`export_module`)."""
+    """The whole model with its entry points (see :meth:`export_spec`).
 
-    def __init__(self, cfg: MPTConfig, dtype: str = "float32"):
+    ``target`` (a ``tvm.target.Target`` or a plain kind such as ``"llvm"``) picks the paged
+    attention kernels; ``page_size`` is the number of tokens per KV-cache page they bake in.
+    """
+
+    def __init__(
+        self,
+        cfg: MPTConfig,
+        dtype: str = "float32",
+        *,
+        target: tvm.target.Target | str = "llvm",
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ):
         self.cfg = cfg
         self.dtype = dtype
+        self.target = tvm.target.Target(target) if isinstance(target, str) else target
+        self.page_size = page_size
         self.transformer = MPTTransformer(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.d_model, cfg.vocab_size, False, dtype)
@@ -158,67 +174,48 @@ class MPTForCausalLM(nn.Module):
         scale = self.cfg.logit_multiplier
         return logits * _scalar(scale, "float32") if scale is not None else logits
 
-    def prefill(self, ids: nn.Tensor):
-        """ids [n] -> (last-token logits [1, V], k_cache, v_cache [L, n, KV, hd])."""
-        hidden, k, v = self.transformer(ids, None, None)
-        return self._logits(_last_row(hidden)), k, v
+    def create_paged_kv_cache(
+        self, max_batch_size: tvm.tirx.Var, max_total_seq_len: tvm.tirx.Var, prefill_chunk_size: tvm.tirx.Var
+    ) -> ALiBiPagedKVCache:
+        """The KV cache of all layers: at most ``max_batch_size`` sequences and
+        ``prefill_chunk_size`` tokens per forward, ``max_total_seq_len`` tokens in all."""
+        return ALiBiPagedKVCache.create(
+            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, self.page_size
+        )
 
-    def extend(self, ids: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor):
-        """ids [n] after t cached tokens -> (last-token logits [1, V], caches [L, t+n, KV, hd])."""
-        hidden, k, v = self.transformer(ids, k_cache, v_cache)
-        return self._logits(_last_row(hidden)), k, v
+    def prefill(self, ids: nn.Tensor, logit_positions: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
+        """ids [n] (new tokens of a ragged batch), logit_positions [b] (rows of ids) -> fp32 logits [b, V].
 
-    def prefill_logits(self, ids: nn.Tensor):
-        """ids [n] -> logits of every position [n, V] (fresh sequence, cache discarded)."""
-        hidden, _, _ = self.transformer(ids, None, None)
-        return self._logits(hidden)
+        Usually ``logit_positions`` picks each sequence's last new token; all of ``0 .. n-1``
+        gives the logits of every position.
+        """
+        hidden = self.transformer(ids, cache)
+        return self._logits(op.take(hidden, logit_positions, axis=0))
+
+    def batch_decode(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
+        """ids [b], one new token for each of b sequences -> fp32 logits [b, V]."""
+        return self._logits(self.transformer(ids, cache))
 
     def export_spec(self) -> dict:
-        """The ``export_tvm`` spec of the entry points: prefill, extend, decode, prefill_logits."""
-        cfg = self.cfg
-        cache = lambda t: nn.spec.Tensor([cfg.n_layers, t, cfg.kv_n_heads, cfg.head_dim], self.dtype)  # noqa: E731
+        """The ``export_tvm`` spec of the entry points create_paged_kv_cache, prefill, batch_decode."""
+        model = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=ALiBiPagedKVCache)
         return {
-            "prefill": {"ids": nn.spec.Tensor(["n"], "int32"), "$": {"param_mode": "packed", "effect_mode": "none"}},
-            "extend": {
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+            "prefill": {
                 "ids": nn.spec.Tensor(["n"], "int32"),
-                "k_cache": cache("t"),
-                "v_cache": cache("t"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
+                "logit_positions": nn.spec.Tensor(["b"], "int32"),
+                "cache": cache,
+                "$": model,
             },
-            "decode": {
-                "ids": nn.spec.Tensor([1], "int32"),
-                "k_cache": cache("t"),
-                "v_cache": cache("t"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
-            "prefill_logits": {
-                "ids": nn.spec.Tensor(["n"], "int32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
+            "batch_decode": {"ids": nn.spec.Tensor(["b"], "int32"), "cache": cache, "$": model},
         }
-
-    def decode(self, ids: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor):
-        """One token [1] after t cached tokens -> (logits [1, V], caches [L, t+1, KV, hd])."""
-        return self.extend(ids, k_cache, v_cache)
 
 
 def _scalar(value: float, dtype: str) -> nn.Tensor:
     return nn.Tensor.from_scalar(value, dtype)
-
-
-def _last_row(x: nn.Tensor) -> nn.Tensor:
-    """x [n, d] -> [1, d], the last row."""
-    return op.tensor_expr_op(
-        lambda t: te.compute((1, t.shape[1]), lambda _, j: t[t.shape[0] - 1, j], name="last_row"), "last_row", [x]
-    )
-
-
-def _position_rows(wpe: nn.Parameter, ids: nn.Tensor, k_cache: nn.Tensor | None) -> nn.Tensor:
-    """Rows t .. t+n-1 of the learned position table [P, d] -> [n, d] (t = cached tokens)."""
-
-    def compute(table: te.Tensor, tokens: te.Tensor, *cache: te.Tensor):
-        offset = cache[0].shape[1] if cache else 0
-        return te.compute((tokens.shape[0], table.shape[1]), lambda i, d: table[offset + i, d], name="wpe_rows")
-
-    args = [wpe, ids] + ([k_cache] if k_cache is not None else [])
-    return op.tensor_expr_op(compute, "position_rows", args)
