@@ -4,6 +4,7 @@
     art = mpt_relax.build("dist/models/mpt-7b-instruct", target="llvm", quantization="q0f16")
     eng = mpt_relax.Engine(art, device="cpu")
     logits = eng.logits([1, 2, 3])          # float32 [3, vocab]
+    print(eng.generate("What is ALiBi?", max_new_tokens=64).text)
     mod = mpt_relax.export_irmodule(mpt_relax.preset("mpt-7b-instruct"))
 """
 
@@ -13,16 +14,24 @@ from .checkpoint import CheckpointError
 from .compiler import TargetError
 from .config import ConfigError, MPTConfig, preset
 from .engine import Engine, EngineError
+from .generation import ChatSession, GenerationError, GenerationResult, SamplingParams, Stream
+from .templates import TemplateError
 from .weights import WeightMapError
 
 __all__ = [
     "ArtifactError",
+    "ChatSession",
     "CheckpointError",
     "ConfigError",
     "Engine",
     "EngineError",
+    "GenerationError",
+    "GenerationResult",
     "MPTConfig",
+    "SamplingParams",
+    "Stream",
     "TargetError",
+    "TemplateError",
     "WeightMapError",
     "build",
     "export_irmodule",

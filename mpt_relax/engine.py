@@ -1,8 +1,9 @@
 """Runtime: load a built artifact and run its entry points.
 
-``Engine(artifact_dir, device)`` loads the library compiled for the device, the weights and
-``mpt-config.json``. This module holds the model-facing calls (prefill / decode over the
-KV cache, full-sequence logits).
+``Engine(artifact_dir, device)`` loads the library compiled for the device, the weights,
+``mpt-config.json`` and the tokenizer. This module holds the model-facing calls (prefill /
+decode over the KV cache, full-sequence logits); text generation on top of the sequence
+calls lives in :mod:`.generation`, and the Engine methods at the end delegate to it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import artifact
+from . import artifact, generation
 from .config import MPTConfig
+from .tokenizer import load_tokenizer
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
+AUTO_ORDER = ("cuda", "metal")  # device="auto": the first present that the artifact was built for, else cpu
 
 
 class EngineError(ValueError):
@@ -30,15 +33,26 @@ def _tvm_device(device: str) -> tvm.runtime.Device:
     return dev
 
 
+def auto_device(libraries: dict[str, str]) -> str:
+    """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
+    for device in AUTO_ORDER:
+        if DEVICE_TARGETS[device] in libraries and tvm.runtime.device(device, 0).exist:
+            return device
+    return "cpu"
+
+
 class Engine:
     """A loaded artifact: ``Engine(dist/mpt-7b-instruct-q4f16_1, device="cuda")``."""
 
-    def __init__(self, artifact_dir: str | Path, device: str = "cpu"):
+    def __init__(self, artifact_dir: str | Path, device: str = "auto"):
         self.path = Path(artifact_dir)
         self.meta = artifact.read_config(self.path)
         self.config = MPTConfig.from_dict(self.meta["model_config"])
+        self.tokenizer = load_tokenizer(self.path)  # None: token-id prompts only
+        if device == "auto":
+            device = auto_device(self.meta["libraries"])
         if device not in DEVICE_TARGETS:
-            raise EngineError(f"unknown device {device!r}; choose one of: {', '.join(DEVICE_TARGETS)}")
+            raise EngineError(f"unknown device {device!r}; choose one of: auto, {', '.join(DEVICE_TARGETS)}")
         target = DEVICE_TARGETS[device]
         lib = self.meta["libraries"].get(target)
         if lib is None:
@@ -133,3 +147,27 @@ class Engine:
         if seq_id not in self._caches:
             raise EngineError(f"unknown sequence id {seq_id}; call add_sequence() first")
         return self._caches[seq_id]
+
+    # ------------------------------------------------------------ text generation (generation.py)
+    def generate(self, prompt, *, template: str | None = None, **sampling):
+        """Reply to a string, token ids, or a list of either (a batch -> list of results).
+
+        ``sampling``: max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+        repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False (see
+        :class:`generation.SamplingParams`); ``template``: "dolly" | "chatml" | "none",
+        default from the config. Returns :class:`generation.GenerationResult`.
+        """
+        return generation.generate(self, prompt, template, **sampling)
+
+    def stream(self, prompt, *, template: str | None = None, **sampling) -> generation.Stream:
+        """Like :meth:`generate` for one prompt; iterate for text pieces, then ``.result``."""
+        return generation.stream(self, prompt, template, **sampling)
+
+    def chat(self, messages, *, template: str | None = None, **sampling) -> generation.GenerationResult:
+        """The reply to a conversation ``[{"role": ..., "content": ...}, ...]``."""
+        return generation.chat(self, messages, template, **sampling)
+
+    def chat_session(self, system: str | None = None, *, template: str | None = None,
+                     **sampling) -> generation.ChatSession:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return generation.ChatSession(self, system, template, **sampling)
