@@ -148,6 +148,7 @@ def build(
         tokenizer_files = artifact.copy_tokenizer(src.weights_dir, tmp)
         artifact.write_config(tmp, {
             "model_name": src.name,
+            "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "model_config": src.config.to_dict(),
             "quantization": quantization,
             "model_dtype": dtype,

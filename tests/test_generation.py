@@ -1,4 +1,4 @@
-"""Text generation: HF-exact greedy decoding, batches, sampling, stops, streaming, chat.
+"""Text generation: HF-exact greedy decoding, batches, sampling, stops, streaming, chat, CLI.
 
 One tiny HF checkpoint (d_model 64, 2 layers, vocab 320) with a byte-level BPE tokenizer
 trained on text with accents, CJK and emoji is built once for the module. Generation logic
@@ -8,7 +8,11 @@ tokens) runs on a scripted stand-in that honours the engine's sequence contract.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,11 +22,13 @@ import torch
 
 import mpt_relax
 from factory import hf_checkpoint
+from mpt_relax import bench
 from mpt_relax.demo import train_tokenizer, write_tokenizer
 from mpt_relax.generation import GenerationError
 from mpt_relax.sampling import apply_repetition_penalty, sample
 from mpt_relax.templates import get_template
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 320
 WINDOW = 256  # the ChatML default system prompt alone is ~100 tokens of this small vocabulary
 CORPUS = [
@@ -319,3 +325,61 @@ def test_stop_string_spanning_tokens_is_never_streamed(tokenizer):
     pieces = list(stream)
     assert "".join(pieces) == "one two " and stream.result.finish_reason == "stop"
     assert all(scripted.steps[s] == -1 for s in scripted.steps)  # removed once finished
+
+
+# ----------------------------------------------------------------------------- CLI
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "mpt_relax", *args], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", env=env, timeout=300)
+
+
+def test_cli_generate_streams_the_greedy_reply(tiny):
+    _, eng, art, _ = tiny
+    proc = cli("generate", "--artifact", str(art), "--prompt", "Once upon a time", "--max-new-tokens", "10",
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == eng.generate("Once upon a time", max_new_tokens=10).text + "\n"
+    assert "10 tokens, finish: length" in proc.stderr
+
+
+def test_cli_chat_reads_piped_lines(tiny):
+    _, eng, art, _ = tiny
+    proc = cli("chat", "--artifact", str(art), "--template", "chatml", "--max-new-tokens", "6",
+               stdin="Hello there\n\n日本?\n")
+    assert proc.returncode == 0, proc.stderr
+    with eng.chat_session(template="chatml", max_new_tokens=6) as session:
+        expected = "".join(session.send(m).text + "\n" for m in ("Hello there", "日本?"))
+    assert proc.stdout == expected
+
+
+def test_cli_errors_are_one_line(tiny, tmp_path):
+    art = str(tiny[2])
+    for args in (("generate", "--artifact", str(tmp_path / "missing"), "--prompt", "x"),
+                 ("generate", "--artifact", art, "--prompt", "x", "--top-p", "2"),
+                 ("generate", "--artifact", art)):
+        proc = cli(*args)
+        assert proc.returncode != 0 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_cli_bench_compares_with_hf(tiny):
+    art = tiny[2]
+    proc = cli("bench", "--artifact", str(art), "--prompt-len", "8", "--gen-len", "4", "--runs", "1", "--threads", "1",
+               "--compare-hf", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for side in ("mpt_relax", "hf"):
+        assert report[side]["prefill_tokens_per_s"] > 0 and report[side]["decode_tokens_per_s"] > 0
+        assert report[side]["time_to_first_token_s"] > 0 and report[side]["peak_rss_mb"] > 50
+    assert report["same_tokens"] is True and len(report["mpt_relax"]["token_ids"]) == 4
+    table = bench.format_table(report)
+    assert "decode (tokens/s)" in table and "peak RSS (MB)" in table and "same greedy tokens: yes" in table
+
+
+def test_cli_demo_builds_once_and_generates(tmp_path):
+    proc = cli("demo", "--dist", str(tmp_path), "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Once upon a time") and "5 tokens" in proc.stderr
+    assert (tmp_path / "demo-q0f32" / "mpt-config.json").is_file()
+    again = cli("demo", "--dist", str(tmp_path), "--max-new-tokens", "5")
+    assert again.returncode == 0 and again.stdout == proc.stdout and "compiled" not in again.stderr
