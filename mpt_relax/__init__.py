@@ -6,6 +6,7 @@
     logits = eng.logits([1, 2, 3])          # float32 [3, vocab]
     a, b = eng.add_sequence(), eng.add_sequence()
     last = eng.forward([a, b], [[1, 2, 3], [4, 5]])   # float32 [2, vocab], one ragged prefill
+    print(eng.generate("What is ALiBi?", max_new_tokens=64).text)
     mod = mpt_relax.export_irmodule(mpt_relax.preset("mpt-7b-instruct"))
 """
 
@@ -15,18 +16,26 @@ from .checkpoint import CheckpointError
 from .compiler import TargetError
 from .config import ConfigError, MPTConfig, preset
 from .engine import Engine, EngineError
+from .generation import ChatSession, GenerationError, GenerationResult, SamplingParams, Stream
 from .kv_cache import KVCacheCapacityError
+from .templates import TemplateError
 from .weights import WeightMapError
 
 __all__ = [
     "ArtifactError",
+    "ChatSession",
     "CheckpointError",
     "ConfigError",
     "Engine",
     "EngineError",
+    "GenerationError",
+    "GenerationResult",
     "KVCacheCapacityError",
     "MPTConfig",
+    "SamplingParams",
+    "Stream",
     "TargetError",
+    "TemplateError",
     "WeightMapError",
     "build",
     "export_irmodule",

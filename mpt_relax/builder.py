@@ -181,6 +181,7 @@ def build(
             libraries[spec.name] = lib_name
         artifact.write_config(tmp, {
             "model_name": src.name,
+            "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "model_config": src.config.to_dict(),
             "quantization": _quantization_info(q),
             "model_dtype": q.model_dtype,

@@ -13,6 +13,9 @@ KV memory. The cache is a pool of pages of ``page_size`` tokens (K and V of ever
 default is enough pages for ``max_batch_size`` sequences of the full context window, capped at
 half of the device memory the weights leave free. A request that needs more pages than are free
 raises :class:`KVCacheCapacityError` before any work is done, and the cache stays usable.
+
+Text generation on top of the sequence calls lives in :mod:`.generation`; the Engine
+methods at the end delegate to it. The tokenizer (``tokenizer.json``) is loaded when present.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import artifact
+from . import artifact, generation
 from .config import MPTConfig
 from .kv_cache import (
     KVCacheCapacityError,
@@ -34,6 +37,7 @@ from .kv_cache import (
     pages_for_budget,
     pages_to_append,
 )
+from .tokenizer import load_tokenizer
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -41,6 +45,7 @@ DEFAULT_PREFILL_CHUNK_SIZE = 2048
 KV_SHARE_OF_FREE_MEMORY = 0.5  # default cap: this share of the device memory the weights leave
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+AUTO_ORDER = ("cuda", "metal")  # device="auto": the first present that the artifact was built for, else cpu
 
 
 class EngineError(ValueError):
@@ -70,6 +75,14 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def auto_device(libraries: dict[str, str]) -> str:
+    """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
+    for device in AUTO_ORDER:
+        if DEVICE_TARGETS[device] in libraries and tvm.runtime.device(device, 0).exist:
+            return device
+    return "cpu"
+
+
 class Engine:
     """A loaded artifact: ``Engine(dist/mpt-7b-instruct-q4f16_1, device="cuda")``.
 
@@ -82,7 +95,7 @@ class Engine:
     def __init__(
         self,
         artifact_dir: str | Path,
-        device: str = "cpu",
+        device: str = "auto",
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         kv_memory: int | str | None = None,
@@ -91,6 +104,9 @@ class Engine:
         self.path = Path(artifact_dir)
         self.meta = artifact.read_config(self.path)
         self.config = MPTConfig.from_dict(self.meta["model_config"])
+        self.tokenizer = load_tokenizer(self.path)  # None: token-id prompts only
+        if device == "auto":
+            device = auto_device(self.meta["libraries"])
         if "page_size" not in self.meta:
             raise artifact.ArtifactError(
                 f"{self.path} was built by an older mpt_relax without the paged KV cache; rebuild it with force=True / --force"
@@ -114,7 +130,7 @@ class Engine:
     # ------------------------------------------------------------ loading
     def _check_device(self, device: str) -> str:
         if device not in DEVICE_TARGETS:
-            raise EngineError(f"unknown device {device!r}; choose one of: {', '.join(DEVICE_TARGETS)}")
+            raise EngineError(f"unknown device {device!r}; choose one of: auto, {', '.join(DEVICE_TARGETS)}")
         if not self.meta.get("has_weights"):
             raise EngineError(f"{self.path} was built without weights; rebuild it from a checkpoint directory")
         return device
@@ -313,6 +329,30 @@ class Engine:
     def _require(self, seq_id: int) -> None:
         if seq_id not in self._sequences:
             raise EngineError(f"unknown sequence id {seq_id}; call add_sequence() first")
+
+    # ------------------------------------------------------------ text generation (generation.py)
+    def generate(self, prompt, *, template: str | None = None, **sampling):
+        """Reply to a string, token ids, or a list of either (a batch -> list of results).
+
+        ``sampling``: max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+        repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False (see
+        :class:`generation.SamplingParams`); ``template``: "dolly" | "chatml" | "none",
+        default from the config. Returns :class:`generation.GenerationResult`.
+        """
+        return generation.generate(self, prompt, template, **sampling)
+
+    def stream(self, prompt, *, template: str | None = None, **sampling) -> generation.Stream:
+        """Like :meth:`generate` for one prompt; iterate for text pieces, then ``.result``."""
+        return generation.stream(self, prompt, template, **sampling)
+
+    def chat(self, messages, *, template: str | None = None, **sampling) -> generation.GenerationResult:
+        """The reply to a conversation ``[{"role": ..., "content": ...}, ...]``."""
+        return generation.chat(self, messages, template, **sampling)
+
+    def chat_session(self, system: str | None = None, *, template: str | None = None,
+                     **sampling) -> generation.ChatSession:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return generation.ChatSession(self, system, template, **sampling)
 
 
 def _nbytes(tensor: tvm.runtime.Tensor) -> int:
