@@ -62,6 +62,12 @@ def measure_engine(artifact: str, device: str, ids: list[int], gen_len: int, run
     return {"device": str(eng.device), **_median(figures), "token_ids": results[-1].token_ids}
 
 
+def hf_baseline_dtype(device: str, model_dtype: str) -> str:
+    """HF's dtype in --compare-hf: fp32 on the CPU (torch's fast CPU path, and the baseline every
+    artifact is compared with there), else the artifact's float dtype."""
+    return "float32" if device == "cpu" else model_dtype
+
+
 def measure_hf(hf_dir: str, dtype: str, device: str, ids: list[int], gen_len: int, runs: int) -> dict[str, Any]:
     """Figures of transformers' ``MptForCausalLM``: one forward for the prompt, then one per token."""
     from transformers import MptForCausalLM  # imported here: it takes seconds, and only this child needs it
@@ -133,19 +139,19 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
                               "pass --hf-model DIR")
         if device not in HF_DEVICES:
             raise EngineError(f"--compare-hf: transformers cannot run on {device!r}")
-        if meta["quantization"] not in ("q0f32", "q0f16"):
-            raise EngineError(f"--compare-hf needs an unquantized artifact (q0f32/q0f16), not {meta['quantization']}")
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     ids = prompt_ids(meta["model_config"]["vocab_size"], prompt_len, seed)
     report: dict[str, Any] = {
-        "artifact": str(artifact), "model": meta["model_name"], "quantization": meta["quantization"],
+        "artifact": str(artifact), "model": meta["model_name"], "quantization": meta["quantization"]["name"],
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
         "mpt_relax": _in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
         "hf": None, "ratios": None, "same_tokens": None,
     }
     if compare_hf:
-        hf = _in_child(measure_hf, threads, str(hf_model), meta["model_dtype"], HF_DEVICES[device], ids, gen_len, runs)
+        hf_dtype = hf_baseline_dtype(device, meta["model_dtype"])
+        report["hf_dtype"] = hf_dtype
+        hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, HF_DEVICES[device], ids, gen_len, runs)
         ours = report["mpt_relax"]
         report["hf"] = hf
         report["ratios"] = {k: ours[k] / hf[k] for k in (*FIGURES, "peak_rss_mb")}
@@ -164,12 +170,12 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['gen_len']} new tokens, median of {report['runs']} runs, threads {report['threads'] or 'default'}"]
     head = f"{'':26}{'mpt_relax':>12}"
     if hf:
-        head += f"{'HF':>12}{'ratio':>9}"
+        head += f"{'HF ' + report['hf_dtype']:>16}{'ratio':>9}"
     lines.append(head)
     for label, key, scale in ROWS:
         row = f"{label:26}{ours[key] * scale:12.1f}"
         if hf:
-            row += f"{hf[key] * scale:12.1f}{report['ratios'][key]:8.2f}x"
+            row += f"{hf[key] * scale:16.1f}{report['ratios'][key]:8.2f}x"
         lines.append(row)
     if hf:
         lines.append("ratio = mpt_relax / HF: higher is better for tokens/s, lower for time and memory; "

@@ -103,7 +103,8 @@ class MPTMLP(nn.Module):
         self.down_proj = _linear(cfg.ffn_hidden_size, cfg.d_model, bias, dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        act = op.gelu(self.up_proj(x), approximate="none").astype(x.dtype)  # up_proj is fp32 already
+        up = self.up_proj(x).astype(x.dtype)  # rounded like the reference's half-precision activations
+        act = op.gelu(up.astype("float32"), approximate="none").astype(x.dtype)
         return self.down_proj(act).astype(x.dtype)
 
 
