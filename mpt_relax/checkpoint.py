@@ -101,13 +101,45 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor, holding one shard in memory at a time."""
+    """Yield ``(name, tensor)`` for every tensor: ``.safetensors`` one tensor at a time,
+    ``.bin`` one (memory-mapped) shard at a time."""
     for shard in weight_files(model_dir):
-        state = load_shard(shard)
-        yield from state.items()
-        del state
+        if shard.suffix == ".safetensors":
+            yield from _iter_safetensors(shard)
+        else:
+            state = load_shard(shard)
+            yield from state.items()
+            del state
 
 
-def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor, without keeping any data."""
-    return {name: (tuple(t.shape), t.dtype) for name, t in iter_tensors(model_dir)}
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt header or truncated data
+        raise CheckpointError(
+            f"cannot read shard {path} ({path.stat().st_size} bytes; corrupt or truncated? re-download it): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+
+
+def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from the file headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in weight_files(model_dir):
+        if shard.suffix == ".safetensors":
+            try:
+                with safe_open(str(shard), "pt") as handle:
+                    shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+            except Exception as err:
+                raise CheckpointError(f"cannot read the header of shard {shard} (corrupt? re-download it): {err}") from err
+        else:
+            shapes.update({name: tuple(t.shape) for name, t in load_shard(shard).items()})
+    return shapes

@@ -95,7 +95,7 @@ def stream_params(
 
 def check_checkpoint(model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True) -> None:
     """Raise one :class:`WeightMapError` listing missing, unexpected and mis-shaped tensors."""
-    found = {name: shape for name, (shape, _) in tensor_shapes(model_dir).items()}
+    found = tensor_shapes(model_dir)
     ignorable = {"lm_head.weight"} if tied_head else set()  # some saves keep the tied copy
     missing = sorted(set(rules) - set(found))
     unexpected = sorted(set(found) - set(rules) - ignorable)
