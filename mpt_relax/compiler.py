@@ -29,7 +29,9 @@ class TargetSpec:
 
 
 def _cpu_schedules() -> list:
-    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    from .cpu_schedules import default_rules
+
+    return default_rules()
 
 
 def llvm_target(mcpu: str | None = None) -> TargetSpec:

@@ -1,0 +1,149 @@
+"""The CPU schedules change speed, not results: scheduled builds match unscheduled ones.
+
+Tiny random models only (d_model 64, 2 layers): every entry point of the scheduled build
+(``compiler.compile_module``) against ``tvm.compile`` with TVM's default CPU pipeline, which
+schedules nothing; and a dequantize + matmul PrimFunc like the quantized Linear layers emit.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax, te, tirx  # noqa: E402
+from tvm.s_tir import dlight as dl  # noqa: E402
+
+from mpt_relax import compiler  # noqa: E402
+from mpt_relax.config import MPTConfig  # noqa: E402
+from mpt_relax.model import MPTForCausalLM  # noqa: E402
+
+TINY = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=64)
+
+
+def _params(specs, dtype, rng):
+    out = []
+    for name, p in specs:
+        shape = [int(s) for s in p.shape]
+        if "norm" in name:
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            a = rng.standard_normal(shape) * (0.5 / np.sqrt(shape[-1]) if len(shape) > 1 else 0.1)
+        out.append(a.astype(dtype))
+    return out
+
+
+def _run_all(ex, params_np, ids, dtype):
+    """Logits of every entry point (prefill, decode, extend, prefill_logits) as numpy arrays."""
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    params = [tvm.runtime.tensor(p, dev) for p in params_np]
+    tensor = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
+    out = {}
+    logits, k, v = vm["prefill"](tensor(ids[:9]), params)
+    out["prefill"] = logits.numpy()
+    logits, k, v = vm["decode"](tensor(ids[9:10]), k, v, params)
+    out["decode"] = logits.numpy()
+    logits, k, v = vm["extend"](tensor(ids[10:15]), k, v, params)
+    out["extend"] = logits.numpy()
+    out["k_cache"] = k.numpy().astype("float32")
+    out["prefill_logits"] = vm["prefill_logits"](tensor(ids[:13]), params).numpy()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_scheduled_model_matches_unscheduled(dtype):
+    cfg = MPTConfig(**TINY)
+    model = MPTForCausalLM(cfg, dtype)
+    mod, specs = model.export_tvm(spec=model.export_spec())
+    spec = compiler.llvm_target()
+    rng = np.random.default_rng(0)
+    params = _params(specs, dtype, rng)
+    ids = rng.integers(0, cfg.vocab_size, size=16).astype("int32")
+
+    scheduled = compiler.compile_module(mod, spec)
+    reference = tvm.compile(mod, spec.target)
+    got = _run_all(scheduled, params, ids, dtype)
+    want = _run_all(reference, params, ids, dtype)
+
+    # fp32: only the summation order differs; fp16: rounding of fp16 partial sums differs too
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    for name in want:
+        scale = max(float(np.abs(want[name]).max()), 1.0)
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=tol * scale, err_msg=name)
+
+
+def test_every_heavy_primfunc_is_scheduled():
+    """The matmuls, attention and norms of both fp32 and fp16 models get a CPU schedule."""
+    for dtype in ("float32", "float16"):
+        cfg = MPTConfig(**TINY)
+        model = MPTForCausalLM(cfg, dtype)
+        mod, _ = model.export_tvm(spec=model.export_spec())
+        spec = compiler.llvm_target()
+        seq = [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FuseTransposeMatmul(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+            dl.ApplyDefaultSchedule(*spec.schedules()),
+        ]
+        with spec.target:
+            out = tvm.transform.Sequential(seq)(mod)
+        unscheduled = [
+            gv.name_hint
+            for gv, f in out.functions_items()
+            if isinstance(f, tirx.PrimFunc)
+            and "tirx.is_scheduled" not in f.attrs
+            and not relax.analysis.has_reshape_pattern(f)
+        ]
+        heavy = [n for n in unscheduled if any(w in n for w in ("matmul", "scores", "attn_pv", "norm", "softmax"))]
+        assert not heavy, f"{dtype}: unscheduled {heavy}"
+        # no weight transposes survive FuseTransposeMatmul (the LM head included)
+        assert not [n for n in unscheduled if "transpose" in n], unscheduled
+
+
+def _dequant_matmul(n, k_dim, n_out, group=32):
+    """x [n, K] fp32 @ dequantize(q [N, K/8] uint32 of int4, scale [N, K/group] fp32)^T."""
+    x = te.placeholder((n, k_dim), "float32", name="x")
+    q = te.placeholder((n_out, k_dim // 8), "uint32", name="q")
+    s = te.placeholder((n_out, k_dim // group), "float32", name="s")
+    w = te.compute(
+        (n_out, k_dim),
+        lambda j, k: ((q[j, k // 8] >> ((k % 8) * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
+        * s[j, k // group]
+        - tirx.const(7.0, "float32") * s[j, k // group],
+        name="dequantize",
+    )
+    r = te.reduce_axis((0, k_dim), name="r")
+    y = te.compute((n, n_out), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="NT_matmul")
+    return te.create_prim_func([x, q, s, y])
+
+
+@pytest.mark.parametrize("rows", [1, "dynamic"])
+def test_dequantize_matmul_primfunc(rows):
+    """A fused dequantize + NT matmul (the quantized Linear) is scheduled and stays exact."""
+    n = tirx.Var("n", "int64") if rows == "dynamic" else 1
+    func = _dequant_matmul(n, 128, 96)
+    spec = compiler.llvm_target()
+    mod = tvm.IRModule({"main": func})
+    with spec.target:
+        scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": func}))
+    assert "tirx.is_scheduled" in scheduled["main"].attrs
+    rng = np.random.default_rng(0)
+    m = 11 if rows == "dynamic" else 1
+    x = rng.standard_normal((m, 128)).astype("float32")
+    q = rng.integers(0, 2**32, size=(96, 16), dtype=np.uint64).astype("uint32")
+    s = rng.random((96, 4)).astype("float32")
+    outs = []
+    for built in (tvm.compile(scheduled, spec.target), tvm.compile(mod, spec.target)):
+        y = tvm.runtime.tensor(np.zeros((m, 96), "float32"))
+        built(tvm.runtime.tensor(x), tvm.runtime.tensor(q), tvm.runtime.tensor(s), y)
+        outs.append(y.numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-4)
