@@ -41,10 +41,10 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.analysis.gemv import get_reduction_expr
 from tvm.target import Target
+from tvm.target.codegen import target_has_features
 
 logger = logging.getLogger(__name__)
 
-VECTOR_BITS = 512  # AVX-512; LLVM splits wider vectors for narrower targets
 PARALLEL_MIN_WORK = 1 << 15  # elements below which a parallel launch costs more than it saves
 
 
@@ -62,8 +62,20 @@ def _dtype_bits(dtype) -> int:
     return int("".join(c for c in str(dtype) if c.isdigit()) or 32)
 
 
-def _vector_lanes(dtype) -> int:
-    return max(VECTOR_BITS // _dtype_bits(dtype), 1)
+def _vector_bits(target: Target) -> int:
+    """SIMD register width of an LLVM target: 512 (AVX-512), 256 (AVX/AVX2), else 128."""
+    try:
+        if target_has_features("avx512f", target):
+            return 512
+        if target_has_features("avx", target):
+            return 256
+    except Exception:  # pylint: disable=broad-except  # non-x86 triples
+        pass
+    return 128
+
+
+def _vector_lanes(dtype, bits: int) -> int:
+    return max(bits // _dtype_bits(dtype), 1)
 
 
 def _largest_divisor(extent: int, candidates) -> int:
@@ -115,9 +127,12 @@ def _root_blocks(sch: s_tir.Schedule) -> list:
 class _Rule(dl.ScheduleRule if hasattr(dl, "ScheduleRule") else dl.base.ScheduleRule):
     """A CPU rule: applies to LLVM targets only and declines instead of raising."""
 
+    bits = 512  # SIMD width of the target being scheduled, set by apply()
+
     def apply(self, func, target: Target, tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        self.bits = _vector_bits(target)
         try:
             return self._apply(func, target)
         except Exception as err:  # pylint: disable=broad-except
@@ -321,7 +336,7 @@ class GEMV(_Rule):
             if work is None or work >= PARALLEL_MIN_WORK:
                 sch.parallel(par)
             return sch
-        lanes = _vector_lanes(acc_dtype)
+        lanes = _vector_lanes(acc_dtype, self.bits)
         vec = _largest_divisor(k_ext, [lanes, lanes // 2, lanes // 4, 4, 2])
         acc = _largest_divisor(k_ext // vec, [self.accumulators, 2, 1])
         ko, kf = sch.split(k, [None, vec * acc])
@@ -362,7 +377,7 @@ class GEMV(_Rule):
         if col_ext is None:
             return None
         acc_dtype = stmt.writes[0].source.dtype
-        lanes = _vector_lanes(acc_dtype)
+        lanes = _vector_lanes(acc_dtype, self.bits)
         vec = _largest_divisor(col_ext, [lanes, lanes // 2, lanes // 4, 4, 2])
         tile = vec * _largest_divisor(col_ext // vec, [self.col_tile_vectors, 2, 1])
         co, ci = sch.split(col, [None, tile])
@@ -402,8 +417,8 @@ def _inline_epilogue_chain(sch: s_tir.Schedule, main) -> None:
 class Matmul(_Rule):
     """Packed, register-blocked matmul for a dynamic / large I and static J, K (prefill)."""
 
-    def __init__(self, mr: int = 8, nr_vectors: int = 2, min_rows: int = 2):
-        self.mr = mr
+    def __init__(self, mr: int | None = None, nr_vectors: int = 2, min_rows: int = 2):
+        self.mr = mr  # rows of the register tile; None: 8 with 32 vector registers (AVX-512), else 4
         self.nr_vectors = nr_vectors
         self.min_rows = min_rows
 
@@ -422,7 +437,7 @@ class Matmul(_Rule):
         if j_ext is None or k_ext is None or (i_ext is not None and i_ext < self.min_rows):
             return None
         acc_dtype = stmt.writes[0].source.dtype
-        lanes = _vector_lanes(acc_dtype)
+        lanes = _vector_lanes(acc_dtype, self.bits)
         nr = lanes * self.nr_vectors
         if j_ext % nr:
             return None
@@ -461,9 +476,10 @@ class Matmul(_Rule):
 
         # A dynamic (or ragged) I is padded to a multiple of MR: the microkernel then has no row
         # predicate. The padded rows of A are zeros; the padded rows of C are never written back.
-        padded = i_ext is None or i_ext % self.mr != 0
+        mr = self.mr or (8 if self.bits >= 512 else 4)
+        padded = i_ext is None or i_ext % mr != 0
         if padded:
-            sch.pad_einsum(main, [self.mr if iv.var.same_as(ein.i[0]) else 1 for iv in sch.get(main).iter_vars])
+            sch.pad_einsum(main, [mr if iv.var.same_as(ein.i[0]) else 1 for iv in sch.get(main).iter_vars])
             main = sch.get_sblock(stmt.name_hint)
             _inline_epilogue_chain(sch, main)  # the un-padding copy absorbs the epilogue
         b_idx = [k for k, r in enumerate(sch.get(main).reads) if r.source.same_as(b_buf)][0]
@@ -475,7 +491,7 @@ class Matmul(_Rule):
         s_loops = [by_var[v] for v in ein.s]
         i_loop, j_loop, k_loop = by_var[ein.i[0]], by_var[ein.j[0]], by_var[ein.k[0]]
         jo, ji = sch.split(j_loop, [None, nr])
-        io, ii = sch.split(i_loop, [None, self.mr])
+        io, ii = sch.split(i_loop, [None, mr])
         sch.reorder(*s_loops, jo, io, k_loop, ii, ji)
         par = sch.fuse(*s_loops, jo) if s_loops else jo
 
@@ -509,7 +525,7 @@ class Matmul(_Rule):
         # the padding copy of A and the un-padding copy of C (with the epilogue) are plain copies
         for blk in _root_blocks(sch):
             if not _contains(sch, blk, main):
-                Injective._schedule_block(sch, blk)
+                Injective._schedule_block(sch, blk, self.bits)
         return sch
 
     @staticmethod
@@ -557,7 +573,7 @@ class RowReduction(_Rule):
             if len(doms) < n_rows or any(not _same_expr(x, y) for x, y in zip(doms, ref)):
                 return None
         last = infos[-1].block_rv
-        lanes = _vector_lanes(sch.get(last).writes[0].source.dtype)
+        lanes = _vector_lanes(sch.get(last).writes[0].source.dtype, self.bits)
         row_loops = [it.loop_rv for it in iters(infos[-1])[:n_rows]]
         inner_ext = 1
         for it in iters(infos[-1])[n_rows:]:
@@ -642,16 +658,19 @@ class Injective(_Rule):
         for b in infos:
             _try(sch.compute_inline, b.block_rv)
         for blk in _root_blocks(sch):
-            self._schedule_block(sch, blk)
+            self._schedule_block(sch, blk, self.bits)
         return sch
 
     @staticmethod
-    def _schedule_block(sch, blk):
+    def _schedule_block(sch, blk, bits: int, chunk: int = 1024):
+        """Trailing static loops: one serial run of vectors per task; the rest in parallel.
+
+        Indices are recomputed (divisions by dynamic extents) once per task, not per vector.
+        """
         loops = sch.get_loops(blk)
         if not loops:
             return
-        lanes = _vector_lanes(sch.get(blk).writes[0].source.dtype)
-        # innermost loops with a static extent form the vector part
+        lanes = _vector_lanes(sch.get(blk).writes[0].source.dtype, bits)
         inner: list = []
         for lp in reversed(loops):
             if _extent(sch, lp) is None:
@@ -661,21 +680,24 @@ class Injective(_Rule):
         inner_ext = 1
         for lp in inner:
             inner_ext *= _extent(sch, lp)
+        work = inner_ext
+        for lp in outer:
+            work *= _extent(sch, lp) or 256  # a dynamic extent: assume a few hundred
         if inner:
             fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
             if inner_ext % lanes == 0 and inner_ext > lanes:
-                io, iv = sch.split(fused, [None, lanes])
+                if not outer and inner_ext > chunk and inner_ext % chunk == 0:
+                    outer, fused = sch.split(fused, [None, chunk])
+                    outer = [outer]
+                _, iv = sch.split(fused, [None, lanes])
                 sch.vectorize(iv)
-                outer = outer + [io]
-            elif inner_ext <= lanes and inner_ext >= 2:
+            elif 2 <= inner_ext <= lanes:
                 sch.vectorize(fused)
-            else:
-                outer = outer + [fused]
-        if outer:
+            elif not outer:
+                outer = [fused]
+        if outer and work >= PARALLEL_MIN_WORK:
             par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-            ext = _extent(sch, par)
-            if ext is None or ext * lanes >= PARALLEL_MIN_WORK:
-                sch.parallel(par)
+            sch.parallel(par)
 
 
 def default_rules() -> list:

@@ -3,7 +3,10 @@
 Prints compile time, prefill tokens/s (prompt of --prompt tokens), decode tokens/s (--steps
 steps after the prompt), the same two rates for HF torch fp32 in the same process, their
 ratio, and the memory-bandwidth bound of decode (bytes of weights read per token divided by
-the measured bandwidth). Rounds alternate between torch and TVM so both see the same load.
+the measured bandwidth). Rounds alternate between torch and TVM so both see the same load;
+the best round of each is reported. Torch runs with 2 threads and with 1 thread (on a busy
+machine its OpenMP barriers can make 2 threads far slower than 1); the ratio is taken against
+the faster of the two.
 
     PYTHONPATH=. TVM_NUM_THREADS=2 python scripts/bench_cpu_kernels.py            # 125M config
     PYTHONPATH=. python scripts/bench_cpu_kernels.py --rules dlight                # dlight's CPU rules only
@@ -49,10 +52,12 @@ def bandwidth_gbs(threads: int) -> dict[str, float]:
     try:
         import torch
 
-        torch.set_num_threads(threads)
         w = torch.ones(16384, 8192)  # 512 MiB, read once per mv
         x = torch.ones(8192)
-        best = min(_timed(lambda: torch.mv(w, x)) for _ in range(5))
+        best = float("inf")
+        for n in sorted({threads, 1}):
+            torch.set_num_threads(n)
+            best = min([best] + [_timed(lambda: torch.mv(w, x)) for _ in range(5)])
         out["torch_mv_read"] = w.numel() * 4 / best / 1e9
         del w
     except ImportError:
@@ -67,7 +72,7 @@ def _timed(fn) -> float:
 
 
 class TVMRunner:
-    def __init__(self, cfg: MPTConfig, dtype: str, rules: str):
+    def __init__(self, cfg: MPTConfig, dtype: str, rules: str, allocator: str | None):
         model = MPTForCausalLM(cfg, dtype)
         mod, specs = model.export_tvm(spec=model.export_spec())
         spec = compiler.llvm_target()
@@ -76,7 +81,7 @@ class TVMRunner:
         ex = compiler.compile_module(mod, spec)
         self.compile_s = time.perf_counter() - t
         self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(ex, self.dev)
+        self.vm = relax.VirtualMachine(ex, self.dev, memory_cfg=allocator)
         rng = np.random.default_rng(0)
         self.params = [
             tvm.runtime.tensor((rng.standard_normal([int(s) for s in p.shape], np.float32) * 0.02).astype(dtype), self.dev)
@@ -99,11 +104,10 @@ class TVMRunner:
 
 
 class TorchRunner:
-    def __init__(self, cfg: MPTConfig, threads: int):
+    def __init__(self, cfg: MPTConfig):
         import torch
         from transformers import MptConfig, MptForCausalLM
 
-        torch.set_num_threads(threads)
         torch.manual_seed(0)
         hf = MptConfig(
             d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
@@ -111,6 +115,9 @@ class TorchRunner:
         )
         self.torch = torch
         self.model = MptForCausalLM(hf).eval()
+
+    def threads(self, n: int) -> None:
+        self.torch.set_num_threads(n)
 
     def prefill(self, ids: np.ndarray):
         with self.torch.inference_mode():
@@ -141,6 +148,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating torch/TVM rounds; best of each is reported")
     ap.add_argument("--rules", default="ours", help="ours | dlight (dlight's CPU rules) | none")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--allocator", default=None, help="VM memory allocator: pooled (default, as the engine) | naive")
     args = ap.parse_args()
     threads = int(os.environ["TVM_NUM_THREADS"])
 
@@ -151,32 +159,38 @@ def main() -> None:
     bw = bandwidth_gbs(threads)
     print("bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
 
-    tvm_run = TVMRunner(cfg, args.dtype, args.rules)
+    tvm_run = TVMRunner(cfg, args.dtype, args.rules, args.allocator)
     print(f"tvm compile: {tvm_run.compile_s:.1f} s")
-    torch_run = None if args.no_torch else TorchRunner(cfg, threads)
+    torch_run = None if args.no_torch else TorchRunner(cfg)
+    torch_threads = sorted({threads, 1}, reverse=True)
 
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=args.prompt).astype("int32")
-    res = {"tvm_prefill": [], "tvm_decode": [], "torch_prefill": [], "torch_decode": []}
+    res: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        if torch_run is not None:
+        for n in torch_threads if torch_run is not None else []:
+            torch_run.threads(n)
             t = time.perf_counter()
             past, _ = torch_run.prefill(ids)
-            res["torch_prefill"].append(args.prompt / (time.perf_counter() - t))
-            res["torch_decode"].append(torch_run.decode(ids, past, args.steps))
+            res.setdefault(f"torch{n}_prefill", []).append(args.prompt / (time.perf_counter() - t))
+            res.setdefault(f"torch{n}_decode", []).append(torch_run.decode(ids, past, args.steps))
             time.sleep(0.5)
         t = time.perf_counter()
         k, v = tvm_run.prefill(ids)
-        res["tvm_prefill"].append(args.prompt / (time.perf_counter() - t))
-        res["tvm_decode"].append(tvm_run.decode(ids, k, v, args.steps))
+        res.setdefault("tvm_prefill", []).append(args.prompt / (time.perf_counter() - t))
+        res.setdefault("tvm_decode", []).append(tvm_run.decode(ids, k, v, args.steps))
         time.sleep(0.5)
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items() if v))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()))
 
-    best = {k: max(v) for k, v in res.items() if v}
-    print(f"tvm   prefill {best['tvm_prefill']:8.1f} tok/s   decode {best['tvm_decode']:6.2f} tok/s")
+    best = {k: max(v) for k, v in res.items()}
+    med = {k: float(np.median(v)) for k, v in res.items()}
+    print(f"{'':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}   (best round; median)")
+    for name in ["tvm"] + [f"torch{n}" for n in torch_threads if torch_run is not None]:
+        print(f"{name:12s} {best[name + '_prefill']:14.1f} {best[name + '_decode']:13.2f}   "
+              f"({med[name + '_prefill']:.1f}; {med[name + '_decode']:.2f})")
     if torch_run is not None:
-        print(f"torch prefill {best['torch_prefill']:8.1f} tok/s   decode {best['torch_decode']:6.2f} tok/s")
-        print(f"ratio tvm/torch: prefill {best['tvm_prefill'] / best['torch_prefill']:.2f}x, "
-              f"decode {best['tvm_decode'] / best['torch_decode']:.2f}x")
+        tp = max(best[f"torch{n}_prefill"] for n in torch_threads)
+        td = max(best[f"torch{n}_decode"] for n in torch_threads)
+        print(f"ratio tvm / best torch: prefill {best['tvm_prefill'] / tp:.2f}x, decode {best['tvm_decode'] / td:.2f}x")
     mb = tvm_run.weight_bytes / 1e6
     for name, gbs in bw.items():
         print(f"bandwidth bound ({name} {gbs:.1f} GB/s, {mb:.0f} MB weights/token): {gbs * 1e3 / mb:.1f} tok/s")

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax, te, tirx  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
+from tvm.target.codegen import target_has_features  # noqa: E402
 
 from mpt_relax import compiler  # noqa: E402
 from mpt_relax.config import MPTConfig  # noqa: E402
@@ -54,12 +55,24 @@ def _run_all(ex, params_np, ids, dtype):
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_scheduled_model_matches_unscheduled(dtype):
-    cfg = MPTConfig(**TINY)
+# ragged sizes (nothing a multiple of the vector width), GQA, biases, clip_qkv, qk LayerNorm,
+# learned positions instead of ALiBi: the rules must decline or degrade, never miscompile
+ODD = dict(d_model=40, n_heads=4, kv_n_heads=2, n_layers=2, vocab_size=203, max_seq_len=64, no_bias=False,
+           clip_qkv=4.0, qk_ln=True, alibi=False, expansion_ratio=3.0)
+
+
+@pytest.mark.parametrize(
+    "dtype,cfg,mcpu",
+    [("float32", TINY, None), ("float16", TINY, None), ("float32", ODD, "haswell")],  # haswell: 256-bit AVX2 path
+    ids=["f32", "f16", "odd-avx2"],
+)
+def test_scheduled_model_matches_unscheduled(dtype, cfg, mcpu):
+    if mcpu and not target_has_features("avx2", compiler.llvm_target().target):
+        pytest.skip("host cannot run AVX2 code")
+    cfg = MPTConfig(**cfg)
     model = MPTForCausalLM(cfg, dtype)
     mod, specs = model.export_tvm(spec=model.export_spec())
-    spec = compiler.llvm_target()
+    spec = compiler.llvm_target(mcpu)
     rng = np.random.default_rng(0)
     params = _params(specs, dtype, rng)
     ids = rng.integers(0, cfg.vocab_size, size=16).astype("int32")
