@@ -237,14 +237,16 @@ def _analyze_einsum(sch: s_tir.Schedule, block) -> _Einsum | None:
 
 
 def _loops_by_var(sch: s_tir.Schedule, block) -> dict:
-    """Map each block iter var to the loop that binds it (blocks normalised: one loop each)."""
+    """Map each block iter var to the innermost loop its binding uses (``o * c + i`` -> ``i``)."""
     realize = s_tir.dlight.analysis.common_analysis.get_sblockrealize(sch, block)
     out = {}
     loops = sch.get_loops(block)
-    loop_vars = {sch.get(lp).loop_var: lp for lp in loops}
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
     for iv, val in zip(sch.get(block).iter_vars, realize.iter_values):
-        if isinstance(val, tirx.Var) and val in loop_vars:
-            out[iv.var] = loop_vars[val]
+        used = tirx.analysis.undefined_vars(val)
+        inner = [k for k, lv in enumerate(loop_vars) if any(lv.same_as(u) for u in used)]
+        if inner:
+            out[iv.var] = loops[max(inner)]
     return out
 
 
@@ -514,7 +516,7 @@ class Matmul(_Rule):
                 sch.reverse_compute_at(after[0], io)
                 self._vectorize_inner(sch, after[0], lanes)
         self._vectorize_inner(sch, wb, lanes)
-        self._vectorize_inner(sch, pack, lanes)
+        self._schedule_pack(sch, pack, b_roles, lanes)
         sch.unroll(ii)
         ju, jv = sch.split(ji, [None, lanes])
         sch.unroll(ju)
@@ -527,6 +529,29 @@ class Matmul(_Rule):
             if not _contains(sch, blk, main):
                 Injective._schedule_block(sch, blk, self.bits)
         return sch
+
+    @staticmethod
+    def _schedule_pack(sch, pack, b_roles, lanes):
+        """Copy the panel with contiguous vector loads, filling it a few rows of K at a time.
+
+        For B[J, K] (x @ W^T) the panel [K, NR] is a transpose: reading ``lanes`` values of K
+        from each of the NR rows in turn keeps the ``lanes x NR`` piece being written in L1
+        (writing whole K columns instead thrashes L1 once the panel outgrows it).
+        """
+        by_var = _loops_by_var(sch, pack)
+        ivs = sch.get(pack).iter_vars
+        j_loop = by_var.get(ivs[b_roles.index("j")].var)
+        k_loop = by_var.get(ivs[b_roles.index("k")].var)
+        if j_loop is None or k_loop is None:
+            return
+        k_ext = _extent(sch, k_loop)
+        if b_roles.index("k") > b_roles.index("j") and k_ext and k_ext % lanes == 0:
+            ko, ki = sch.split(k_loop, [None, lanes])
+            sch.reorder(ko, j_loop, ki)
+            sch.vectorize(ki)
+        elif b_roles.index("j") > b_roles.index("k"):
+            _, jv = sch.split(j_loop, [None, lanes])
+            sch.vectorize(jv)
 
     @staticmethod
     def _vectorize_inner(sch, block, lanes):

@@ -149,13 +149,23 @@ def main() -> None:
     ap.add_argument("--rules", default="ours", help="ours | dlight (dlight's CPU rules) | none")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--allocator", default=None, help="VM memory allocator: pooled (default, as the engine) | naive")
+    ap.add_argument("--mallopt", action="store_true",
+                    help="keep freed memory in glibc's heap (no mmap per large tensor): the contiguous KV cache "
+                         "gets a new, larger buffer every step, and fresh pages fault")
     args = ap.parse_args()
     threads = int(os.environ["TVM_NUM_THREADS"])
+    if args.mallopt:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the maximum, 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
     cfg = MPTConfig(d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers, vocab_size=args.vocab,
                     max_seq_len=2048)
     print(f"config d_model={cfg.d_model} heads={cfg.n_heads} layers={cfg.n_layers} vocab={cfg.vocab_size} "
-          f"dtype={args.dtype} rules={args.rules} threads={threads} params={cfg.num_parameters() / 1e6:.1f}M")
+          f"dtype={args.dtype} rules={args.rules} threads={threads} params={cfg.num_parameters() / 1e6:.1f}M "
+          f"allocator={args.allocator or 'pooled'}{' +mallopt' if args.mallopt else ''}")
     bw = bandwidth_gbs(threads)
     print("bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
 
