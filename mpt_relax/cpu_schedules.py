@@ -287,9 +287,12 @@ class GEMV(_Rule):
     Outer reduction: ``out[row, c] = sum_k A[row, k] * B[k, c]`` with c vectorised.
     """
 
-    def __init__(self, accumulators: int = 4, col_tile_vectors: int = 4):
+    def __init__(self, accumulators: int = 4, col_tile_vectors: int = 4, weight_rows_outer: bool = False):
         self.accumulators = accumulators
         self.col_tile_vectors = col_tile_vectors
+        # loop over the rows of B outside the rows of A, so each row of a weight is read from
+        # memory once for all rows of A (the few-row matmuls of Matmul's small-I branch)
+        self.weight_rows_outer = weight_rows_outer
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
@@ -318,8 +321,11 @@ class GEMV(_Rule):
 
     def _inner(self, sch, main, ein: _Einsum, epilogues):
         by_var = _loops_by_var(sch, main)
-        row_vars = ein.s + ein.i + ein.j
-        rows = [by_var[iv.var] for iv in sch.get(main).iter_vars if any(iv.var.same_as(v) for v in row_vars)]
+        if self.weight_rows_outer:
+            rows = [by_var[v] for v in ein.j + ein.s + ein.i]
+        else:
+            row_vars = ein.s + ein.i + ein.j
+            rows = [by_var[iv.var] for iv in sch.get(main).iter_vars if any(iv.var.same_as(v) for v in row_vars)]
         ks = [by_var[v] for v in ein.k]
         acc_dtype = sch.get(main).writes[0].source.dtype
         sch.reorder(*rows, *ks)
@@ -416,15 +422,44 @@ def _inline_epilogue_chain(sch: s_tir.Schedule, main) -> None:
 
 
 # ----------------------------------------------------------------------------- Matmul
+def _dispatch(cond, then_sch: s_tir.Schedule, else_sch: s_tir.Schedule) -> s_tir.Schedule:
+    """One PrimFunc running ``then_sch``'s loops if ``cond`` holds at run time, else ``else_sch``'s.
+
+    Both schedules come from the same PrimFunc, so they share its parameters and buffers.
+    """
+    f_then, f_else = then_sch.mod["main"], else_sch.mod["main"]
+    r_then, r_else = f_then.body.block, f_else.body.block
+    allocs = list(r_then.alloc_buffers)
+    for buf in r_else.alloc_buffers:
+        if not any(buf.same_as(a) for a in allocs):
+            allocs.append(buf)
+    body = tirx.IfThenElse(cond, r_then.body, r_else.body)
+    root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=allocs)
+    return s_tir.Schedule(f_else.with_body(s_tir.SBlockRealize([], True, root)))
+
+
 class Matmul(_Rule):
     """Packed, register-blocked matmul for a dynamic / large I and static J, K (prefill)."""
 
-    def __init__(self, mr: int | None = None, nr_vectors: int = 2, min_rows: int = 2):
+    def __init__(self, mr: int | None = None, nr_vectors: int = 2, small_rows: int = 16):
         self.mr = mr  # rows of the register tile; None: 8 with 32 vector registers (AVX-512), else 4
         self.nr_vectors = nr_vectors
-        self.min_rows = min_rows
+        self.small_rows = small_rows  # fewer rows of A than this: GEMV (no packing) instead
+        self._rows = None
 
     def _apply(self, func, target):
+        big = self._schedule(func)
+        if big is None or self._rows is None or isinstance(self._rows, int):
+            return big
+        # a dynamic I (prefill, batched decode) may be 1 at run time: below small_rows, take a
+        # GEMV schedule (no packing, weights streamed once) instead, chosen per call
+        small = GEMV(weight_rows_outer=True).apply(func, target, False)
+        if small is None:
+            return big
+        return _dispatch(self._rows < self.small_rows, small, big)
+
+    def _schedule(self, func):
+        self._rows = None
         sch = s_tir.Schedule(func)
         main = _main_reduction_block(sch)
         if main is None:
@@ -436,8 +471,9 @@ class Matmul(_Rule):
         by_var = _loops_by_var(sch, main)
         i_loop, j_loop, k_loop = by_var[ein.i[0]], by_var[ein.j[0]], by_var[ein.k[0]]
         i_ext, j_ext, k_ext = _extent(sch, i_loop), _extent(sch, j_loop), _extent(sch, k_loop)
-        if j_ext is None or k_ext is None or (i_ext is not None and i_ext < self.min_rows):
+        if j_ext is None or k_ext is None or (i_ext is not None and i_ext < self.small_rows):
             return None
+        self._rows = sch.get(i_loop).extent
         acc_dtype = stmt.writes[0].source.dtype
         lanes = _vector_lanes(acc_dtype, self.bits)
         nr = lanes * self.nr_vectors
