@@ -155,7 +155,6 @@ class _Einsum:
     j: list  # in B and C (rows of W / columns of C)
     k: list  # reduction
     b_inner: str  # role of B's innermost non-constant index: "k", "j", "s" or "?"
-    a_inner: str
     b_inner_var: object = None  # that index's block var
 
     def rebind(self, sch: s_tir.Schedule, block) -> "_Einsum":
@@ -231,7 +230,7 @@ def _analyze_einsum(sch: s_tir.Schedule, block) -> _Einsum | None:
         return "?", None
 
     b_role, b_var = inner(stmt.reads[b])
-    ein = _Einsum(a, b, s, i, j, k, b_role, inner(stmt.reads[a])[0], b_var)
+    ein = _Einsum(a, b, s, i, j, k, b_role, b_var)
     ein._iter_vars = list(stmt.iter_vars)
     return ein
 
@@ -445,40 +444,39 @@ class Matmul(_Rule):
         self.mr = mr  # rows of the register tile; None: 8 with 32 vector registers (AVX-512), else 4
         self.nr_vectors = nr_vectors
         self.small_rows = small_rows  # fewer rows of A than this: GEMV (no packing) instead
-        self._rows = None
 
     def _apply(self, func, target):
-        big = self._schedule(func)
-        if big is None or self._rows is None or isinstance(self._rows, int):
+        big, rows = self._schedule(func)
+        if big is None or isinstance(rows, tirx.IntImm):
             return big
         # a dynamic I (prefill, batched decode) may be 1 at run time: below small_rows, take a
         # GEMV schedule (no packing, weights streamed once) instead, chosen per call
         small = GEMV(weight_rows_outer=True).apply(func, target, False)
         if small is None:
             return big
-        return _dispatch(self._rows < self.small_rows, small, big)
+        return _dispatch(rows < self.small_rows, small, big)
 
     def _schedule(self, func):
-        self._rows = None
+        """(the packed schedule, I's extent), or (None, None) when the rule does not apply."""
         sch = s_tir.Schedule(func)
         main = _main_reduction_block(sch)
         if main is None:
-            return None
+            return None, None
         ein = _analyze_einsum(sch, main)
         if ein is None or not ein.i or len(ein.j) != 1 or len(ein.k) != 1 or len(ein.i) != 1:
-            return None
+            return None, None
         stmt = sch.get(main)
         by_var = _loops_by_var(sch, main)
         i_loop, j_loop, k_loop = by_var[ein.i[0]], by_var[ein.j[0]], by_var[ein.k[0]]
         i_ext, j_ext, k_ext = _extent(sch, i_loop), _extent(sch, j_loop), _extent(sch, k_loop)
         if j_ext is None or k_ext is None or (i_ext is not None and i_ext < self.small_rows):
-            return None
-        self._rows = sch.get(i_loop).extent
+            return None, None
+        rows = sch.get(i_loop).extent
         acc_dtype = stmt.writes[0].source.dtype
         lanes = _vector_lanes(acc_dtype, self.bits)
         nr = lanes * self.nr_vectors
         if j_ext % nr:
-            return None
+            return None, None
         b_buf = stmt.reads[ein.b].source
         # B's index -> role (every index must be a var or a constant: einsum pattern)
         b_roles = []
@@ -489,7 +487,7 @@ class Matmul(_Rule):
             elif _is_const(idx.min):
                 b_roles.append("c")
             else:
-                return None
+                return None, None
         # Producers: a block writing B (dequantize) becomes the packing stage; others inline.
         producers = _producers_before(sch, main)
         pack = None
@@ -507,10 +505,10 @@ class Matmul(_Rule):
         _inline_epilogue_chain(sch, main)
         epilogues = _epilogues(sch, main)
         if epilogues is None or len(epilogues) > 1:
-            return None
+            return None, None
         main = sch.get_sblock(stmt.name_hint)
         if pack is not None and len(_producers_before(sch, main)) != 1:
-            return None
+            return None, None
 
         # A dynamic (or ragged) I is padded to a multiple of MR: the microkernel then has no row
         # predicate. The padded rows of A are zeros; the padded rows of C are never written back.
@@ -564,7 +562,7 @@ class Matmul(_Rule):
         for blk in _root_blocks(sch):
             if not _contains(sch, blk, main):
                 Injective._schedule_block(sch, blk, self.bits)
-        return sch
+        return sch, rows
 
     @staticmethod
     def _schedule_pack(sch, pack, b_roles, lanes):
