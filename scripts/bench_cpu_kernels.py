@@ -3,14 +3,20 @@
 Prints compile time, prefill tokens/s (prompt of --prompt tokens), decode tokens/s (--steps
 steps after the prompt), the same two rates for HF torch fp32 in the same process, their
 ratio, and the memory-bandwidth bound of decode (bytes of weights read per token divided by
-the measured bandwidth). Rounds alternate between torch and TVM so both see the same load;
-the best round of each is reported. Torch runs with 2 threads and with 1 thread (on a busy
-machine its OpenMP barriers can make 2 threads far slower than 1); the ratio is taken against
-the faster of the two.
+the measured bandwidth). Rounds alternate between torch and TVM so both see about the same
+load; the best and median rounds of each are printed, and the ratio is taken per round (TVM
+against the faster torch setting of that round) and summarised by its median. Torch runs with
+2 threads and with 1 thread: on a busy machine its OpenMP barriers can make 2 threads far
+slower than 1. Bandwidth: a numpy copy (single thread, read + write bytes) and torch mat-vec /
+sum over 512 MiB (read bytes, best of 1 and 2 threads).
+
+TVM runs with the VM's default pooled allocator, as the engine does; ``--allocator naive
+--mallopt`` shows the cost the contiguous KV cache pays for a new, larger buffer every step.
 
     PYTHONPATH=. TVM_NUM_THREADS=2 python scripts/bench_cpu_kernels.py            # 125M config
     PYTHONPATH=. python scripts/bench_cpu_kernels.py --rules dlight                # dlight's CPU rules only
     PYTHONPATH=. python scripts/bench_cpu_kernels.py --dtype float16 --no-torch    # fp16 weights
+    PYTHONPATH=. python scripts/bench_cpu_kernels.py --allocator naive --mallopt   # no page faults per step
 """
 
 from __future__ import annotations
@@ -52,13 +58,15 @@ def bandwidth_gbs(threads: int) -> dict[str, float]:
     try:
         import torch
 
-        w = torch.ones(16384, 8192)  # 512 MiB, read once per mv
+        w = torch.ones(16384, 8192)  # 512 MiB, read once per pass
         x = torch.ones(8192)
-        best = float("inf")
+        best_mv = best_sum = float("inf")
         for n in sorted({threads, 1}):
             torch.set_num_threads(n)
-            best = min([best] + [_timed(lambda: torch.mv(w, x)) for _ in range(5)])
-        out["torch_mv_read"] = w.numel() * 4 / best / 1e9
+            best_mv = min([best_mv] + [_timed(lambda: torch.mv(w, x)) for _ in range(5)])
+            best_sum = min([best_sum] + [_timed(lambda: w.sum()) for _ in range(5)])
+        out["torch_mv_read"] = w.numel() * 4 / best_mv / 1e9
+        out["torch_sum_read"] = w.numel() * 4 / best_sum / 1e9
         del w
     except ImportError:
         pass
@@ -198,9 +206,19 @@ def main() -> None:
         print(f"{name:12s} {best[name + '_prefill']:14.1f} {best[name + '_decode']:13.2f}   "
               f"({med[name + '_prefill']:.1f}; {med[name + '_decode']:.2f})")
     if torch_run is not None:
-        tp = max(best[f"torch{n}_prefill"] for n in torch_threads)
-        td = max(best[f"torch{n}_decode"] for n in torch_threads)
-        print(f"ratio tvm / best torch: prefill {best['tvm_prefill'] / tp:.2f}x, decode {best['tvm_decode'] / td:.2f}x")
+        # per-round ratios (TVM against the faster torch setting of the same round): rounds are
+        # minutes apart and the load on a shared machine changes between them
+        ratios = {
+            phase: [
+                res[f"tvm_{phase}"][r] / max(res[f"torch{n}_{phase}"][r] for n in torch_threads)
+                for r in range(args.rounds)
+            ]
+            for phase in ("prefill", "decode")
+        }
+        print("ratio tvm / best torch per round: " + "; ".join(
+            f"{phase} " + " ".join(f"{x:.2f}" for x in xs) for phase, xs in ratios.items()))
+        print("ratio tvm / best torch, median of rounds: "
+              f"prefill {np.median(ratios['prefill']):.2f}x, decode {np.median(ratios['decode']):.2f}x")
     mb = tvm_run.weight_bytes / 1e6
     for name, gbs in bw.items():
         print(f"bandwidth bound ({name} {gbs:.1f} GB/s, {mb:.0f} MB weights/token): {gbs * 1e3 / mb:.1f} tok/s")
