@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from .cpu_schedules import default_rules
 from .quantization import fuse_dequantize_matmul
 
 
@@ -34,7 +35,7 @@ class TargetSpec:
 
 
 def _cpu_schedules() -> list:
-    return [dl.cpu.Reduction()]
+    return default_rules()
 
 
 class _SimtMatmul(dl.gpu.Matmul):

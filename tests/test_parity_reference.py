@@ -22,6 +22,10 @@ CASES = {
     "learned-pos-emb": dict(attn_config={"alibi": False}, learned_pos_emb=True),
     "ffn-hidden-size": dict(ffn_config={"ffn_type": "mptmlp", "ffn_hidden_size": 96}, expansion_ratio=3),
     "expansion-ratio-2": dict(expansion_ratio=2),
+    # ragged sizes no vector width divides (d 40, hd 10, vocab 203, ffn 120): CPU schedules must degrade, not miscompile
+    "ragged-sizes": dict(d_model=40, n_heads=4, vocab_size=203, expansion_ratio=3, no_bias=False,
+                         attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2, "clip_qkv": 4.0,
+                                      "qk_ln": True}),
     "everything": dict(d_model=96, n_heads=6, no_bias=False, logit_scale=0.5, tie_word_embeddings=False,
                        attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 3, "qk_ln": True,
                                     "clip_qkv": 0.8, "alibi_bias_max": 4, "softmax_scale": 0.3}),
@@ -32,7 +36,7 @@ CASES = {
 def test_matches_independent_reference(name, tmp_path, engine_for):
     config = {**BASE, **CASES[name]}
     state = raw_checkpoint(tmp_path / name, config, seed=3)
-    ids = np.random.default_rng(4).integers(0, 256, size=48)
+    ids = np.random.default_rng(4).integers(0, config["vocab_size"], size=48)
     ref = reference.logits(config, state, ids.tolist()).numpy()
 
     eng32 = engine_for(tmp_path / name)
