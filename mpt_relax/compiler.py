@@ -13,6 +13,8 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from . import cpu_schedules
+
 
 class TargetError(ValueError):
     """A target that this TVM build cannot compile for; the message says what to use instead."""
@@ -29,9 +31,7 @@ class TargetSpec:
 
 
 def _cpu_schedules() -> list:
-    from .cpu_schedules import default_rules
-
-    return default_rules()
+    return cpu_schedules.default_rules()
 
 
 def llvm_target(mcpu: str | None = None) -> TargetSpec:
