@@ -10,7 +10,9 @@
     dequantize prologue is evaluated, once per element), then runs an MR x NR register-blocked
     microkernel over the rows of A (NR vectorised, MR unrolled, K innermost). A dynamic I is
     padded to a multiple of MR; an injective epilogue (bias, residual, GELU, cast) is applied
-    when the tile is written back.
+    when the tile is written back. A dynamic I also gets the GEMV schedule, taken at run time
+    when I < 16 (one token of ``extend``, a small decode batch): packing costs more than it
+    saves for a few rows.
 ``GEMV``
     every other sum-of-products block (``C[...] += A[...] * B[...]``): the decode
     projections and LM head (``x[1, K] @ W[N, K]^T``) and the attention scores / values.
@@ -668,12 +670,11 @@ class RowReduction(_Rule):
             sch.vectorize(ki)
             init = sch.decompose_reduction(rf, ko)
             sch.vectorize(sch.get_loops(init)[-1])
-        for b in infos:
+        row_depth = 1 if row_loops else 0
+        for b in infos:  # (a reduction's block is its final sum after rfactor, already done)
             blk = b.block_rv
             loops = sch.get_loops(blk)
-            if len(loops) <= len(row_loops and [1]) or any(
-                sch.get(lp).kind == tirx.ForKind.VECTORIZED for lp in loops
-            ):
+            if len(loops) <= row_depth or any(sch.get(lp).kind == tirx.ForKind.VECTORIZED for lp in loops):
                 continue
             inner = loops[-1]
             ext = _extent(sch, inner)
