@@ -192,7 +192,6 @@ def build(
             "param_names": param_names,
             "libraries": libraries,
             "has_weights": src.weights_dir is not None,
-            "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "fingerprint": fingerprint,
             "mpt_relax_version": VERSION,
         })

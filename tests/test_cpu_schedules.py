@@ -16,7 +16,6 @@ import pytest  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax, te, tirx  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
-from tvm.target.codegen import target_has_features  # noqa: E402
 
 from mpt_relax import compiler  # noqa: E402
 from mpt_relax.config import MPTConfig  # noqa: E402
