@@ -24,7 +24,7 @@ from .checkpoint import weight_files
 from .config import MPTConfig, preset, template_for
 from .model import DEFAULT_PAGE_SIZE, MPTForCausalLM
 from .quantization import Quantization, get_quantization, quantize_module
-from .weights import check_checkpoint, stream_params, weight_rules
+from .weights import stream_params, weight_rules
 
 VERSION = "0.1.0"
 
@@ -163,9 +163,10 @@ def build(
     with artifact.atomic_directory(out) as tmp:
         if src.weights_dir is not None:
             with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
-                check_checkpoint(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings)
                 nbytes = artifact.write_params(
-                    tmp, _progress(stream_params(src.weights_dir, rules, checked=True), len(param_names), quiet),
+                    tmp,
+                    _progress(stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings),
+                              len(param_names), quiet),
                     extra=_quantization_records(rules, q),
                 )
             _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)

@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
-import ml_dtypes
 import numpy as np
 import torch
 from tvm.relax.frontend import nn
@@ -46,8 +45,6 @@ def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     """
     if dtype == "float16" and t.dtype != torch.float16:
         t = t.to(torch.float32).clamp_(-FP16_MAX, FP16_MAX)
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.to(getattr(torch, dtype)).contiguous().numpy()
 
 
@@ -78,15 +75,14 @@ def weight_rules(model: nn.Module, q: Quantization | None = None) -> dict[str, W
 
 
 def stream_params(
-    model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True, checked: bool = False
+    model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(param name, array)`` for every parameter, one checkpoint shard in memory at a time.
 
-    Unless the caller already ran :func:`check_checkpoint` (``checked``), all name and shape
-    problems are collected first and raised as one :class:`WeightMapError`.
+    All name and shape problems are collected first (from the file headers) and raised as one
+    :class:`WeightMapError` before anything is converted.
     """
-    if not checked:
-        check_checkpoint(model_dir, rules, tied_head=tied_head)
+    check_checkpoint(model_dir, rules, tied_head=tied_head)
     for name, tensor in iter_tensors(model_dir):
         rule = rules.get(name)
         if rule is not None:
