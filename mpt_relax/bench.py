@@ -9,11 +9,14 @@ parent's high-water mark into a child started with fork/exec.
 - prefill tokens/s: prompt tokens / time of the prefill forward pass
 - decode tokens/s: (new tokens - 1) / time from the first to the last new token
 - time to first token: from the call to the first sampled token (prefill + sampling)
+- decode bound: the tokens/s that memory bandwidth allows, bytes read per decode token / the
+  bandwidth of a large numpy copy (see :mod:`.bandwidth`), and decode tokens/s as a fraction of it
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import re
@@ -26,11 +29,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import tvm
 
-from .artifact import read_config
+from . import bandwidth
+from .artifact import read_config, read_params
+from .config import MPTConfig
 from .engine import Engine, EngineError, auto_device
 
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
+RATIO_KEYS = (*FIGURES, "peak_rss_mb", "bytes_per_token")
 HF_DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
 
 
@@ -98,8 +105,9 @@ def measure_hf(hf_dir: str, dtype: str, device: str, ids: list[int], gen_len: in
     with torch.inference_mode():
         once(2)
         results = [once(gen_len) for _ in range(runs)]
+    tensors = [(n, tuple(p.shape), p.numel() * p.element_size()) for n, p in model.named_parameters()]
     return {"device": device, **_median([r[0] for r in results]), "token_ids": results[-1][1],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "tensors": tensors}
 
 
 def _measured(fn: Callable[..., dict], threads: int | None, *args) -> dict[str, Any]:
@@ -115,6 +123,26 @@ def _in_child(fn: Callable[..., dict], threads: int | None, *args) -> dict[str, 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         return pool.submit(_measured, fn, threads, *args).result()
+
+
+def measure_bandwidth(device: str, threads: int | None) -> float:
+    """Copy bandwidth (bytes/s) of the memory the weights live in: host memory with as many
+    threads as the run uses, or the GPU's own memory."""
+    if device == "cpu":
+        return bandwidth.host_copy_bandwidth(threads or os.cpu_count() or 1)
+    return bandwidth.device_copy_bandwidth(tvm.runtime.device(device, 0))
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def _with_bound(config: MPTConfig, prompt_len: int, gen_len: int, bytes_per_s: float, figures: dict[str, Any],
+                tensors, kv_dtype_bytes: int) -> dict[str, Any]:
+    """``figures`` plus bytes per decode token, the bandwidth bound and decode's fraction of it."""
+    out = {**figures, **bandwidth.decode_bound(config, tensors, kv_dtype_bytes, prompt_len, gen_len, bytes_per_s)}
+    out["fraction_of_bound"] = out["decode_tokens_per_s"] / out["bound_tokens_per_s"]
+    return out
 
 
 def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, gen_len: int = 128, runs: int = 3,
@@ -142,10 +170,15 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     ids = prompt_ids(meta["model_config"]["vocab_size"], prompt_len, seed)
+    bytes_per_s = measure_bandwidth(device, threads)
+    bound = functools.partial(_with_bound, MPTConfig.from_dict(meta["model_config"]), prompt_len, gen_len, bytes_per_s)
     report: dict[str, Any] = {
         "artifact": str(artifact), "model": meta["model_name"], "quantization": meta["quantization"]["name"],
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
-        "mpt_relax": _in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
+        "copy_bandwidth_gb_s": bytes_per_s / 1e9,
+        "mpt_relax": bound(_in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
+                           [(n, a.shape, a.nbytes) for n, a in read_params(Path(artifact))],
+                           _dtype_bytes(meta["model_dtype"])),
         "hf": None, "ratios": None, "same_tokens": None,
     }
     if compare_hf:
@@ -153,14 +186,16 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         report["hf_dtype"] = hf_dtype
         hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, HF_DEVICES[device], ids, gen_len, runs)
         ours = report["mpt_relax"]
-        report["hf"] = hf
-        report["ratios"] = {k: ours[k] / hf[k] for k in (*FIGURES, "peak_rss_mb")}
+        report["hf"] = hf = bound(hf, hf.pop("tensors"), _dtype_bytes(hf_dtype))
+        report["ratios"] = {k: ours[k] / hf[k] for k in RATIO_KEYS}
         report["same_tokens"] = ours["token_ids"] == hf["token_ids"]
     return report
 
 
-ROWS = (("prefill (tokens/s)", "prefill_tokens_per_s", 1.0), ("decode (tokens/s)", "decode_tokens_per_s", 1.0),
-        ("time to first token (ms)", "time_to_first_token_s", 1e3), ("peak RSS (MB)", "peak_rss_mb", 1.0))
+ROWS = (("prefill (tokens/s)", "prefill_tokens_per_s", 1.0, ".1f"), ("decode (tokens/s)", "decode_tokens_per_s", 1.0, ".1f"),
+        ("time to first token (ms)", "time_to_first_token_s", 1e3, ".1f"), ("peak RSS (MB)", "peak_rss_mb", 1.0, ".1f"),
+        ("read per token (MB)", "bytes_per_token", 1e-6, ".1f"), ("decode bound (tokens/s)", "bound_tokens_per_s", 1.0, ".1f"),
+        ("decode / bound", "fraction_of_bound", 1.0, ".2f"))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -172,11 +207,14 @@ def format_table(report: dict[str, Any]) -> str:
     if hf:
         head += f"{'HF ' + report['hf_dtype']:>16}{'ratio':>9}"
     lines.append(head)
-    for label, key, scale in ROWS:
-        row = f"{label:26}{ours[key] * scale:12.1f}"
+    for label, key, scale, fmt in ROWS:
+        row = f"{label:26}{ours[key] * scale:12{fmt}}"
         if hf:
-            row += f"{hf[key] * scale:16.1f}{report['ratios'][key]:8.2f}x"
+            row += f"{hf[key] * scale:16{fmt}}"
+            row += f"{report['ratios'][key]:8.2f}x" if key in report["ratios"] else ""
         lines.append(row)
+    lines.append(f"decode bound = copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s (read + written) / bytes read "
+                 "per decode token (weights + mean KV cache)")
     if hf:
         lines.append("ratio = mpt_relax / HF: higher is better for tokens/s, lower for time and memory; "
                      f"same greedy tokens: {'yes' if report['same_tokens'] else 'no'}")

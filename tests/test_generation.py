@@ -372,8 +372,17 @@ def test_cli_bench_compares_with_hf(tiny):
         assert report[side]["prefill_tokens_per_s"] > 0 and report[side]["decode_tokens_per_s"] > 0
         assert report[side]["time_to_first_token_s"] > 0 and report[side]["peak_rss_mb"] > 50
     assert report["same_tokens"] is True and len(report["mpt_relax"]["token_ids"]) == 4
+    # both read every fp32 weight (the head is tied) and the fp32 KV cache of 8 + 4/2 tokens
+    config = tiny[1].config
+    kv = 2 * config.n_layers * config.d_model * 4 * (8 + 4 / 2)
+    for side in ("mpt_relax", "hf"):
+        assert report[side]["bytes_per_token"] == config.num_parameters() * 4 + kv
+        bound = report["copy_bandwidth_gb_s"] * 1e9 / report[side]["bytes_per_token"]
+        assert report[side]["bound_tokens_per_s"] == pytest.approx(bound)
+        assert report[side]["fraction_of_bound"] == pytest.approx(report[side]["decode_tokens_per_s"] / bound)
     table = bench.format_table(report)
-    assert "decode (tokens/s)" in table and "peak RSS (MB)" in table and "same greedy tokens: yes" in table
+    for row in ("decode (tokens/s)", "peak RSS (MB)", "decode bound (tokens/s)", "decode / bound", "same greedy tokens: yes"):
+        assert row in table
 
 
 def test_cli_demo_builds_once_and_generates(tmp_path):
