@@ -81,20 +81,26 @@ def write_params(out_dir: Path, params: Iterable[tuple[str, np.ndarray]], extra:
     return total
 
 
-def read_params(art_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, array)`` from the shards (memory-mapped, read-only)."""
+def param_records(art_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Yield ``(shard path, record)`` of every stored tensor (name, shape, dtype, nbytes, byteOffset)."""
     cache_path = art_dir / TENSOR_CACHE
     if not cache_path.is_file():
         raise ArtifactError(f"{cache_path} is missing: this artifact has no weights; rebuild it with weights")
-    cache = json.loads(cache_path.read_text())
-    for shard in cache["records"]:
+    for shard in json.loads(cache_path.read_text())["records"]:
         path = art_dir / shard["dataPath"]
         if not path.is_file() or path.stat().st_size != shard["nbytes"]:
             raise ArtifactError(f"weight shard {path} is missing or truncated; rebuild the artifact with --force")
-        data = np.memmap(path, dtype=np.uint8, mode="r")
         for rec in shard["records"]:
-            raw = data[rec["byteOffset"]: rec["byteOffset"] + rec["nbytes"]]
-            yield rec["name"], raw.view(_np_dtype(rec["dtype"])).reshape(rec["shape"])
+            yield path, rec
+
+
+def read_params(art_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, array)`` from the shards, one tensor read at a time (not memory-mapped:
+    a mapping's pages would stay resident next to the runtime's copy of the weights)."""
+    for path, rec in param_records(art_dir):
+        dtype = _np_dtype(rec["dtype"])
+        array = np.fromfile(path, dtype=dtype, count=rec["nbytes"] // dtype.itemsize, offset=rec["byteOffset"])
+        yield rec["name"], array.reshape(rec["shape"])
 
 
 def write_config(out_dir: Path, content: dict[str, Any]) -> None:

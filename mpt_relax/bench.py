@@ -32,7 +32,7 @@ import torch
 import tvm
 
 from . import bandwidth
-from .artifact import read_config, read_params
+from .artifact import param_records, read_config
 from .config import MPTConfig
 from .engine import Engine, EngineError, auto_device
 
@@ -177,7 +177,7 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
         "copy_bandwidth_gb_s": bytes_per_s / 1e9,
         "mpt_relax": bound(_in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
-                           [(n, a.shape, a.nbytes) for n, a in read_params(Path(artifact))],
+                           [(r["name"], r["shape"], r["nbytes"]) for _, r in param_records(Path(artifact))],
                            _dtype_bytes(meta["model_dtype"])),
         "hf": None, "ratios": None, "same_tokens": None,
     }

@@ -146,12 +146,13 @@ class Engine:
         return lib
 
     def _load_params(self) -> list[tvm.runtime.Tensor]:
-        arrays = dict(artifact.read_params(self.path))
         names = self.meta["param_names"]
-        missing = [n for n in names if n not in arrays]
+        wanted = set(names)
+        loaded = {n: tvm.runtime.tensor(a, self.device) for n, a in artifact.read_params(self.path) if n in wanted}
+        missing = [n for n in names if n not in loaded]
         if missing:
             raise artifact.ArtifactError(f"{self.path} lacks weights {missing[:3]}...; rebuild with --force")
-        return [tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self.device) for n in names]
+        return [loaded[n] for n in names]
 
     @property
     def _page_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 
 import mpt_relax
 from factory import hf_checkpoint
+from mpt_relax.artifact import read_params
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
 
 IDS = np.random.default_rng(0).integers(0, 256, size=32)
@@ -73,6 +75,11 @@ def test_artifact_layout_and_reload(ckpt, tmp_path):
                                   "source_shape": [384, 128], "role": "q_weight"}
     assert records["transformer.wte.weight"]["dtype"] == "float16"
     assert sorted(p.name for p in art.iterdir() if p.name.startswith("params_shard_")) == ["params_shard_0.bin"]
+    # weights are read into owned arrays (a memory map would keep a second resident copy)
+    params = dict(read_params(art))
+    assert set(params) == set(records)
+    assert not any(isinstance(a, np.memmap) or isinstance(a.base, (np.memmap, mmap.mmap)) for a in params.values())
+    assert params["transformer.blocks.0.attn.Wqkv.q_weight"].shape == (384, 16)
     # a fresh Engine on the written files gives the same logits twice
     a = mpt_relax.Engine(art).logits(IDS[:5])
     b = mpt_relax.Engine(art).logits(IDS[:5])
