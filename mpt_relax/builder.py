@@ -127,6 +127,7 @@ def build(
     *,
     max_seq_len: int | None = None,
     cuda_arch: str | None = None,
+    mcpu: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = "dist",
@@ -137,13 +138,16 @@ def build(
     ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
     ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each.
     ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming).
+    ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``
+    to run on other machines; default ``native``, the build machine's own.
     ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
     ``mpt-config.json``.
-    An artifact that is up to date (same config, quantization, checkpoint files and targets)
+    An artifact that is up to date (same config, quantization, checkpoint files and targets,
+    the targets' cuda arch and mcpu included)
     is returned as is unless ``force``.
     """
     targets = [target] if isinstance(target, str) else list(target)
-    specs = [compiler.resolve_target(t, cuda_arch=cuda_arch) for t in targets]  # fails before any work
+    specs = [compiler.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in targets]  # fails before any work
     q = get_quantization(quantization)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
@@ -192,6 +196,8 @@ def build(
             "tokenizer_files": artifact.copy_tokenizer(src.weights_dir, tmp),
             "param_names": param_names,
             "libraries": libraries,
+            "library_targets": {spec.name: str(spec.target) for spec in specs},
+            "mcpu": compiler.host_cpu(mcpu),
             "has_weights": src.weights_dir is not None,
             "fingerprint": fingerprint,
             "mpt_relax_version": VERSION,
@@ -240,7 +246,7 @@ def _up_to_date(out: Path, fingerprint: str, specs: list[compiler.TargetSpec]) -
         meta = artifact.read_config(out)
     except (artifact.ArtifactError, json.JSONDecodeError):
         return False
-    libs = meta.get("libraries", {})
+    libs, built_for = meta.get("libraries", {}), meta.get("library_targets", {})
     return meta.get("fingerprint") == fingerprint and all(
-        s.name in libs and (out / libs[s.name]).is_file() for s in specs
+        s.name in libs and (out / libs[s.name]).is_file() and built_for.get(s.name) == str(s.target) for s in specs
     )

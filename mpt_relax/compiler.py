@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import platform
+import re
 from typing import Callable
 
 import tvm
@@ -65,10 +66,36 @@ def _gpu_schedules(with_matmul: bool = True) -> list:
                     dl.gpu.Fallback()]
 
 
+def host_cpu(mcpu: str | None = None) -> str:
+    """The LLVM CPU name to compile host code for: ``mcpu`` (e.g. ``x86-64-v3``, ``znver4``,
+    ``apple-m1``) or, for None / ``"native"``, the build machine's own CPU."""
+    if mcpu in (None, "native"):
+        return tvm.target.codegen.llvm_get_system_cpu()
+    if not tvm.target.codegen.llvm_is_valid_cpu(mcpu, tvm.target.codegen.llvm_get_system_triple()):
+        raise TargetError(f"--mcpu {mcpu!r} is not a CPU LLVM knows for this machine; use 'native' or a name such as "
+                          "x86-64-v3, x86-64-v4, skylake-avx512, znver4")
+    return mcpu
+
+
+# LLVM feature names that are instruction sets (the rest are tuning hints, harmless to lack)
+_ISA_FEATURE = re.compile(r"^(avx|sse|ssse|fma|f16c|bmi|amx|popcnt|lzcnt|movbe|sha|aes|vaes|pclmul|vpclmul|gfni|adx|"
+                          r"neon|sve|fp-armv8|fullfp16|fp16fml|dotprod|i8mm|bf16|crypto)")
+
+
+def _features(mcpu: str) -> set[str]:
+    return set(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+
+
+def missing_isa_features(mcpu: str) -> list[str]:
+    """Instruction-set features code built for ``mcpu`` may use that this machine's CPU lacks."""
+    return sorted(f for f in _features(mcpu) - _features(host_cpu()) if _ISA_FEATURE.match(f))
+
+
 def llvm_target(mcpu: str | None = None) -> TargetSpec:
     """The host CPU; ``mcpu`` defaults to the build machine's own CPU (fp16 needs it: without
-    an mcpu LLVM emulates half precision in software)."""
-    host = {"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()}
+    an mcpu LLVM emulates half precision in software). The library runs only on CPUs with
+    every instruction-set feature of ``mcpu``: pick an older one to deploy elsewhere."""
+    host = {"kind": "llvm", "mcpu": host_cpu(mcpu)}
     return TargetSpec("llvm", tvm.target.Target(host), _cpu_schedules, ".so")
 
 
@@ -78,14 +105,15 @@ def local_cuda_arch() -> str | None:
     return "sm_" + dev.compute_version.replace(".", "") if dev.exist else None
 
 
-def cuda_target(arch: str | None = None) -> TargetSpec:
-    """CUDA for ``arch`` (default: the local GPU's, else sm_80); nvcc builds it without a GPU."""
+def cuda_target(arch: str | None = None, mcpu: str | None = None) -> TargetSpec:
+    """CUDA for ``arch`` (default: the local GPU's, else sm_80); nvcc builds it without a GPU.
+    ``mcpu``: the CPU of the host code, as for :func:`llvm_target`."""
     arch = arch or local_cuda_arch() or "sm_80"
     if not arch.startswith("sm_") or not arch[3:].isdigit():
         raise TargetError(f"--cuda-arch must look like sm_80 or sm_90, got {arch!r}")
     cuda = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
             "thread_warp_size": 32}
-    host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    host = {"kind": "llvm", "mcpu": host_cpu(mcpu)}
     return TargetSpec("cuda", tvm.target.Target(cuda, host=host), _gpu_schedules, ".so")
 
 
@@ -123,10 +151,12 @@ def auto_target() -> str:
 TARGETS = ("auto", "cuda", "metal", "vulkan", "llvm")
 
 
-def resolve_target(name: str, *, cuda_arch: str | None = None) -> TargetSpec:
-    """A TargetSpec by name (``auto`` picks :func:`auto_target`); raises :class:`TargetError`."""
+def resolve_target(name: str, *, cuda_arch: str | None = None, mcpu: str | None = None) -> TargetSpec:
+    """A TargetSpec by name (``auto`` picks :func:`auto_target`); raises :class:`TargetError`.
+    ``mcpu`` applies to the CPU code of the llvm and cuda targets."""
     name = auto_target() if name == "auto" else name
-    makers = {"llvm": llvm_target, "cpu": llvm_target, "cuda": lambda: cuda_target(cuda_arch),
+    makers = {"llvm": lambda: llvm_target(mcpu), "cpu": lambda: llvm_target(mcpu),
+              "cuda": lambda: cuda_target(cuda_arch, mcpu),
               "metal": metal_target, "vulkan": vulkan_target}
     if name not in makers:
         raise TargetError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}")

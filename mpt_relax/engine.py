@@ -27,7 +27,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import artifact, generation
+from . import artifact, compiler, generation
 from .config import MPTConfig
 from .kv_cache import (
     KVCacheCapacityError,
@@ -117,6 +117,7 @@ class Engine:
             "prefill_chunk_size", prefill_chunk_size or min(self.context_window, DEFAULT_PREFILL_CHUNK_SIZE)
         )
         self.device = _tvm_device(self._check_device(device))
+        self._check_cpu(device)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
         self.params = self._load_params()
         self.kv_pages = self._kv_pages(kv_memory)
@@ -134,6 +135,18 @@ class Engine:
         if not self.meta.get("has_weights"):
             raise EngineError(f"{self.path} was built without weights; rebuild it from a checkpoint directory")
         return device
+
+    def _check_cpu(self, device: str) -> None:
+        """Refuse a library whose CPU code uses instructions this machine's CPU lacks (it would crash)."""
+        mcpu = self.meta.get("mcpu")
+        if device not in ("cpu", "cuda") or not mcpu:
+            return
+        missing = compiler.missing_isa_features(mcpu)
+        if missing:
+            raise EngineError(
+                f"{self.path} was compiled for CPU {mcpu!r}, whose instructions {', '.join(missing[:6])} this CPU "
+                f"({compiler.host_cpu()}) lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
+            )
 
     def _library(self, device: str) -> str:
         target = DEVICE_TARGETS[device]

@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", default="q4f16_1", help=f"one of {', '.join(QUANTIZATIONS)} (default q4f16_1)")
     p.add_argument("--max-seq-len", type=int, help="context window to build for (ALiBi extrapolates)")
     p.add_argument("--cuda-arch", help="e.g. sm_90 (default: the local GPU's, else sm_80)")
+    p.add_argument("--mcpu", help="CPU to compile CPU code for: native (default, this machine) or an LLVM name "
+                   "such as x86-64-v3 to run the artifact on other machines")
     p.add_argument("--output", help="artifact directory (default DIST/<model>-<quantization>)")
     p.add_argument("--dist", default="dist", help="dist root (default ./dist)")
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         mpt_relax.build(args.model, target=args.target, quantization=args.quantization, output=args.output,
-                        max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch, force=args.force,
+                        max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch, mcpu=args.mcpu, force=args.force,
                         dist_root=args.dist, quiet=args.quiet)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

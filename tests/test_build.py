@@ -13,6 +13,7 @@ import torch
 
 import mpt_relax
 from factory import hf_checkpoint
+from mpt_relax import compiler
 from mpt_relax.artifact import read_params
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
 
@@ -98,6 +99,29 @@ def test_up_to_date_skip_and_force(ckpt, tmp_path):
     assert lib.stat().st_mtime_ns != stamp, "--force rebuilds"
     mpt_relax.build(path, output=out, max_seq_len=64, quiet=True)  # a changed config rebuilds
     assert json.loads((out / "mpt-config.json").read_text())["context_window_size"] == 64
+
+
+def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
+    path, _ = ckpt
+    native = mpt_relax.build(path, output=tmp_path / "native", quiet=True)
+    portable = mpt_relax.build(path, output=tmp_path / "v3", mcpu="x86-64-v3", quiet=True)
+    meta = json.loads((portable / "mpt-config.json").read_text())
+    assert meta["mcpu"] == "x86-64-v3" and '"mcpu":"x86-64-v3"' in meta["library_targets"]["llvm"]
+    np.testing.assert_allclose(mpt_relax.Engine(portable).logits(IDS), mpt_relax.Engine(native).logits(IDS),
+                               rtol=0, atol=1e-5)
+    # an artifact for a CPU with instructions this one lacks is refused with what to do, not run
+    newer = next(c for c in ("graniterapids", "znver5", "diamondrapids") if compiler.missing_isa_features(c))
+    meta["mcpu"] = newer
+    (portable / "mpt-config.json").write_text(json.dumps(meta))
+    with pytest.raises(mpt_relax.EngineError, match=f"compiled for CPU '{newer}'.*rebuild it here"):
+        mpt_relax.Engine(portable)
+    # a different mcpu is a different artifact: not skipped as up to date
+    lib = native / "tiny-q0f32-llvm.so"
+    stamp = lib.stat().st_mtime_ns
+    mpt_relax.build(path, output=native, mcpu="x86-64-v3", quiet=True)
+    assert lib.stat().st_mtime_ns != stamp
+    with pytest.raises(mpt_relax.TargetError, match="--mcpu 'pentium9' is not a CPU LLVM knows"):
+        mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quiet=True)
 
 
 def test_gpu_targets_compile_here(ckpt, tmp_path):
