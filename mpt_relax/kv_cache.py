@@ -156,6 +156,110 @@ def _visible_keys(causal, kv_len, key_pos0, query_pos):
 # each row's max and sum, the second weighs the values by the normalised probabilities rounded to
 # the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
 # half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
+
+# ------------------------------------------------------------------------ kernel signatures
+# The runtime calls each attention role with the same arguments on every target; these wrap a
+# body macro (CPU loops or GPU thread blocks) in that role's signature.
+
+
+def _named(func: tirx.PrimFunc, name: str, attrs: dict) -> tirx.PrimFunc:
+    for key, value in {"global_symbol": name, **attrs}.items():
+        func = func.with_attr(key, value)
+    return func
+
+
+def _ragged_prefill_kernel(spec: AttentionSpec, name: str, body, attrs: dict) -> tirx.PrimFunc:
+    """q [n, H, hd], q_indptr = kv_indptr [b + 1], k/v [n, KV, hd], q_pos [n], k_pos_offset [b]
+    -> output [n, H, hd], lse [n, H]; ``body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset,
+    output, lse, causal, sm_scale, batch_size)``."""
+    H, KV, D, dtype = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def kernel(
+        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+        var_kv_indptr: T.handle, var_q_pos: T.handle, var_k_pos_offset: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size, qo_len, kv_total = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        k = T.match_buffer(var_k, (kv_total, KV, D), dtype)
+        v = T.match_buffer(var_v, (kv_total, KV, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (qo_len,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
+        body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size)
+    # fmt: on
+    return _named(kernel, name, attrs)
+
+
+def _paged_prefill_kernel(spec: AttentionSpec, name: str, body, attrs: dict) -> tirx.PrimFunc:
+    """q [n, H, hd], q_indptr [b + 1], pages [P, 2, KV, page_size, hd], page_indptr [b + 1],
+    page_values [nnz_pages], last_page_len [b], k_pos_offset [b], q_pos [n] -> output [n, H, hd],
+    lse [n, H]; ``body(q, q_indptr, pages, page_indptr, page_values, last_page_len,
+    k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size)``."""
+    H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def kernel(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_last_page_len: T.handle, var_k_pos_offset: T.handle,
+        var_q_pos: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (total_len, H, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(var_last_page_len, (batch_size,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (total_len,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (total_len, H, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H), "float32")
+        body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size)
+    # fmt: on
+    return _named(kernel, name, attrs)
+
+
+def _decode_kernel(spec: AttentionSpec, name: str, body, attrs: dict) -> tirx.PrimFunc:
+    """q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values
+    [nnz_pages], last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H];
+    ``body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse,
+    sm_scale, batch_size)``."""
+    H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def kernel(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_last_page_len: T.handle, var_k_pos_offset: T.handle, var_q_pos: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (B, H, D), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
+        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=T.int32())
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(var_last_page_len, (B,), "int32", elem_offset=T.int32())
+        k_pos_offset = T.match_buffer(var_k_pos_offset, (B,), "int32", elem_offset=T.int32())
+        q_pos = T.match_buffer(var_q_pos, (B,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (B, H, D), dtype)
+        lse = T.match_buffer(var_lse, (B, H), "float32")
+        body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, sm_scale, B)
+    # fmt: on
+    return _named(kernel, name, attrs)
+
+
 # identity and one online sweep does it all.
 
 _CPU_ROWS = 16
@@ -260,31 +364,13 @@ def prefill_ragged_cpu(spec: AttentionSpec):
     q [n, H, hd], q_indptr = kv_indptr [b + 1], k/v [n, KV, hd], q_pos [n], k_pos_offset [b]
     -> output [n, H, hd], lse [n, H].
     """
-    H, KV, D, dtype, TILE, R, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS, spec.group
+    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
     SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_prefill_ragged_cpu(
-        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-        var_kv_indptr: T.handle, var_q_pos: T.handle, var_k_pos_offset: T.handle,
-        var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        k = T.match_buffer(var_k, (kv_len, KV, D), dtype)
-        v = T.match_buffer(var_v, (kv_len, KV, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (qo_len,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
-
+    @T.macro
+    def body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
@@ -302,7 +388,7 @@ def prefill_ragged_cpu(spec: AttentionSpec):
                             fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                         finish_rows(output, lse, row0, n_rows, h, acc, state)
     # fmt: on
-    return alibi_prefill_ragged_cpu
+    return _ragged_prefill_kernel(spec, "alibi_prefill_ragged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
 
 
 def prefill_paged_cpu(spec: AttentionSpec):
@@ -312,32 +398,13 @@ def prefill_paged_cpu(spec: AttentionSpec):
     page_values [nnz_pages], last_page_len [b], k_pos_offset [b], q_pos [n]
     -> output [n, H, hd], lse [n, H]. The runtime calls it with causal = 0.
     """
-    H, KV, D, dtype, TILE, R, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS, spec.group
+    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
     SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_prefill_paged_cpu(
-        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
-        var_page_values: T.handle, var_last_page_len: T.handle, var_k_pos_offset: T.handle,
-        var_q_pos: T.handle, var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, TILE, D), dtype, elem_offset=T.int64())
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
-        last_page_len = T.match_buffer(var_last_page_len, (batch_size,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (total_len,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (total_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (total_len, H), "float32")
-
+    @T.macro
+    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
@@ -356,7 +423,7 @@ def prefill_paged_cpu(spec: AttentionSpec):
                             fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                         finish_rows(output, lse, row0, n_rows, h, acc, state)
     # fmt: on
-    return alibi_prefill_paged_cpu
+    return _paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
 
 
 def decode_paged_cpu(spec: AttentionSpec):
@@ -365,30 +432,13 @@ def decode_paged_cpu(spec: AttentionSpec):
     q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values [nnz_pages],
     last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H].
     """
-    H, KV, D, dtype, TILE, group = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size, spec.group
+    H, D, TILE, group = spec.n_heads, spec.head_dim, spec.page_size, spec.group
     start_rows, fold_tile, finish_rows = _cpu_macros(spec)
     SWEEPS = _cpu_sweeps(spec)
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_decode_paged_cpu(
-        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
-        var_last_page_len: T.handle, var_k_pos_offset: T.handle, var_q_pos: T.handle,
-        var_output: T.handle, var_lse: T.handle,
-        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (B, H, D), dtype)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, TILE, D), dtype, elem_offset=T.int64())
-        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=T.int32())
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
-        last_page_len = T.match_buffer(var_last_page_len, (B,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (B,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (B,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (B, H, D), dtype)
-        lse = T.match_buffer(var_lse, (B, H), "float32")
-
+    @T.macro
+    def body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, sm_scale, B):
         for h in T.parallel(H):
             with T.sblock("attn"):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
@@ -404,7 +454,7 @@ def decode_paged_cpu(spec: AttentionSpec):
                         fold_tile(q_pos, b, 1, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
                     finish_rows(output, lse, b, 1, h, acc, state)
     # fmt: on
-    return alibi_decode_paged_cpu
+    return _decode_kernel(spec, "alibi_decode_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
 
 
 # ---------------------------------------------------------------------------- GPU kernels
@@ -643,36 +693,26 @@ def _gpu_walk_state():
     return tuple(T.sblock_alloc_buffer((1,), "int32", scope="local") for _ in range(4))
 
 
-def prefill_paged_gpu(spec: AttentionSpec, target: Target):
-    """GPU version of :func:`prefill_paged_cpu` (same signature and semantics)."""
-    H, KV, D, dtype, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.page_size
-    NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
+def _gpu_prefill_walk(spec: AttentionSpec, tile_x: int, tile_z: int, bdx: int, num_warps: int, num_blocks: int,
+                      paged: bool):
+    """The body of a tiled prefill kernel as a macro: persistent blocks walk the query tiles of
+    every sequence, each over the key tiles it sees.
+
+    ``kv`` is ``(pages, page_values, page_indptr, last_page_len)`` when ``paged`` (keys in
+    the cache pages) and ``(k, v, kv_indptr)`` otherwise (the batch's own new keys).
+    """
     rows_per_thread = -(-tile_x // (bdx * num_warps))
     load_q, load_kv_paged, load_kv_ragged, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+    load_kv = load_kv_paged if paged else load_kv_ragged
+
+    def kv_length(kv, b):
+        return _paged_kv_len(kv[2], kv[3], b, spec.page_size) if paged else kv[2][b + 1] - kv[2][b]
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_prefill_paged(
-        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
-        var_page_values: T.handle, var_last_page_len: T.handle, var_k_pos_offset: T.handle,
-        var_q_pos: T.handle, var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        batch_size, total_len, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (total_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
-        last_page_len = T.match_buffer(var_last_page_len, (batch_size,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (total_len,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (total_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (total_len, H), "float32")
-
-        for lbx in T.thread_binding(NUM_BLKS, thread="blockIdx.x"):
-            for lby in T.thread_binding(KV, thread="blockIdx.y"):
+    @T.macro
+    def walk(q, q_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size, kv):
+        for lbx in T.thread_binding(num_blocks, thread="blockIdx.x"):
+            for lby in T.thread_binding(spec.kv_heads, thread="blockIdx.y"):
                 for lty in T.thread_binding(num_warps, thread="threadIdx.y"):
                     for ltx in T.thread_binding(bdx, thread="threadIdx.x"):
                         with T.sblock("attn"):
@@ -691,91 +731,57 @@ def prefill_paged_gpu(spec: AttentionSpec, target: Target):
                                     LH_start: T.let[T.int32] = tile_id[0] * tile_x
                                     q_begin: T.let[T.int32] = q_indptr[b]
                                     q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                                    first_page: T.let[T.int32] = page_indptr[b]
-                                    kv_len[0] = _paged_kv_len(page_indptr, last_page_len, b, page_size)
+                                    kv_begin: T.let[T.int32] = kv[2][b]  # first page, or first key row
+                                    kv_len[0] = kv_length(kv, b)
                                     T.tvm_storage_sync("shared")
                                     init_state(m_smem, d_smem, O_local, ty, tx)
                                     load_q(q, Q_smem, q_begin, q_len, by, LH_start)
                                     T.tvm_storage_sync("shared")
                                     for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
                                         L_kv_start: T.let[T.int32] = iterator * tile_z
-                                        load_kv_paged(pages, page_values, first_page, by, L_kv_start, kv_len[0], K_smem, V_smem)
+                                        load_kv(kv[0], kv[1], kv_begin, by, L_kv_start, kv_len[0], K_smem, V_smem)
                                         score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
                                         softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
                                         accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
                                     store(output, lse, O_local, m_smem, d_smem, q_begin, q_len, by, LH_start)
-                                    tile_id[0] += NUM_BLKS
+                                    tile_id[0] += num_blocks
     # fmt: on
-    sch = tvm.s_tir.Schedule(alibi_prefill_paged)
-    sch = _schedule_prefill_kernel(sch, LOAD_VEC, bdx, num_warps, tile_x, D, tile_z, False, False)
+    return walk
+
+
+def _scheduled_prefill(func: tirx.PrimFunc, load_vec: int, bdx: int, num_warps: int, tile_x: int, spec: AttentionSpec,
+                       tile_z: int, ragged: bool) -> tirx.PrimFunc:
+    sch = _schedule_prefill_kernel(tvm.s_tir.Schedule(func), load_vec, bdx, num_warps, tile_x, spec.head_dim, tile_z,
+                                   ragged, False)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def prefill_paged_gpu(spec: AttentionSpec, target: Target):
+    """GPU version of :func:`prefill_paged_cpu` (same signature and semantics)."""
+    NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
+    walk = _gpu_prefill_walk(spec, tile_x, tile_z, bdx, num_warps, NUM_BLKS, paged=True)
+
+    # fmt: off
+    @T.macro
+    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size):
+        walk(q, q_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size, (pages, page_values, page_indptr, last_page_len))
+    # fmt: on
+    kernel = _paged_prefill_kernel(spec, "alibi_prefill_paged", body, {})
+    return _scheduled_prefill(kernel, LOAD_VEC, bdx, num_warps, tile_x, spec, tile_z, ragged=False)
 
 
 def prefill_ragged_gpu(spec: AttentionSpec, target: Target):
     """GPU version of :func:`prefill_ragged_cpu` (same signature and semantics)."""
-    H, KV, D, dtype = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype
     NUM_BLKS, LOAD_VEC, bdx, num_warps, tile_x, tile_z = _gpu_prefill_config(spec, target)
-    rows_per_thread = -(-tile_x // (bdx * num_warps))
-    load_q, load_kv_paged, load_kv_ragged, init_state, score_tile, softmax_tile, accumulate_tile, store, next_work, kv_tiles = _gpu_prefill_macros(spec, tile_x, tile_z, bdx, num_warps)
+    walk = _gpu_prefill_walk(spec, tile_x, tile_z, bdx, num_warps, NUM_BLKS, paged=False)
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_prefill_ragged(
-        var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-        var_kv_indptr: T.handle, var_q_pos: T.handle, var_k_pos_offset: T.handle,
-        var_output: T.handle, var_lse: T.handle,
-        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        batch_size, qo_len, kv_total = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (qo_len, H, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        k = T.match_buffer(var_k, (kv_total, KV, D), dtype)
-        v = T.match_buffer(var_v, (kv_total, KV, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (qo_len,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (qo_len, H, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H), "float32")
-
-        for lbx in T.thread_binding(NUM_BLKS, thread="blockIdx.x"):
-            for lby in T.thread_binding(KV, thread="blockIdx.y"):
-                for lty in T.thread_binding(num_warps, thread="threadIdx.y"):
-                    for ltx in T.thread_binding(bdx, thread="threadIdx.x"):
-                        with T.sblock("attn"):
-                            bx, by, ty, tx = T.axis.remap("SSSS", [lbx, lby, lty, ltx])
-                            T.reads()
-                            T.writes()
-                            tile_id, batch_idx, batch_tiles, kv_len = _gpu_walk_state()
-                            Q_smem, K_smem, V_smem, S_local, S_smem, O_local, m_smem, m_prev_smem, d_smem, m_prev, m_new, d_new = _gpu_prefill_scratch(spec, tile_x, tile_z, rows_per_thread)
-                            tile_id[0] = bx
-                            batch_idx[0] = 0
-                            batch_tiles[0] = T.ceildiv((q_indptr[1] - q_indptr[0]) * spec.group, tile_x)
-                            while T.tvm_thread_invariant(batch_idx[0] < batch_size):
-                                next_work(tile_id, batch_idx, batch_tiles, q_indptr, batch_size)
-                                if T.tvm_thread_invariant(batch_idx[0] < batch_size):
-                                    b: T.let[T.int32] = batch_idx[0]
-                                    LH_start: T.let[T.int32] = tile_id[0] * tile_x
-                                    q_begin: T.let[T.int32] = q_indptr[b]
-                                    q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                                    kv_begin: T.let[T.int32] = kv_indptr[b]
-                                    kv_len[0] = kv_indptr[b + 1] - kv_indptr[b]
-                                    T.tvm_storage_sync("shared")
-                                    init_state(m_smem, d_smem, O_local, ty, tx)
-                                    load_q(q, Q_smem, q_begin, q_len, by, LH_start)
-                                    T.tvm_storage_sync("shared")
-                                    for iterator in T.serial(kv_tiles(causal, kv_len[0], k_pos_offset[b], q_pos, q_begin, q_len, LH_start)):
-                                        L_kv_start: T.let[T.int32] = iterator * tile_z
-                                        load_kv_ragged(k, v, kv_begin, by, L_kv_start, kv_len[0], K_smem, V_smem)
-                                        score_tile(Q_smem, K_smem, S_local, S_smem, sm_scale)
-                                        softmax_tile(S_smem, m_smem, d_smem, m_prev_smem, m_prev, m_new, d_new, ty, tx, by, LH_start, L_kv_start, q_pos, q_begin, q_len, causal, kv_len[0], k_pos_offset[b])
-                                        accumulate_tile(S_smem, V_smem, O_local, m_prev_smem, m_smem)
-                                    store(output, lse, O_local, m_smem, d_smem, q_begin, q_len, by, LH_start)
-                                    tile_id[0] += NUM_BLKS
+    @T.macro
+    def body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size):
+        walk(q, q_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size, (k, v, kv_indptr))
     # fmt: on
-    sch = tvm.s_tir.Schedule(alibi_prefill_ragged)
-    sch = _schedule_prefill_kernel(sch, LOAD_VEC, bdx, num_warps, tile_x, D, tile_z, True, False)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    kernel = _ragged_prefill_kernel(spec, "alibi_prefill_ragged", body, {})
+    return _scheduled_prefill(kernel, LOAD_VEC, bdx, num_warps, tile_x, spec, tile_z, ragged=True)
 
 
 def _gpu_decode_config(spec: AttentionSpec, target: Target):
@@ -801,31 +807,14 @@ def _gpu_decode_config(spec: AttentionSpec, target: Target):
 
 def decode_paged_gpu(spec: AttentionSpec, target: Target):
     """GPU version of :func:`decode_paged_cpu` (same signature and semantics)."""
-    H, KV, D, dtype, group, page_size = spec.n_heads, spec.kv_heads, spec.head_dim, spec.dtype, spec.group, spec.page_size
+    KV, D, dtype, group, page_size = spec.kv_heads, spec.head_dim, spec.dtype, spec.group, spec.page_size
     VEC, bdx, bdy, bdz, gdz, per_thread = _gpu_decode_config(spec, target)
     slice_keys = bdy * per_thread  # keys one tz slice scores per step
     step_keys = bdz * slice_keys  # keys the block loads per step
 
     # fmt: off
-    @T.prim_func(s_tir=True)
-    def alibi_decode_paged(
-        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
-        var_last_page_len: T.handle, var_k_pos_offset: T.handle, var_q_pos: T.handle,
-        var_output: T.handle, var_lse: T.handle,
-        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True})
-        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
-        q = T.match_buffer(var_q, (B, H, D), dtype)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, KV, page_size, D), dtype, elem_offset=T.int64())
-        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=T.int32())
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
-        last_page_len = T.match_buffer(var_last_page_len, (B,), "int32", elem_offset=T.int32())
-        k_pos_offset = T.match_buffer(var_k_pos_offset, (B,), "int32", elem_offset=T.int32())
-        q_pos = T.match_buffer(var_q_pos, (B,), "int32", elem_offset=T.int32())
-        output = T.match_buffer(var_output, (B, H, D), dtype)
-        lse = T.match_buffer(var_lse, (B, H), "float32")
-
+    @T.macro
+    def body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, sm_scale, B):
         for bx in T.thread_binding(B, thread="blockIdx.x"):
             for fused_by_bz in T.thread_binding(KV * gdz, thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
@@ -922,7 +911,7 @@ def decode_paged_gpu(spec: AttentionSpec, target: Target):
                                     output[bx, head, tx * VEC + vec] = T.cast(T.if_then_else(d[0] > 0, O_local[vec] / d[0], T.float32(0)), dtype)
                                 lse[bx, head] = T.if_then_else(d[0] > 0, m[0] + T.log2(d[0]), T.float32(_NEG))
     # fmt: on
-    return alibi_decode_paged
+    return _decode_kernel(spec, "alibi_decode_paged", body, {"tirx.is_scheduled": True})
 
 
 # ---------------------------------------------------------------------------- shared helpers
