@@ -86,7 +86,7 @@ def quantized_model(
 
 def export_irmodule(
     config: MPTConfig | str,
-    quantization: str = "q0f32",
+    quantization: str | Quantization = "q0f32",
     target: str | tvm.target.Target = "llvm",
     page_size: int = DEFAULT_PAGE_SIZE,
 ):
@@ -99,7 +99,8 @@ def export_irmodule(
     """
     cfg = preset(config) if isinstance(config, str) else config
     tvm_target = compiler.resolve_target(target).target if isinstance(target, str) else target
-    _, model = quantized_model(cfg, get_quantization(quantization), tvm_target, page_size)
+    q = get_quantization(quantization) if isinstance(quantization, str) else quantization
+    _, model = quantized_model(cfg, q, tvm_target, page_size)
     mod, _ = model.export_tvm(spec=model.export_spec())
     return mod
 
@@ -128,6 +129,7 @@ def build(
     max_seq_len: int | None = None,
     cuda_arch: str | None = None,
     mcpu: str | None = None,
+    quantize_embedding: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = "dist",
@@ -137,7 +139,9 @@ def build(
 
     ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
     ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each.
-    ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming).
+    ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming);
+    ``quantize_embedding``: quantize the token embedding (the tied LM head) too, not only the
+    Linear layers.
     ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``
     to run on other machines; default ``native``, the build machine's own.
     ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
@@ -148,10 +152,10 @@ def build(
     """
     targets = [target] if isinstance(target, str) else list(target)
     specs = [compiler.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in targets]  # fails before any work
-    q = get_quantization(quantization)
+    q = get_quantization(quantization, quantize_embedding)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
-    fingerprint = _fingerprint(src, quantization, page_size)
+    fingerprint = _fingerprint(src, q.tag, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
         return out
@@ -178,7 +182,7 @@ def build(
         for spec in specs:
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
             with _stage(f"export the IRModule for {spec.name}", quiet):  # the attention kernels differ per target
-                mod = export_irmodule(src.config, quantization, spec.target, page_size)
+                mod = export_irmodule(src.config, q, spec.target, page_size)
             with _stage(f"compile {spec.name}", quiet):
                 executable = compiler.compile_module(mod, spec)
             with _stage(f"export {lib_name}", quiet):
@@ -207,11 +211,16 @@ def build(
 
 
 def _quantization_info(q: Quantization) -> dict:
+    if q.embedding:
+        embedding = f"{q.name} group-quantized like the Linear weights (it is also the tied LM head)"
+    else:
+        embedding = (f"{q.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the sampled "
+                     "token directly (about 3% of MPT-7B's parameters)")
     return {
         "name": q.name, "bits": q.bits, "group_size": q.group_size, "model_dtype": q.model_dtype,
         "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)" if q.is_quantized else None,
-        "embedding": f"{q.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the sampled "
-                     "token directly (about 3% of MPT-7B's parameters)",
+        "embedding_quantized": q.embedding,
+        "embedding": embedding,
     }
 
 

@@ -27,6 +27,7 @@ from tvm.relax.frontend.nn import op
 
 from .config import MPTConfig
 from .kv_cache import ALiBiPagedKVCache
+from .quantization import GroupQuantEmbedding
 
 DEFAULT_PAGE_SIZE = 16
 
@@ -168,8 +169,11 @@ class MPTForCausalLM(nn.Module):
 
     def _logits(self, hidden: nn.Tensor) -> nn.Tensor:
         """hidden [m, d] -> fp32 logits [m, V] through the tied (or separate) head."""
-        if self.cfg.tie_word_embeddings:
-            logits = op.matmul(hidden, op.permute_dims(self.transformer.wte.weight), out_dtype="float32")
+        wte = self.transformer.wte
+        if self.cfg.tie_word_embeddings and isinstance(wte, GroupQuantEmbedding):
+            logits = wte.head(hidden)
+        elif self.cfg.tie_word_embeddings:
+            logits = op.matmul(hidden, op.permute_dims(wte.weight), out_dtype="float32")
         else:
             logits = self.lm_head(hidden)
         scale = self.cfg.logit_multiplier

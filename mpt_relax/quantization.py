@@ -37,14 +37,18 @@ compute and one loader path serve both, and in a CPU GEMV vectorized along the w
 unpack is one vector shift + mask per 16 words (AVX-512 vpsrld/vpandd), far from what limits
 the kernel.
 
-Only ``nn.Linear`` layers are quantized. The token embedding ``wte`` stays in the model dtype:
-MPT ties it to the LM head, and the logits over a 50k vocabulary are the matmul whose errors
-reach the sampled token most directly (a per-group int4 error of up to scale/2 per weight
-shifts every logit), while the embedding is ~3% of MPT-7B's parameters (413 MB in float16,
-about a tenth of a q4f16_1 artifact). A separate ``lm_head`` (untied checkpoints) is an ``nn.Linear`` and is
-quantized like the other layers.
+By default only ``nn.Linear`` layers are quantized. The token embedding ``wte`` stays in the
+model dtype: MPT ties it to the LM head, and the logits over a 50k vocabulary are the matmul
+whose errors reach the sampled token most directly (a per-group int4 error of up to scale/2
+per weight shifts every logit), while the embedding is ~3% of MPT-7B's parameters (413 MB in
+float16, about a tenth of a q4f16_1 artifact). A separate ``lm_head`` (untied checkpoints) is
+an ``nn.Linear`` and is quantized like the other layers. ``get_quantization(name,
+embedding=True)`` (``--quantize-embedding``; MLC-LLM's q4f16_1 does the same) quantizes the
+embeddings too, with the same layout (``GroupQuantEmbedding``): for a small model, whose
+tied head is a large share of the bytes each decoded token reads, that is most of the speed
+and memory quantization can give.
 
-The loader side streams one tensor at a time: ``linear_weight_names(model)`` names the Linear
+The loader side streams one tensor at a time: ``quantized_weight_names(model, q)`` names the
 weights (e.g. ``blocks.0.attn.Wqkv.weight``), and ``quantize_param`` maps one float parameter to
 the arrays the quantized module expects (``blocks.0.attn.Wqkv.q_weight`` / ``.q_scale``).
 """
@@ -81,6 +85,7 @@ class Quantization:
     bits: int
     group_size: int
     model_dtype: str
+    embedding: bool = False  # also quantize the embeddings (the token embedding is the tied LM head)
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "group"):
@@ -92,6 +97,13 @@ class Quantization:
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
+        if self.embedding and self.kind != "group":
+            raise ValueError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+
+    @property
+    def tag(self) -> str:
+        """``name``, plus ``+embedding`` when the embeddings are quantized too."""
+        return self.name + ("+embedding" if self.embedding else "")
 
     @property
     def is_quantized(self) -> bool:
@@ -138,12 +150,14 @@ QUANTIZATIONS: dict[str, Quantization] = {
 }
 
 
-def get_quantization(name: str) -> Quantization:
-    """The registered scheme called ``name``; ValueError listing the valid names otherwise."""
+def get_quantization(name: str, embedding: bool = False) -> Quantization:
+    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
+    ValueError listing the valid names otherwise."""
     try:
-        return QUANTIZATIONS[name]
+        q = QUANTIZATIONS[name]
     except KeyError:
         raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
+    return dataclasses.replace(q, embedding=True) if embedding else q
 
 
 def _require_group(q: Quantization) -> None:
@@ -288,16 +302,11 @@ class GroupQuantLinear(nn.Module):
 
     def _dequantize(self, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
         """TE: q_weight [out, in / pack] uint32, q_scale [out, in / group] -> W [out, in]."""
-        q = self.quantization
-        dtype = q.model_dtype
-        mask = tirx.const((1 << q.bits) - 1, STORAGE_DTYPE)
-
-        def element(o: tirx.PrimExpr, i: tirx.PrimExpr) -> tirx.PrimExpr:
-            shift = (i % q.pack_factor * q.bits).astype(STORAGE_DTYPE)
-            code = (q_weight[o, i // q.pack_factor] >> shift) & mask
-            return (code.astype(dtype) - tirx.const(q.max_int, dtype)) * q_scale[o, i // q.group_size]
-
-        return te.compute((self.out_features, self.in_features), element, name="dequantize")
+        return te.compute(
+            (self.out_features, self.in_features),
+            lambda o, i: _dequantized(self.quantization, q_weight, q_scale, o, i),
+            name="dequantize",
+        )
 
     def to(self, dtype: str | None = None) -> None:  # pylint: disable=invalid-name
         """Like ``nn.Linear.to``: only the bias follows ``dtype``; codes and scales are fixed by the scheme."""
@@ -305,24 +314,66 @@ class GroupQuantLinear(nn.Module):
             self.bias.to(dtype=dtype)
 
 
-class _LinearMutator(nn.Mutator):
-    """Replaces every nn.Linear / GroupQuantLinear with ``fn(path, layer)``."""
+def _dequantized(q: Quantization, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
+    """Element [row, col] of the dequantized weight, in ``q.model_dtype``."""
+    mask = tirx.const((1 << q.bits) - 1, STORAGE_DTYPE)
+    shift = (col % q.pack_factor * q.bits).astype(STORAGE_DTYPE)
+    code = (q_weight[row, col // q.pack_factor] >> shift) & mask
+    return (code.astype(q.model_dtype) - tirx.const(q.max_int, q.model_dtype)) * q_scale[row, col // q.group_size]
 
-    def __init__(self, fn: Callable[[str, nn.Module], nn.Module]):
+
+class GroupQuantEmbedding(GroupQuantLinear):
+    """An embedding table [num, dim] stored group-quantized like a Linear weight [out=num, in=dim].
+
+    ``forward(ids)`` looks rows up (dequantizing only those rows); :meth:`head` is the tied LM
+    head, ``x @ table^T`` with fp32 logits, fused with its dequantize like any GroupQuantLinear.
+    """
+
+    def __init__(self, num: int, dim: int, q: Quantization):
+        super().__init__(dim, num, q, bias=False, out_dtype="float32")
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, q: Quantization) -> GroupQuantEmbedding:
+        return cls(embedding.num, embedding.dim, q)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids [n] int32 -> rows [n, dim] in the model dtype."""
+        return nn.op.tensor_expr_op(self._lookup, f"take_{_DEQUANTIZE_PREFIX}{self.quantization.name}",
+                                    [ids, self.q_weight, self.q_scale])
+
+    def head(self, x: nn.Tensor) -> nn.Tensor:
+        """x [*B, dim] -> fp32 logits [*B, num]."""
+        return super().forward(x)
+
+    def _lookup(self, ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+        return te.compute(
+            (ids.shape[0], self.in_features),
+            lambda n, i: _dequantized(self.quantization, q_weight, q_scale, ids[n], i),
+            name="take_dequantize",
+        )
+
+
+class _LinearMutator(nn.Mutator):
+    """Replaces every nn.Linear / GroupQuantLinear (and, with ``embeddings``, every
+    nn.Embedding) with ``fn(path, layer)``."""
+
+    def __init__(self, fn: Callable[[str, nn.Module], nn.Module], embeddings: bool = False):
         self.fn = fn
+        self.kinds = (nn.Linear, GroupQuantLinear, nn.Embedding) if embeddings else (nn.Linear, GroupQuantLinear)
 
     def visit_module(self, name: str, node: nn.Module) -> nn.Module:
-        if isinstance(node, (nn.Linear, GroupQuantLinear)):
+        if isinstance(node, self.kinds):
             return self.fn(name, node)
         return self.visit(name, node)
 
 
 def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` (recursively, ModuleLists included)
-    with a ``GroupQuantLinear`` under the same attribute name; returns ``model``.
+    with a ``GroupQuantLinear`` under the same attribute name, and with ``q.embedding`` every
+    ``nn.Embedding`` with a ``GroupQuantEmbedding``; returns ``model``.
 
     Parameter ``<path>.weight`` becomes ``<path>.q_weight`` + ``<path>.q_scale``; biases and
-    every non-Linear parameter (embedding, norms) are untouched. For ``kind == "none"`` the
+    every other parameter (norms; the embeddings unless ``q.embedding``) are untouched. For ``kind == "none"`` the
     model is returned as is: build it in ``q.model_dtype`` directly.
     """
     if not q.is_quantized:
@@ -332,15 +383,18 @@ def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
         if isinstance(layer, GroupQuantLinear):
             return layer
         try:
+            if isinstance(layer, nn.Embedding):
+                return GroupQuantEmbedding.from_embedding(layer, q)
             return GroupQuantLinear.from_linear(layer, q)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    return _LinearMutator(replace).visit("", model)
+    return _LinearMutator(replace, q.embedding).visit("", model)
 
 
-def linear_weight_names(model: nn.Module) -> frozenset[str]:
-    """Float names (``<path>.weight``) of the Linear layers that ``quantize_module`` quantizes.
+def quantized_weight_names(model: nn.Module, q: Quantization) -> frozenset[str]:
+    """Float names (``<path>.weight``) of the layers that ``quantize_module(model, q)``
+    quantizes: the Linear layers, and the embeddings when ``q.embedding``.
 
     Works on the model before or after ``quantize_module`` (GroupQuantLinear counts too), so
     the loader can pair each float checkpoint tensor with ``quantize_param``.
@@ -351,7 +405,7 @@ def linear_weight_names(model: nn.Module) -> frozenset[str]:
         names.add(f"{path}.weight")
         return layer
 
-    _LinearMutator(record).visit("", model)
+    _LinearMutator(record, q.embedding).visit("", model)
     return frozenset(names)
 
 
@@ -361,7 +415,7 @@ def quantize_param(
     """Map one float parameter to the parameters of the quantized module.
 
     ``name`` is a float Relax parameter name. If it is in ``linear_weights`` (from
-    ``linear_weight_names``) and ``q`` quantizes, ``<path>.weight`` [out, in] becomes
+    ``quantized_weight_names``) and ``q`` quantizes, ``<path>.weight`` [out, in] becomes
     ``{"<path>.q_weight": uint32, "<path>.q_scale": model dtype}``; otherwise the result is
     ``{name: array cast to q.model_dtype}``.
     """

@@ -17,7 +17,7 @@ import torch
 from tvm.relax.frontend import nn
 
 from .checkpoint import CheckpointError, iter_tensors, tensor_shapes
-from .quantization import Quantization, linear_weight_names, quantize_param
+from .quantization import Quantization, quantize_param, quantized_weight_names
 
 FP16_MAX = 65504.0
 
@@ -66,8 +66,9 @@ def quantize_rule(name: str, param: nn.Parameter, q: Quantization, linear_weight
 
 def weight_rules(model: nn.Module, q: Quantization | None = None) -> dict[str, WeightRule]:
     """Checkpoint name -> rule for every parameter of the float ``model`` (before
-    ``quantize_module``); with a quantizing ``q`` its Linear weights get :func:`quantize_rule`."""
-    linear = linear_weight_names(model) if q is not None and q.is_quantized else frozenset()
+    ``quantize_module``); with a quantizing ``q`` the weights it quantizes (Linear layers, and
+    embeddings with ``q.embedding``) get :func:`quantize_rule`."""
+    linear = quantized_weight_names(model, q) if q is not None and q.is_quantized else frozenset()
     return {
         name: quantize_rule(name, p, q, linear) if name in linear else cast_rule(name, p)
         for name, p in model.named_parameters()

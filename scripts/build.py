@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="preset name (looked up under DIST/models/) or checkpoint directory")
     p.add_argument("--target", nargs="+", default=["auto"], choices=TARGETS, help="one library per target")
     p.add_argument("--quantization", default="q4f16_1", help=f"one of {', '.join(QUANTIZATIONS)} (default q4f16_1)")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="q4f16_1/q8f16_1: quantize the token embedding (the tied LM head) too (default: kept fp16)")
     p.add_argument("--max-seq-len", type=int, help="context window to build for (ALiBi extrapolates)")
     p.add_argument("--cuda-arch", help="e.g. sm_90 (default: the local GPU's, else sm_80)")
     p.add_argument("--mcpu", help="CPU to compile CPU code for: native (default, this machine) or an LLVM name "
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         mpt_relax.build(args.model, target=args.target, quantization=args.quantization, output=args.output,
-                        max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch, mcpu=args.mcpu, force=args.force,
+                        max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch, mcpu=args.mcpu, quantize_embedding=args.quantize_embedding, force=args.force,
                         dist_root=args.dist, quiet=args.quiet)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,32 +32,42 @@ def _logits(model, ids) -> np.ndarray:
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
 
 
-def _dequantized_copy(model, scheme: str):
-    """The HF model with every Linear weight replaced by dequantize(quantize(W)) (fp32)."""
+def _dequantized_copy(model, scheme: str, embedding: bool = False):
+    """The HF model with every Linear weight (and with ``embedding`` the tied embedding/head)
+    replaced by dequantize(quantize(W)) (fp32)."""
     q = get_quantization(scheme)
     clone = type(model)(model.config).eval()
     clone.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, mod in clone.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            if (isinstance(mod, torch.nn.Linear) and name != "lm_head") or (embedding and name == "transformer.wte"):
                 w = mod.weight.numpy()
                 packed = quantize_weight(w, q)
                 mod.weight.copy_(torch.from_numpy(dequantize_weight(packed["q_weight"], packed["q_scale"], q, w.shape)))
     return clone
 
 
-@pytest.mark.parametrize("scheme, vs_float_bound", [("q8f16_1", 3e-2), ("q4f16_1", 0.25)])
-def test_quantized_artifact_matches_hf(ckpt, tmp_path, engine_for, scheme, vs_float_bound):
+@pytest.mark.parametrize("scheme, embedding, vs_float_bound", [("q8f16_1", False, 3e-2), ("q4f16_1", False, 0.25),
+                                                               ("q8f16_1", True, 3e-2), ("q4f16_1", True, 0.3)])
+def test_quantized_artifact_matches_hf(ckpt, tmp_path, engine_for, scheme, embedding, vs_float_bound):
     path, model = ckpt
-    ours = engine_for(path, scheme).logits(IDS)
+    if embedding:
+        art = mpt_relax.build(path, quantization=scheme, quantize_embedding=True, output=tmp_path / "e", quiet=True)
+        meta = json.loads((art / "mpt-config.json").read_text())
+        assert meta["quantization"]["embedding_quantized"] is True
+        assert {"transformer.wte.q_weight", "transformer.wte.q_scale"} <= set(meta["param_names"])
+        ours = mpt_relax.Engine(art).logits(IDS)
+    else:
+        ours = engine_for(path, scheme).logits(IDS)
     # kernels: same numbers as HF running the dequantized weights (fp16-activation tolerance)
-    ref_deq = _logits(_dequantized_copy(model, scheme), IDS)
+    ref_deq = _logits(_dequantized_copy(model, scheme, embedding), IDS)
     err_kernel = np.abs(ours - ref_deq).max() / np.abs(ref_deq).max()
     # quantization itself: distance to the unquantized model (bound measured, see the issue note)
     ref = _logits(model, IDS)
     err_float = np.abs(ours - ref).max() / np.abs(ref).max()
     top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    print(f"{scheme}: vs dequantized-HF {err_kernel:.2e}, vs float HF {err_float:.2e}, top-1 agreement {top1:.2f}")
+    print(f"{scheme} (embedding quantized: {embedding}): vs dequantized-HF {err_kernel:.2e}, vs float HF "
+          f"{err_float:.2e}, top-1 agreement {top1:.2f}")
     assert err_kernel < 2e-2
     assert err_float < vs_float_bound
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import mpt_relax
 import reference
 from factory import raw_checkpoint
+from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
 
 BASE = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=96)
 CASES = {
@@ -53,6 +55,28 @@ def test_matches_independent_reference(name, tmp_path, engine_for):
     print(f"{name}: fp32 {err32:.2e} decode {err_dec:.2e} fp16 {err16:.2e}")
     assert err32 < 1e-4 and err_dec < 1e-4
     assert err16 < 2e-2
+
+
+@pytest.mark.parametrize("name", ["untied-head", "learned-pos-emb"])
+def test_quantized_embeddings_match_the_reference(name, tmp_path):
+    """--quantize-embedding where the embeddings are lookups only (untied head, learned positions):
+    the same numbers as the reference running the dequantized weights."""
+    config = {**BASE, **CASES[name]}
+    state = raw_checkpoint(tmp_path / name, config, seed=3)
+    q = get_quantization("q8f16_1", embedding=True)
+    art = mpt_relax.build(tmp_path / name, quantization=q.name, quantize_embedding=True, output=tmp_path / "art",
+                          quiet=True)
+    quantized = [n for n in mpt_relax.Engine(art).meta["param_names"] if n.endswith(".q_weight")]
+    assert {"transformer.wte.q_weight", "lm_head.q_weight" if name == "untied-head" else "transformer.wpe.q_weight"} <= set(quantized)
+    deq = {}
+    for key, w in state.items():  # every 2-D tensor of MPT is a Linear weight or an embedding
+        packed = quantize_weight(w.float().numpy(), q) if w.ndim == 2 else None
+        deq[key] = w if packed is None else torch.from_numpy(dequantize_weight(packed["q_weight"], packed["q_scale"], q, w.shape))
+    ids = np.random.default_rng(4).integers(0, config["vocab_size"], size=48)
+    ref = reference.logits(config, deq, ids.tolist()).numpy()
+    err = float(np.abs(mpt_relax.Engine(art).logits(ids) - ref).max() / np.abs(ref).max())
+    print(f"{name} q8f16_1+embedding vs reference on dequantized weights: {err:.2e}")
+    assert err < 2e-2
 
 
 def test_reference_agrees_with_hf_where_hf_implements_mpt(tmp_path):

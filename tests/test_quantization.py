@@ -8,15 +8,16 @@ from tvm.relax.frontend import nn
 
 from mpt_relax.quantization import (
     QUANTIZATIONS,
+    GroupQuantEmbedding,
     GroupQuantLinear,
     Quantization,
     dequantize_weight,
     fuse_dequantize_matmul,
     get_quantization,
-    linear_weight_names,
     quantize_module,
     quantize_param,
     quantize_weight,
+    quantized_weight_names,
 )
 
 Q4 = QUANTIZATIONS["q4f16_1"]
@@ -195,6 +196,42 @@ def test_group_quant_linear_matches_numpy(q, fuse):
     np.testing.assert_allclose(y.astype(np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("q", GROUP_SCHEMES, ids=lambda q: q.name)
+def test_group_quant_embedding_lookup_and_head(q):
+    vocab, dim = 96, 64
+    packed = quantize_weight(random_weight((vocab, dim), std=0.1), q)
+    table = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (vocab, dim))
+
+    class LookupThenHead(nn.Module):
+        def __init__(self):
+            self.wte = GroupQuantEmbedding(vocab, dim, q)
+
+        def forward(self, ids):
+            return self.wte(ids), self.wte.head(self.wte(ids))
+
+    spec = {"forward": {"ids": nn.spec.Tensor([5], "int32")}}
+    mod, params = LookupThenHead().export_tvm(spec=spec)
+    assert [name for name, _ in params] == ["wte.q_weight", "wte.q_scale"]
+    ids = np.array([0, 95, 7, 7, 42], np.int32)
+    out = compile_cpu(mod)["forward"](*[tvm.runtime.tensor(a) for a in (ids, packed["q_weight"], packed["q_scale"])])
+    rows, logits = out[0].numpy(), out[1].numpy()
+    assert rows.dtype == np.float16 and logits.dtype == np.float32 and logits.shape == (5, vocab)
+    np.testing.assert_array_equal(rows, table[ids].astype(np.float16))  # code * scale, rounded once to fp16
+    np.testing.assert_allclose(logits, table[ids] @ table.T, rtol=1e-3, atol=1e-3)
+
+
+def test_quantize_module_with_embeddings():
+    q = get_quantization("q4f16_1", embedding=True)
+    assert q.tag == "q4f16_1+embedding" and Q4.tag == "q4f16_1"
+    model = TinyModel()
+    assert quantized_weight_names(model, q) == {f"{p}.weight" for p in LINEAR_PATHS + ["wte"]}
+    quantize_module(model, q)
+    assert isinstance(model.wte, GroupQuantEmbedding)
+    assert {"wte.q_weight", "wte.q_scale"} <= {name for name, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match="cannot quantize the embedding"):
+        get_quantization("q0f16", embedding=True)
+
+
 # ------------------------------------------------------------------------------ module rewrite
 class Attention(nn.Module):
     def __init__(self, d: int, bias: bool):
@@ -249,7 +286,7 @@ LINEAR_PATHS = [
 def test_quantize_module_replaces_linears_only():
     model = TinyModel(bias=True, untied=True)
     float_names = {name for name, _ in model.named_parameters()}
-    assert linear_weight_names(model) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
+    assert quantized_weight_names(model, Q4) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
     assert quantize_module(model, Q4) is model
     assert isinstance(model.blocks[1].attn.Wqkv, GroupQuantLinear)
     assert isinstance(model.blocks[0].ffn.down_proj, GroupQuantLinear) and isinstance(model.lm_head, GroupQuantLinear)
@@ -264,7 +301,7 @@ def test_quantize_module_replaces_linears_only():
     assert params["blocks.0.attn.Wqkv.q_scale"].shape == [192, 2]
     assert params["blocks.0.attn.Wqkv.bias"].dtype == "float16"
     assert params["wte.weight"].dtype == "float16" and params["wte.weight"].shape == [80, 64]
-    assert linear_weight_names(model) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
+    assert quantized_weight_names(model, Q4) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
 
 
 def test_quantize_module_without_quantization_and_errors():
@@ -278,7 +315,7 @@ def test_quantize_module_without_quantization_and_errors():
 
 
 def test_quantize_param_names_and_dtypes():
-    linears = linear_weight_names(TinyModel(bias=True))
+    linears = quantized_weight_names(TinyModel(bias=True), Q4)
     w = random_weight((192, 64), np.float32)
     out = quantize_param("blocks.0.attn.Wqkv.weight", w, Q4, linears)
     assert set(out) == {"blocks.0.attn.Wqkv.q_weight", "blocks.0.attn.Wqkv.q_scale"}
@@ -325,7 +362,7 @@ def test_quantized_model_end_to_end(q):
         (name, random_weight(p.shape, np.float32, std=0.05, seed=i))
         for i, (name, p) in enumerate(model.named_parameters())
     ]
-    linears = linear_weight_names(model)
+    linears = quantized_weight_names(model, q)
     arrays = {}
     for name, array in float_params:
         arrays.update(quantize_param(name, array, q, linears))
