@@ -1030,9 +1030,12 @@ class ALiBiPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         q [n, H, hd], k/v [n, KV, hd] (the n new tokens of every sequence in the batch, in
         ``begin_forward`` order) -> [n, H, hd].
         """
-        n, n_heads, head_dim = q.shape
-        qkv = op.concat([q, k, v], dim=1)
-        out = self.attention_with_fused_qkv(layer_id, op.reshape(qkv, (1, n, qkv.shape[1], head_dim)), n_heads, sm_scale)
+        return self.attention_qkv(layer_id, op.concat([q, k, v], dim=1), q.shape[1], sm_scale)
+
+    def attention_qkv(self, layer_id: int, qkv: Tensor, n_heads: int, sm_scale: float) -> Tensor:
+        """:meth:`attention` with q, k and v already side by side: qkv [n, H + 2 KV, hd] -> [n, H, hd]."""
+        n, _, head_dim = qkv.shape
+        out = self.attention_with_fused_qkv(layer_id, op.reshape(qkv, (1, *qkv.shape)), n_heads, sm_scale)
         return op.reshape(out, (n, n_heads, head_dim))
 
 

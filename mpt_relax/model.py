@@ -84,14 +84,12 @@ class MPTAttention(nn.Module):
         qkv = self.Wqkv(h).astype(h.dtype)
         if cfg.clip_qkv is not None:
             qkv = op.minimum(op.maximum(qkv, _scalar(-cfg.clip_qkv, qkv.dtype)), _scalar(cfg.clip_qkv, qkv.dtype))
-        kv_dim = cfg.kv_n_heads * cfg.head_dim
-        q, k, v = op.split(qkv, [cfg.d_model, cfg.d_model + kv_dim], axis=-1)
         if cfg.qk_ln:
-            q, k = self.q_ln(q), self.k_ln(k)
-        q = op.reshape(q, (n, cfg.n_heads, cfg.head_dim))
-        k = op.reshape(k, (n, cfg.kv_n_heads, cfg.head_dim))
-        v = op.reshape(v, (n, cfg.kv_n_heads, cfg.head_dim))
-        out = cache.attention(self.layer_id, q, k, v, cfg.attn_scale)
+            q, k, v = op.split(qkv, [cfg.d_model, cfg.d_model + cfg.kv_n_heads * cfg.head_dim], axis=-1)
+            qkv = op.concat([self.q_ln(q), self.k_ln(k), v], dim=-1)
+        # Wqkv's rows are q, k, v head after head: the cache takes them as one tensor, no copies
+        qkv = op.reshape(qkv, (n, cfg.n_heads + 2 * cfg.kv_n_heads, cfg.head_dim))
+        out = cache.attention_qkv(self.layer_id, qkv, cfg.n_heads, cfg.attn_scale)
         return self.out_proj(op.reshape(out, (n, cfg.d_model))).astype(h.dtype)
 
 
