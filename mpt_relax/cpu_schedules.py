@@ -27,6 +27,10 @@
     the rest (copies, concatenations, embedding lookup, casts): outer loops in parallel
     when there is enough work, the innermost static loops vectorised.
 
+RowReduction and Injective go parallel only above ``PARALLEL_MIN_WORK`` elements; over a
+dynamic number of rows the function holds both versions and picks one per call, so the
+one-row kernels of a decode step do not pay for waking and joining the thread pool.
+
 All rules decline (return None) instead of raising, so an unusual PrimFunc stays
 unscheduled and correct.
 """
@@ -439,6 +443,18 @@ def _dispatch(cond, then_sch: s_tir.Schedule, else_sch: s_tir.Schedule) -> s_tir
     return s_tir.Schedule(f_else.with_body(s_tir.SBlockRealize([], True, root)))
 
 
+def _parallel_when_worth_it(schedule) -> s_tir.Schedule | None:
+    """``schedule(parallel)`` -> (schedule, elements of work): the parallel schedule where the
+    work is statically large, the serial one where it is small, and for a dynamic amount of
+    work (e.g. one row per token) one function choosing at run time. A decode step runs
+    dozens of one-row kernels: a parallel launch (waking and joining the worker threads) costs
+    more than their work, and far more when another process holds a core."""
+    sch, work = schedule(True)
+    if sch is None or isinstance(work, int):
+        return sch if sch is None or work >= PARALLEL_MIN_WORK else schedule(False)[0]
+    return _dispatch(work < PARALLEL_MIN_WORK, schedule(False)[0], sch)
+
+
 class Matmul(_Rule):
     """Packed, register-blocked matmul for a dynamic / large I and static J, K (prefill)."""
 
@@ -612,13 +628,17 @@ class RowReduction(_Rule):
     """
 
     def _apply(self, func, target):
+        return _parallel_when_worth_it(lambda parallel: self._schedule(func, parallel))
+
+    def _schedule(self, func, parallel: bool):
+        """(schedule, elements of work); rows in parallel only if ``parallel``."""
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None or len(infos) < 2 or not infos[-1].is_injective():
-            return None
+            return None, 0
         reductions = [b for b in infos if b.is_reduction()]
         if not reductions:
-            return None
+            return None, 0
 
         def iters(b):  # unit iters carry no loop worth scheduling
             return [it for it in b.iters if not (isinstance(it.dom, int) and it.dom == 1)]
@@ -626,22 +646,22 @@ class RowReduction(_Rule):
         for b in infos:
             kinds = "".join(it.kind for it in iters(b))
             if "R" in kinds and "S" in kinds[kinds.index("R") :]:
-                return None  # spatial after reduction: not a row reduction
+                return None, 0  # spatial after reduction: not a row reduction
         n_rows = min(len(b) - len(b.lstrip("S")) for b in ("".join(it.kind for it in iters(r)) for r in reductions))
         ref = [it.dom for it in iters(reductions[0])[:n_rows]]
         for b in infos:
             doms = [it.dom for it in iters(b)[:n_rows]]
             if len(doms) < n_rows or any(not _same_expr(x, y) for x, y in zip(doms, ref)):
-                return None
+                return None, 0
         last = infos[-1].block_rv
         lanes = _vector_lanes(sch.get(last).writes[0].source.dtype, self.bits)
         row_loops = [it.loop_rv for it in iters(infos[-1])[:n_rows]]
         inner_ext = 1
         for it in iters(infos[-1])[n_rows:]:
             inner_ext *= it.dom if isinstance(it.dom, int) else 256
-        row_work = 1
+        work = inner_ext
         for d in ref:
-            row_work = None if row_work is None or not isinstance(d, int) else row_work * d
+            work = work * d
 
         # vectorise static reductions: rfactor the innermost reduction loop by the vector width
         rf_blocks = []
@@ -659,7 +679,7 @@ class RowReduction(_Rule):
             blocks = _root_blocks(sch)
             for blk in reversed(blocks[:-1]):
                 sch.compute_at(blk, row, preserve_unit_loops=True)
-            if row_work is None or row_work * inner_ext >= PARALLEL_MIN_WORK:
+            if parallel:
                 sch.parallel(row)
         for rf in rf_blocks:  # after compute_at, which needs whole reduction blocks
             by_var = _loops_by_var(sch, rf)
@@ -689,7 +709,7 @@ class RowReduction(_Rule):
                 _, ul = sch.split(inner, [None, lanes])
                 sch.annotate(ul, "pragma_auto_unroll_max_step", lanes)
                 sch.annotate(ul, "pragma_unroll_explicit", 1)
-        return sch
+        return sch, work
 
 
 def _same_expr(a, b) -> bool:
@@ -710,26 +730,30 @@ class Injective(_Rule):
     def _apply(self, func, target):
         if has_reshape_pattern(func):
             return None  # RewriteDataflowReshape turns these into views; keep them recognisable
+        return _parallel_when_worth_it(lambda parallel: self._schedule(func, parallel))
+
+    def _schedule(self, func, parallel: bool):
+        """(schedule, elements of work of its largest block); outer loops in parallel only if ``parallel``."""
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos is None or not all(b.is_injective() for b in infos):
-            return None
+            return None, 0
         # inline chains (expand_dims -> concatenate), keep the blocks that write outputs
         for b in infos:
             _try(sch.compute_inline, b.block_rv)
-        for blk in _root_blocks(sch):
-            self._schedule_block(sch, blk, self.bits)
-        return sch
+        works = [self._schedule_block(sch, blk, self.bits, parallel) for blk in _root_blocks(sch)]
+        return sch, max(works, key=lambda w: w if isinstance(w, int) else PARALLEL_MIN_WORK)
 
     @staticmethod
-    def _schedule_block(sch, blk, bits: int, chunk: int = 1024):
+    def _schedule_block(sch, blk, bits: int, parallel: bool, chunk: int = 1024):
         """Trailing static loops: one serial run of vectors per task; the rest in parallel.
+        Returns the block's elements of work (an expression for dynamic extents).
 
         Indices are recomputed (divisions by dynamic extents) once per task, not per vector.
         """
         loops = sch.get_loops(blk)
         if not loops:
-            return
+            return 1
         lanes = _vector_lanes(sch.get(blk).writes[0].source.dtype, bits)
         inner: list = []
         for lp in reversed(loops):
@@ -742,7 +766,7 @@ class Injective(_Rule):
             inner_ext *= _extent(sch, lp)
         work = inner_ext
         for lp in outer:
-            work *= _extent(sch, lp) or 256  # a dynamic extent: assume a few hundred
+            work = work * sch.get(lp).extent if _extent(sch, lp) is None else work * _extent(sch, lp)
         if inner:
             fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
             if inner_ext % lanes == 0 and inner_ext > lanes:
@@ -755,9 +779,10 @@ class Injective(_Rule):
                 sch.vectorize(fused)
             elif not outer:
                 outer = [fused]
-        if outer and work >= PARALLEL_MIN_WORK:
+        if outer and parallel:
             par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             sch.parallel(par)
+        return work
 
 
 def default_rules() -> list:

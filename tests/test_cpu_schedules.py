@@ -99,3 +99,34 @@ def test_dequantize_matmul_primfunc(rows):
         built(tvm.runtime.tensor(x), tvm.runtime.tensor(q), tvm.runtime.tensor(s), y)
         outs.append(y.numpy())
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-4)
+
+
+def _row_sum_then_scale(n):
+    """A row reduction (layer-norm shape): y[i, j] = x[i, j] * sum_k x[i, k]."""
+    x = te.placeholder((n, 768), "float32", name="x")
+    k = te.reduce_axis((0, 768), name="k")
+    total = te.compute((n,), lambda i: te.sum(x[i, k], axis=k), name="total")
+    return te.create_prim_func([x, te.compute((n, 768), lambda i, j: x[i, j] * total[i], name="y")])
+
+
+def _add_one(n):
+    """An injective kernel over a dynamic number of rows."""
+    x = te.placeholder((n, 768), "float32", name="x")
+    return te.create_prim_func([x, te.compute((n, 768), lambda i, j: x[i, j] + 1.0, name="y")])
+
+
+@pytest.mark.parametrize("make, reference", [(_row_sum_then_scale, lambda x: x * x.sum(1, keepdims=True)),
+                                             (_add_one, lambda x: x + 1)], ids=["row-reduction", "injective"])
+def test_small_dynamic_work_runs_serially(make, reference):
+    """Over a dynamic row count, one row (decode) takes a serial branch, many rows a parallel one."""
+    spec = compiler.llvm_target()
+    with spec.target:
+        scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": make(tirx.Var("n", "int64"))}))
+    script = scheduled["main"].script()
+    assert "T.parallel" in script and "< T.int64(32768)" in script
+    built = tvm.compile(scheduled, spec.target)
+    for rows in (1, 100):  # 768 and 76800 elements: below and above the threshold
+        x = np.random.default_rng(rows).standard_normal((rows, 768)).astype("float32")
+        y = tvm.runtime.tensor(np.zeros_like(x))
+        built(tvm.runtime.tensor(x), y)
+        np.testing.assert_allclose(y.numpy(), reference(x), rtol=1e-5, atol=1e-4)
