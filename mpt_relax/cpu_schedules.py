@@ -17,7 +17,11 @@
     every other sum-of-products block (``C[...] += A[...] * B[...]``): the decode
     projections and LM head (``x[1, K] @ W[N, K]^T``) and the attention scores / values.
     Inner reduction (K contiguous in B): rows in parallel, K vectorised with several
-    accumulators through ``rfactor``. Outer reduction (an output axis contiguous in B, like
+    accumulators through ``rfactor``. A dequantized weight (codes packed in uint32 words)
+    is compute bound: two weight rows share each load of x, and int8 codes (4 per word) are
+    vectorised over whole words, one accumulator per code position, x permuted once per call
+    to match (the natural order would assemble each vector from 4 words lane by lane).
+    Outer reduction (an output axis contiguous in B, like
     ``probs @ v``): rows in parallel, that axis vectorised, K as the loop around it.
     Producers (a dequantize) are inlined into the weight load; epilogues run per row.
 ``RowReduction``
@@ -241,6 +245,17 @@ def _analyze_einsum(sch: s_tir.Schedule, block) -> _Einsum | None:
     return ein
 
 
+def _word_pack(stmt, k_var) -> int:
+    """Codes per word of a packed operand: the smallest c of a read indexed ``[..., k // c]``, else 1."""
+    packs = [
+        int(idx.min.b.value)
+        for r in stmt.reads
+        for idx in list(r.region)[-1:]
+        if isinstance(idx.min, tirx.FloorDiv) and idx.min.a.same_as(k_var) and isinstance(idx.min.b, tirx.IntImm)
+    ]
+    return min(packs, default=1)
+
+
 def _loops_by_var(sch: s_tir.Schedule, block) -> dict:
     """Map each block iter var to the innermost loop its binding uses (``o * c + i`` -> ``i``)."""
     realize = s_tir.dlight.analysis.common_analysis.get_sblockrealize(sch, block)
@@ -253,6 +268,15 @@ def _loops_by_var(sch: s_tir.Schedule, block) -> dict:
         if inner:
             out[iv.var] = loops[max(inner)]
     return out
+
+
+def _lane_and_reduction_loops(sch: s_tir.Schedule, rf) -> tuple:
+    """The loops of an rfactor block's new spatial (lane) iterator and of its reduction."""
+    by_var = _loops_by_var(sch, rf)
+    ivs = sch.get(rf).iter_vars
+    lane = by_var[ivs[0].var]  # rfactor puts the new spatial iter first
+    red = [by_var[iv.var] for iv in ivs if iv.iter_type == tirx.IterVar.CommReduce][0]
+    return lane, red
 
 
 def _main_reduction_block(sch: s_tir.Schedule):
@@ -288,12 +312,16 @@ class GEMV(_Rule):
     """Sum-of-products blocks without a usable register-blocked layout: decode GEMV, attention.
 
     Inner reduction: ``out[row] = sum_k A[row, k] * B[row, k]`` with rows in parallel and k
-    vectorised over ``acc`` independent accumulators (rfactor), summed once per row.
+    vectorised over ``acc`` independent accumulators (rfactor), summed once per row; blocks of
+    ``row_block`` weight rows when B is dequantized, int8 words vectorised whole.
     Outer reduction: ``out[row, c] = sum_k A[row, k] * B[k, c]`` with c vectorised.
     """
 
-    def __init__(self, accumulators: int = 4, col_tile_vectors: int = 4, weight_rows_outer: bool = False):
+    def __init__(
+        self, accumulators: int = 4, col_tile_vectors: int = 4, weight_rows_outer: bool = False, row_block: int = 2
+    ):
         self.accumulators = accumulators
+        self.row_block = row_block  # weight rows sharing each load of x (a static J only)
         self.col_tile_vectors = col_tile_vectors
         # loop over the rows of B outside the rows of A, so each row of a weight is read from
         # memory once for all rows of A (the few-row matmuls of Matmul's small-I branch)
@@ -325,53 +353,99 @@ class GEMV(_Rule):
         return None
 
     def _inner(self, sch, main, ein: _Einsum, epilogues):
+        stmt = sch.get(main)
         by_var = _loops_by_var(sch, main)
         if self.weight_rows_outer:
             rows = [by_var[v] for v in ein.j + ein.s + ein.i]
         else:
             row_vars = ein.s + ein.i + ein.j
-            rows = [by_var[iv.var] for iv in sch.get(main).iter_vars if any(iv.var.same_as(v) for v in row_vars)]
+            rows = [by_var[iv.var] for iv in stmt.iter_vars if any(iv.var.same_as(v) for v in row_vars)]
         ks = [by_var[v] for v in ein.k]
-        acc_dtype = sch.get(main).writes[0].source.dtype
+        acc_dtype = stmt.writes[0].source.dtype
+        a_buf = stmt.reads[ein.a].source
+        pack = _word_pack(stmt, ein.k[0]) if len(ein.k) == 1 else 1
+        # x can be permuted to the order of packed codes: its last index is k, its extents of one dtype
+        a_k_inner = list(stmt.reads[ein.a].region)[-1].min.same_as(ein.k[0])
+        a_k_inner = a_k_inner and len({str(d.ty) for d in a_buf.shape}) == 1
         sch.reorder(*rows, *ks)
         k = sch.fuse(*ks) if len(ks) > 1 else ks[0]
+        k_ext = _extent(sch, k)
+        lanes = _vector_lanes(acc_dtype, self.bits)
+        # Dequantizing weights is compute bound: a block of weight rows shares each load and
+        # conversion of x. (Streaming float weights, two rows at once only slows the prefetch.)
+        j_loop = by_var[ein.j[-1]]
+        j_ext = _extent(sch, j_loop)
+        block = _largest_divisor(j_ext or 1, [self.row_block, 2, 1]) if k_ext and pack > 1 else 1
+        if block > 1:
+            jo, ji = sch.split(j_loop, [None, block])
+            rows = [jo if lp.same_as(j_loop) else lp for lp in rows]
         # parallel over the outer rows; the innermost row loop stays serial, so a dynamic extent
         # costs one division per task instead of one per dot product
         par = sch.fuse(*rows[:-1]) if len(rows) > 2 else rows[0]
         row = rows[-1]
-        k_ext = _extent(sch, k)
         par_ext = _extent(sch, par)
         inner_rows = 1 if len(rows) < 2 else _extent(sch, row)
-        work = None if None in (par_ext, k_ext, inner_rows) else par_ext * k_ext * inner_rows
+        work = None if None in (par_ext, k_ext, inner_rows) else par_ext * k_ext * inner_rows * block
         if k_ext is None:
             for epi in epilogues:
                 sch.reverse_compute_at(epi, row)
             if work is None or work >= PARALLEL_MIN_WORK:
                 sch.parallel(par)
             return sch
-        lanes = _vector_lanes(acc_dtype, self.bits)
-        vec = _largest_divisor(k_ext, [lanes, lanes // 2, lanes // 4, 4, 2])
-        acc = _largest_divisor(k_ext // vec, [self.accumulators, 2, 1])
-        ko, kf = sch.split(k, [None, vec * acc])
+        if block > 1:
+            sch.reorder(row, ji, k)
+        # K is split into ko (serial) and kf = a * vec + v, v vectorised, a unrolled with one
+        # accumulator per value. Natural order: k = (ko, a, v); a vector of codes packed `pack`
+        # to a word then reads lanes / pack words, which LLVM assembles lane by lane. With few
+        # codes per word (int8), vectorise over whole words instead: k = (ko, v, a), v over
+        # `vec` consecutive words (one load), a over the codes in a word, x permuted to match.
+        packed = 1 < pack < lanes // 2 and k_ext % (pack * lanes) == 0 and a_k_inner
+        if packed:
+            vec, acc = lanes, pack
+            ko, kv, ka = sch.split(k, [None, vec, acc])
+            sch.reorder(ka, kv)
+            kf = sch.fuse(ka, kv)
+        else:
+            vec = _largest_divisor(k_ext, [lanes, lanes // 2, lanes // 4, 4, 2])
+            acc = _largest_divisor(k_ext // vec, [self.accumulators, 2, 1])
+            ko, kf = sch.split(k, [None, vec * acc])
         rf = sch.rfactor(kf, 0)
         rf2 = None
         if acc > 1:
             # sum the accumulators lane-wise first (acc - 1 vector adds), then the vec lanes
             ra, rv = sch.split(sch.get_loops(main)[-1], [acc, vec])
             rf2 = sch.rfactor(rv, 0)
-        row, ko, kf = sch.get_loops(rf)[-3:]  # rfactor gives the rf block new loops
-        par = sch.get_loops(rf)[-4] if len(rows) > 1 else row
+        for blk in (rf, rf2) if rf2 is not None else (rf,):
+            # accumulator lanes innermost, so each row's vector of partial sums is contiguous
+            # (a buffer mixing int32 and int64 extents cannot be transformed: strided, but right)
+            _try(sch.transform_layout, blk, ("write", 0), lambda lane, *rest: (*rest, lane))
+        rf_loops = sch.get_loops(rf)  # rfactor gives the rf block new loops
+        ko, kf = rf_loops[-2:]
+        row = rf_loops[-4 if block > 1 else -3]
+        par = rf_loops[-5 if block > 1 else -4] if len(rows) > 1 else row
         if rf2 is not None:
             sch.reverse_compute_at(rf2, row)
-            rv2, ra2 = sch.get_loops(rf2)[-2:]
-            sch.reorder(ra2, rv2)
+            rv2, ra2 = _lane_and_reduction_loops(sch, rf2)
+            inner = [sch.get(lp) for lp in (ra2, rv2)]
+            rest = [lp for lp in sch.get_loops(rf2)[-3:] if not any(sch.get(lp).same_as(x) for x in inner)]
+            sch.reorder(*(rest if block > 1 else []), ra2, rv2)  # the block's rows outermost
             sch.vectorize(rv2)
         sch.reverse_compute_at(main, row)
         for epi in epilogues:
             sch.reverse_compute_at(epi, row)
         ka, kv = sch.split(kf, [acc, vec])
+        if block > 1:
+            sch.reorder(ko, ka, rf_loops[-3], kv)
+            sch.unroll(rf_loops[-3])
         sch.unroll(ka)
         sch.vectorize(kv)
+        if packed:
+            # x in the order the codes are consumed: [.., ko, a, v], so its loads are contiguous
+            a_idx = [n for n, r in enumerate(sch.get(rf).reads) if r.source.same_as(a_buf)][0]
+            xc = sch.cache_read(rf, a_idx, "global")
+            sch.transform_layout(
+                xc, ("write", 0), lambda *i: (*i[:-1], i[-1] // (vec * acc), i[-1] % acc, i[-1] // acc % vec)
+            )
         if work is None or work >= PARALLEL_MIN_WORK:
             sch.parallel(par)  # before decompose_reduction, which parallel() cannot see through
         init = sch.decompose_reduction(rf, ko)
@@ -682,10 +756,7 @@ class RowReduction(_Rule):
             if parallel:
                 sch.parallel(row)
         for rf in rf_blocks:  # after compute_at, which needs whole reduction blocks
-            by_var = _loops_by_var(sch, rf)
-            ivs = sch.get(rf).iter_vars
-            ki = by_var[ivs[0].var]  # rfactor puts the new spatial (lane) iter first
-            ko = [by_var[iv.var] for iv in ivs if iv.iter_type == tirx.IterVar.CommReduce][0]
+            ki, ko = _lane_and_reduction_loops(sch, rf)
             sch.reorder(ko, ki)
             sch.vectorize(ki)
             init = sch.decompose_reduction(rf, ko)

@@ -19,6 +19,7 @@ from tvm.s_tir import dlight as dl  # noqa: E402
 
 from mpt_relax import compiler  # noqa: E402
 from mpt_relax.config import MPTConfig  # noqa: E402
+from mpt_relax.cpu_schedules import _vector_bits  # noqa: E402
 from mpt_relax.model import MPTForCausalLM  # noqa: E402
 
 TINY = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=64)
@@ -130,3 +131,55 @@ def test_small_dynamic_work_runs_serially(make, reference):
         y = tvm.runtime.tensor(np.zeros_like(x))
         built(tvm.runtime.tensor(x), y)
         np.testing.assert_allclose(y.numpy(), reference(x), rtol=1e-5, atol=1e-4)
+
+def _group_quant_matmul(n, k_dim, n_out, bits):
+    """x [n, K] fp16 @ dequantize(q [N, K*bits/32] uint32, scale [N, K/32] fp16)^T, accumulated in
+    fp32: the decode GEMV of a q4f16_1 / q8f16_1 Linear (dequantize inlined as in the model)."""
+    pack, max_int = 32 // bits, (1 << (bits - 1)) - 1
+    i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731  (as in the model)
+    x = te.placeholder((i64(n), i64(k_dim)), "float16", name="x")
+    q = te.placeholder((i64(n_out), i64(k_dim // pack)), "uint32", name="q")
+    s = te.placeholder((i64(n_out), i64(k_dim // 32)), "float16", name="s")
+
+    def element(o, i):
+        code = (q[o, i // pack] >> (i % pack * bits).astype("uint32")) & tirx.const((1 << bits) - 1, "uint32")
+        return (code.astype("float16") - tirx.const(max_int, "float16")) * s[o, i // 32]
+
+    w = te.compute((n_out, k_dim), element, name="dequantize")
+    r = te.reduce_axis((0, k_dim), name="r")
+    y = te.compute(
+        (n, n_out), lambda i, j: te.sum(x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul"
+    )
+    return te.create_prim_func([x, q, s, y])
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["q4", "q8"])
+@pytest.mark.parametrize(
+    "rows, k_dim, n_out",
+    [(1, 256, 64), (-1, 256, 64), (-5, 256, 64), (1, 96, 37), (-1, 96, 37)],
+    ids=["static-1", "dynamic-1", "dynamic-5", "ragged-static-1", "ragged-dynamic-1"],
+)
+def test_group_quant_gemv(bits, rows, k_dim, n_out):
+    """Decode GEMVs of the quantized Linears (int8: vectorised over whole words, x permuted; int4:
+    over the codes of a word; blocks of weight rows; ragged sizes fall back) stay exact: same
+    fp16 dequantized weights, fp32 accumulation, only the order of the sum changes."""
+    m = abs(rows)
+    n = tirx.Var("n", "int64") if rows < 0 else m
+    func = _group_quant_matmul(n, k_dim, n_out, bits)
+    spec = compiler.llvm_target()
+    with spec.target:
+        scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": func}))
+    assert "tirx.is_scheduled" in scheduled["main"].attrs
+    # the int8 GEMV whose K splits into whole 16-word vectors reads x through the permuted copy
+    word_vectors = bits == 8 and k_dim % (4 * 16) == 0 and _vector_bits(spec.target) == 512
+    assert ("x_global" in scheduled["main"].script()) == word_vectors
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((m, k_dim)).astype("float16")
+    q = rng.integers(0, 2**32, size=(n_out, k_dim * bits // 32), dtype=np.uint64).astype("uint32")
+    s = (rng.random((n_out, k_dim // 32)) * 0.1).astype("float16")
+    outs = []
+    for mod in (scheduled, tvm.IRModule({"main": func})):
+        y = tvm.runtime.tensor(np.zeros((m, n_out), "float32"))
+        tvm.compile(mod, spec.target)(*(tvm.runtime.tensor(a) for a in (x, q, s)), y)
+        outs.append(y.numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-4)
