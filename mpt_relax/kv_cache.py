@@ -146,17 +146,6 @@ def _visible_keys(causal, kv_len, key_pos0, query_pos):
     return T.if_then_else(causal > 0, T.max(T.min(query_pos - key_pos0 + 1, kv_len), 0), kv_len)
 
 
-# ---------------------------------------------------------------------------- CPU (llvm) kernels
-# A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page: each K/V
-# tile is loaded (and converted to fp32) once per block, scored for every row of the block with
-# the tile as the vector axis, then folded into each row's running max / sum / accumulator with
-# one rescale per tile. Query heads run in parallel.
-#
-# In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
-# each row's max and sum, the second weighs the values by the normalised probabilities rounded to
-# the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
-# half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
-
 # ------------------------------------------------------------------------ kernel signatures
 # The runtime calls each attention role with the same arguments on every target; these wrap a
 # body macro (CPU loops or GPU thread blocks) in that role's signature.
@@ -260,6 +249,16 @@ def _decode_kernel(spec: AttentionSpec, name: str, body, attrs: dict) -> tirx.Pr
     return _named(kernel, name, attrs)
 
 
+# ---------------------------------------------------------------------------- CPU (llvm) kernels
+# A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page: each K/V
+# tile is loaded (and converted to fp32) once per block, scored for every row of the block with
+# the tile as the vector axis, then folded into each row's running max / sum / accumulator with
+# one rescale per tile. Query heads run in parallel.
+#
+# In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
+# each row's max and sum, the second weighs the values by the normalised probabilities rounded to
+# the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
+# half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
 # identity and one online sweep does it all.
 
 _CPU_ROWS = 16
