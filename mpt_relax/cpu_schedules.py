@@ -544,9 +544,9 @@ class Matmul(_Rule):
         sch.compute_at(pack, par)
 
         # the MR x NR accumulator tile lives in registers ("local"); it is written back per row tile
+        after = _epilogues(sch, main) or []  # (before cache_write, whose write-back comes after main)
         wb = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(wb, io)
-        after = _epilogues(sch, main) or []
         if not padded and after:
             if not _try(sch.reverse_compute_inline, after[0]):
                 sch.reverse_compute_at(after[0], io)
