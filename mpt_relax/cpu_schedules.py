@@ -8,11 +8,13 @@
     and a static J, K: the prefill projections and ``prefill_logits``. Each parallel task
     owns one panel of NR columns of B, copies it once into a ``[K, NR]`` tile (this is where a
     dequantize prologue is evaluated, once per element), then runs an MR x NR register-blocked
-    microkernel over the rows of A (NR vectorised, MR unrolled, K innermost). A dynamic I is
-    padded to a multiple of MR; an injective epilogue (bias, residual, GELU, cast) is applied
-    when the tile is written back. A dynamic I also gets the GEMV schedule, taken at run time
-    when I < 16 (one token of ``extend``, a small decode batch): packing costs more than it
-    saves for a few rows.
+    microkernel over the rows of A (NR vectorised, MR unrolled, K innermost). Operands that
+    the product casts to the accumulator type (fp16 x and W accumulated in fp32) are cast once
+    in the copies (the tile, A's padded copy), so the microkernel is the fp32 model's FMA loop.
+    A dynamic I is padded to a multiple of MR; an injective epilogue (bias, residual, GELU,
+    cast) is applied when the tile is written back. A dynamic I also gets the GEMV schedule,
+    taken at run time when I < 16 (one token of ``extend``, a small decode batch): packing
+    costs more than it saves for a few rows.
 ``GEMV``
     every other sum-of-products block (``C[...] += A[...] * B[...]``): the decode
     projections and LM head (``x[1, K] @ W[N, K]^T``) and the attention scores / values.
@@ -46,6 +48,7 @@ import logging
 
 import tvm_ffi
 from tvm import s_tir, sym, tirx
+from tvm.ir import TensorLoad
 from tvm.relax.analysis import has_reshape_pattern
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -529,6 +532,34 @@ def _parallel_when_worth_it(schedule) -> s_tir.Schedule | None:
     return _dispatch(work < PARALLEL_MIN_WORK, schedule(False)[0], sch)
 
 
+def _widen(sch: s_tir.Schedule, producer, consumer, dtype) -> None:
+    """Make ``producer`` store its output cast to ``dtype`` and ``consumer`` load it as is.
+
+    ``unsafe_set_dtype`` has the consumer read ``Cast(old dtype, buf[...])``; where it then
+    casts that to ``dtype`` (``Cast("float32", w)`` of an fp16 ``w``), both casts are dropped.
+    Exact either way: every stored value is an old-dtype value widened.
+    """
+    sch.unsafe_set_dtype(producer, 0, dtype)
+    buf = sch.get(producer).writes[0].source
+
+    def uncast(expr):
+        if isinstance(expr, tirx.Cast):
+            inner = expr.value
+            if str(expr.ty) == dtype and isinstance(inner, tirx.Cast) and isinstance(inner.value, TensorLoad):
+                if inner.value.source.same_as(buf):
+                    return inner.value
+            return tirx.Cast(str(expr.ty), uncast(inner))
+        if isinstance(expr, tirx.expr.BinaryOpExpr):
+            return type(expr)(uncast(expr.a), uncast(expr.b))
+        return expr
+
+    old = sch.get(consumer)
+    body = tirx.BufferStore(old.body.buffer, uncast(old.body.value), old.body.indices)
+    new = s_tir.SBlock(old.iter_vars, old.reads, old.writes, old.name_hint, body, old.init,
+                       old.alloc_buffers, old.match_buffers, old.annotations)
+    sch.state.replace(sch.get_sref(consumer), new, {old: new})
+
+
 class Matmul(_Rule):
     """Packed, register-blocked matmul for a dynamic / large I and static J, K (prefill)."""
 
@@ -564,7 +595,7 @@ class Matmul(_Rule):
         if j_ext is None or k_ext is None or (i_ext is not None and i_ext < self.small_rows):
             return None, None
         rows = sch.get(i_loop).extent
-        acc_dtype = stmt.writes[0].source.dtype
+        acc_dtype = str(stmt.writes[0].source.dtype)
         lanes = _vector_lanes(acc_dtype, self.bits)
         nr = lanes * self.nr_vectors
         if j_ext % nr:
@@ -610,9 +641,18 @@ class Matmul(_Rule):
             sch.pad_einsum(main, [mr if iv.var.same_as(ein.i[0]) else 1 for iv in sch.get(main).iter_vars])
             main = sch.get_sblock(stmt.name_hint)
             _inline_epilogue_chain(sch, main)  # the un-padding copy absorbs the epilogue
-        b_idx = [k for k, r in enumerate(sch.get(main).reads) if r.source.same_as(b_buf)][0]
+        reads = sch.get(main).reads
+        b_idx = [k for k, r in enumerate(reads) if r.source.same_as(b_buf)][0]
         if pack is None:
             pack = sch.cache_read(main, b_idx, "global")
+        # fp16 operands (x and W, or the dequantized W) go into the microkernel as fp32: the packed
+        # tile and A's copy hold the value cast once, so the k-loop is the fp32 model's FMA loop
+        a_buf = reads[1 - b_idx].source
+        if a_buf.dtype != acc_dtype:  # cast in A's padded copy (or, unpadded, in a copy made here)
+            a_pad = [p for p in sch.get_producers(main) if sch.get(p).writes[0].source.same_as(a_buf)]
+            _widen(sch, a_pad[0] if a_pad else sch.cache_read(main, 1 - b_idx, "global"), main, acc_dtype)
+        if sch.get(pack).writes[0].source.dtype != acc_dtype:
+            _widen(sch, pack, main, acc_dtype)
 
         # loop nest: [s..., jo] parallel, io, k, ii (unrolled), ji (vectorised)
         by_var = _loops_by_var(sch, main)
@@ -634,9 +674,9 @@ class Matmul(_Rule):
         sch.compute_at(pack, par)
 
         # the MR x NR accumulator tile lives in registers ("local"); it is written back per row tile
+        after = _epilogues(sch, main) or []  # (before cache_write, whose write-back comes after main)
         wb = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(wb, io)
-        after = _epilogues(sch, main) or []
         if not padded and after:
             if not _try(sch.reverse_compute_inline, after[0]):
                 sch.reverse_compute_at(after[0], io)
@@ -653,7 +693,7 @@ class Matmul(_Rule):
         # the padding copy of A and the un-padding copy of C (with the epilogue) are plain copies
         for blk in _root_blocks(sch):
             if not _contains(sch, blk, main):
-                Injective._schedule_block(sch, blk, self.bits)
+                Injective._schedule_block(sch, blk, self.bits, parallel=True)
         return sch, rows
 
     @staticmethod

@@ -19,8 +19,9 @@ from tvm.s_tir import dlight as dl  # noqa: E402
 
 from mpt_relax import compiler  # noqa: E402
 from mpt_relax.config import MPTConfig  # noqa: E402
-from mpt_relax.cpu_schedules import _vector_bits  # noqa: E402
+from mpt_relax.cpu_schedules import Matmul, _vector_bits  # noqa: E402
 from mpt_relax.model import MPTForCausalLM  # noqa: E402
+from mpt_relax.quantization import GroupQuantLinear, get_quantization  # noqa: E402
 
 TINY = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=64)
 
@@ -55,6 +56,10 @@ def test_every_heavy_primfunc_is_scheduled():
         ]
         heavy = [n for n in unscheduled if any(w in n for w in ("matmul", "norm", "softmax", "gelu"))]
         assert not heavy, f"{dtype}: unscheduled {heavy}"
+        # the projections over a dynamic row count get Matmul's packed microkernel (prefill) and its
+        # run-time switch to GEMV (decode); a rule that fails declines silently, so check the result
+        matmuls = {gv.name_hint: f.script() for gv, f in out.functions_items() if "NT_matmul" in gv.name_hint}
+        assert matmuls and all("NT_matmul_update" in s and "NT_matmul_rf" in s for s in matmuls.values()), dtype
         # no weight transposes survive FuseTransposeMatmul (the LM head included)
         names = [gv.name_hint for gv, f in out.functions_items() if isinstance(f, tirx.PrimFunc)]
         # (the paged cache's own "kv_cache_transpose_append" kernel writes K/V into pages)
@@ -183,3 +188,57 @@ def test_group_quant_gemv(bits, rows, k_dim, n_out):
         tvm.compile(mod, spec.target)(*(tvm.runtime.tensor(a) for a in (x, q, s)), y)
         outs.append(y.numpy())
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-4)
+
+
+def _fp16_matmul(n, k_dim, n_out, weight):
+    """The fp16 model's Linear: x [n, K] fp16 @ W^T, products and sums in fp32 (output fp32).
+
+    W is an fp16 parameter (``q0f16``) or the real dequantize of a quantized one (``q4f16_1``...).
+    """
+    x = te.placeholder((n, k_dim), "float16", name="x")
+    if weight == "q0f16":
+        w = te.placeholder((n_out, k_dim), "float16", name="w")
+        params = [w]
+    else:
+        q = get_quantization(weight)
+        q_weight = te.placeholder(q.q_weight_shape(n_out, k_dim), "uint32", name="q_weight")
+        q_scale = te.placeholder(q.q_scale_shape(n_out, k_dim), "float16", name="q_scale")
+        w = GroupQuantLinear(k_dim, n_out, q, bias=False)._dequantize(q_weight, q_scale)
+        params = [q_weight, q_scale]
+    r = te.reduce_axis((0, k_dim), name="r")
+    y = te.compute(
+        (n, n_out), lambda i, j: te.sum(x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul"
+    )
+    return te.create_prim_func([x, *params, y])
+
+
+@pytest.mark.parametrize("weight", ["q0f16", "q8f16_1", "q4f16_1"])
+@pytest.mark.parametrize("rows", [16, 37, 48], ids=["dynamic-16", "dynamic-37", "static-48"])
+def test_matmul_fp16_operands(weight, rows):
+    """Matmul packs fp16 / dequantized weights (and x) as fp32 for an fp32-only microkernel.
+
+    Each element is cast once, so the result matches the unscheduled function's.
+    """
+    k_dim, n_out = 128, 96
+    n = rows if rows == 48 else tirx.Var("n", "int64")
+    func = _fp16_matmul(n, k_dim, n_out, weight)
+    spec = compiler.llvm_target()
+    with spec.target:
+        sch = Matmul().apply(func, spec.target, False)
+    assert sch is not None
+    update = sch.get(sch.get_sblock("NT_matmul_update"))  # the microkernel's block
+    assert [str(r.source.dtype) for r in update.reads] == ["float32"] * 3
+    rng = np.random.default_rng(1)
+    args = [(rng.standard_normal((rows, k_dim))).astype("float16")]
+    for p in func.params[1:-1]:
+        shape = [int(d) for d in p.shape]
+        if p.dtype == "uint32":
+            args.append(rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype("uint32"))
+        else:
+            args.append((rng.random(shape) * 0.1).astype("float16"))
+    outs = []
+    for built in (tvm.compile(sch.mod, spec.target), tvm.compile(tvm.IRModule({"main": func}), spec.target)):
+        y = tvm.runtime.tensor(np.zeros((rows, n_out), "float32"))
+        built(*[tvm.runtime.tensor(a) for a in args], y)
+        outs.append(y.numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
