@@ -22,7 +22,7 @@ is built for one target and one page size.
 from __future__ import annotations
 
 import tvm
-from tvm import te, tirx
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -144,9 +144,9 @@ class MPTTransformer(nn.Module):
 
     def forward(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
         """ids [n] (the batch's new tokens, in ``begin_forward`` order) -> hidden [n, d]."""
-        x = self.wte(ids)
+        x = _rows(self.wte, ids)
         if self.cfg.uses_wpe:
-            x = x + self.wpe(cache.get_query_positions(ids.shape[0]))
+            x = x + _rows(self.wpe, cache.get_query_positions(ids.shape[0]))
         for block in self.blocks:
             x = block(x, cache)
         return self.norm_f(x)
@@ -203,7 +203,7 @@ class MPTForCausalLM(nn.Module):
         gives the logits of every position.
         """
         hidden = self.transformer(ids, cache)
-        return self._logits(op.take(hidden, logit_positions, axis=0))
+        return self._logits(_take_rows(hidden, logit_positions))
 
     def batch_decode(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
         """ids [b], one new token for each of b sequences -> fp32 logits [b, V]."""
@@ -228,6 +228,17 @@ class MPTForCausalLM(nn.Module):
             },
             "batch_decode": {"ids": nn.spec.Tensor(["b"], "int32"), "cache": cache, "$": model},
         }
+
+
+def _take_rows(x: nn.Tensor, indices: nn.Tensor) -> nn.Tensor:
+    """x[indices] along axis 0, indices clipped to range (TVM's default "fast" take has no check,
+    and prints a warning saying so at every build)."""
+    return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis=0, mode="clip"), name="take")
+
+
+def _rows(embedding: nn.Module, ids: nn.Tensor) -> nn.Tensor:
+    """Rows ``ids`` of an embedding table: nn.Embedding (via :func:`_take_rows`) or GroupQuantEmbedding."""
+    return _take_rows(embedding.weight, ids) if isinstance(embedding, nn.Embedding) else embedding(ids)
 
 
 def _scalar(value: float, dtype: str) -> nn.Tensor:
