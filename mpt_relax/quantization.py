@@ -33,9 +33,9 @@ nibble and 2m+1 in its high one. ``in`` must be a multiple of 32 (MPT's dimensio
 multiples of 64); nothing is padded.
 
 int8 codes live in the same uint32 words as int4 (rather than an int8 tensor): one dequantize
-compute and one loader path serve both, and in a CPU GEMV vectorized along the words the
-unpack is one vector shift + mask per 16 words (AVX-512 vpsrld/vpandd), far from what limits
-the kernel.
+compute and one loader path serve both; the CPU GEMV vectorises over whole words (see
+``cpu_schedules.GEMV``). On the CPU, decoding with these weights is bound by the unpacking
+(shift, mask, convert, scale: about 7-8 G weights/s per core), not by memory bandwidth.
 
 By default only ``nn.Linear`` layers are quantized. The token embedding ``wte`` stays in the
 model dtype: MPT ties it to the LM head, and the logits over a 50k vocabulary are the matmul
