@@ -28,7 +28,6 @@ from tvm.relax.frontend.nn import op
 
 from .config import MPTConfig
 from .kv_cache import ALiBiPagedKVCache
-from .quantization import GroupQuantEmbedding
 
 DEFAULT_PAGE_SIZE = 16
 
@@ -60,6 +59,19 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype: str) -> nn.L
     model dtype). Relax's fp16 matmul would otherwise accumulate in fp16, which loses ~3%
     relative accuracy over a 16384-wide down_proj. A bias, if any, is stored in fp32."""
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, out_dtype="float32")
+
+
+class Embedding(nn.Embedding):
+    """A table [num, dim]: ``forward(ids)`` looks rows up (ids clipped to range), :meth:`head` is
+    the tied LM head. ``quantize_module`` swaps it for a GroupQuantEmbedding, which has the same two."""
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids [n] -> rows [n, dim]."""
+        return _take_rows(self.weight, ids)
+
+    def head(self, x: nn.Tensor) -> nn.Tensor:
+        """x [m, dim] -> fp32 logits [m, num]."""
+        return op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
 
 
 class LPLayerNorm(nn.Module):
@@ -136,17 +148,17 @@ class MPTTransformer(nn.Module):
 
     def __init__(self, cfg: MPTConfig, dtype: str):
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model, dtype=dtype)
+        self.wte = Embedding(cfg.vocab_size, cfg.d_model, dtype=dtype)
         if cfg.uses_wpe:
-            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model, dtype=dtype)
+            self.wpe = Embedding(cfg.max_seq_len, cfg.d_model, dtype=dtype)
         self.blocks = nn.ModuleList([MPTBlock(cfg, dtype, i) for i in range(cfg.n_layers)])
         self.norm_f = LPLayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
 
     def forward(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
         """ids [n] (the batch's new tokens, in ``begin_forward`` order) -> hidden [n, d]."""
-        x = _rows(self.wte, ids)
+        x = self.wte(ids)
         if self.cfg.uses_wpe:
-            x = x + _rows(self.wpe, cache.get_query_positions(ids.shape[0]))
+            x = x + self.wpe(cache.get_query_positions(ids.shape[0]))
         for block in self.blocks:
             x = block(x, cache)
         return self.norm_f(x)
@@ -177,11 +189,8 @@ class MPTForCausalLM(nn.Module):
 
     def _logits(self, hidden: nn.Tensor) -> nn.Tensor:
         """hidden [m, d] -> fp32 logits [m, V] through the tied (or separate) head."""
-        wte = self.transformer.wte
-        if self.cfg.tie_word_embeddings and isinstance(wte, GroupQuantEmbedding):
-            logits = wte.head(hidden)
-        elif self.cfg.tie_word_embeddings:
-            logits = op.matmul(hidden, op.permute_dims(wte.weight), out_dtype="float32")
+        if self.cfg.tie_word_embeddings:
+            logits = self.transformer.wte.head(hidden)
         else:
             logits = self.lm_head(hidden)
         scale = self.cfg.logit_multiplier
@@ -234,11 +243,6 @@ def _take_rows(x: nn.Tensor, indices: nn.Tensor) -> nn.Tensor:
     """x[indices] along axis 0, indices clipped to range (TVM's default "fast" take has no check,
     and prints a warning saying so at every build)."""
     return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis=0, mode="clip"), name="take")
-
-
-def _rows(embedding: nn.Module, ids: nn.Tensor) -> nn.Tensor:
-    """Rows ``ids`` of an embedding table: nn.Embedding (via :func:`_take_rows`) or GroupQuantEmbedding."""
-    return _take_rows(embedding.weight, ids) if isinstance(embedding, nn.Embedding) else embedding(ids)
 
 
 def _scalar(value: float, dtype: str) -> nn.Tensor:

@@ -325,8 +325,9 @@ def _dequantized(q: Quantization, q_weight: te.Tensor, q_scale: te.Tensor, row, 
 class GroupQuantEmbedding(GroupQuantLinear):
     """An embedding table [num, dim] stored group-quantized like a Linear weight [out=num, in=dim].
 
-    ``forward(ids)`` looks rows up (dequantizing only those rows); :meth:`head` is the tied LM
-    head, ``x @ table^T`` with fp32 logits, fused with its dequantize like any GroupQuantLinear.
+    ``forward(ids)`` looks rows up (ids clipped to range, dequantizing only those rows);
+    :meth:`head` is the tied LM head, ``x @ table^T`` with fp32 logits, fused with its
+    dequantize like any GroupQuantLinear.
     """
 
     def __init__(self, num: int, dim: int, q: Quantization):
@@ -348,12 +349,17 @@ class GroupQuantEmbedding(GroupQuantLinear):
     def _lookup(self, ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
         return te.compute(
             (ids.shape[0], self.in_features),
-            lambda n, i: _dequantized(self.quantization, q_weight, q_scale, ids[n], i),
+            lambda n, i: _dequantized(self.quantization, q_weight, q_scale, _clipped(ids[n], self.out_features), i),
             name="take_dequantize",
         )
 
 
-class _LinearMutator(nn.Mutator):
+def _clipped(index: tirx.PrimExpr, size: int) -> tirx.PrimExpr:
+    """``index`` clipped to [0, size), like a take in clip mode."""
+    return tirx.max(tirx.min(index, size - 1), 0)
+
+
+class _QuantizableMutator(nn.Mutator):
     """Replaces every nn.Linear / GroupQuantLinear (and, with ``embeddings``, every
     nn.Embedding) with ``fn(path, layer)``."""
 
@@ -373,8 +379,8 @@ def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
     ``nn.Embedding`` with a ``GroupQuantEmbedding``; returns ``model``.
 
     Parameter ``<path>.weight`` becomes ``<path>.q_weight`` + ``<path>.q_scale``; biases and
-    every other parameter (norms; the embeddings unless ``q.embedding``) are untouched. For ``kind == "none"`` the
-    model is returned as is: build it in ``q.model_dtype`` directly.
+    every other parameter (norms; the embeddings unless ``q.embedding``) are untouched. For
+    ``kind == "none"`` the model is returned as is: build it in ``q.model_dtype`` directly.
     """
     if not q.is_quantized:
         return model
@@ -389,7 +395,7 @@ def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    return _LinearMutator(replace, q.embedding).visit("", model)
+    return _QuantizableMutator(replace, q.embedding).visit("", model)
 
 
 def quantized_weight_names(model: nn.Module, q: Quantization) -> frozenset[str]:
@@ -405,7 +411,7 @@ def quantized_weight_names(model: nn.Module, q: Quantization) -> frozenset[str]:
         names.add(f"{path}.weight")
         return layer
 
-    _LinearMutator(record, q.embedding).visit("", model)
+    _QuantizableMutator(record, q.embedding).visit("", model)
     return frozenset(names)
 
 

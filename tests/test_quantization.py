@@ -213,11 +213,15 @@ def test_group_quant_embedding_lookup_and_head(q):
     mod, params = LookupThenHead().export_tvm(spec=spec)
     assert [name for name, _ in params] == ["wte.q_weight", "wte.q_scale"]
     ids = np.array([0, 95, 7, 7, 42], np.int32)
-    out = compile_cpu(mod)["forward"](*[tvm.runtime.tensor(a) for a in (ids, packed["q_weight"], packed["q_scale"])])
+    ids_out_of_range = np.array([-3, 96, 7, 7, 500], np.int32)  # clipped like a take in clip mode
+    forward = compile_cpu(mod)["forward"]
+    out = forward(*[tvm.runtime.tensor(a) for a in (ids, packed["q_weight"], packed["q_scale"])])
     rows, logits = out[0].numpy(), out[1].numpy()
     assert rows.dtype == np.float16 and logits.dtype == np.float32 and logits.shape == (5, vocab)
     np.testing.assert_array_equal(rows, table[ids].astype(np.float16))  # code * scale, rounded once to fp16
     np.testing.assert_allclose(logits, table[ids] @ table.T, rtol=1e-3, atol=1e-3)
+    out = forward(*[tvm.runtime.tensor(a) for a in (ids_out_of_range, packed["q_weight"], packed["q_scale"])])
+    np.testing.assert_array_equal(out[0].numpy(), table[[0, 95, 7, 7, 95]].astype(np.float16))
 
 
 def test_quantize_module_with_embeddings():
