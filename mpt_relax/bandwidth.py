@@ -8,8 +8,9 @@ an engine gets.
 
 Bandwidth is measured as a large copy, counted the STREAM way: bytes read + bytes written per
 second; on the CPU a numpy copy (:func:`host_copy_bandwidth`), on a GPU a device-to-device
-copy of TVM tensors (:func:`device_copy_bandwidth`). A read-only stream (a GEMV) can run faster than a copy, whose writes
-cost extra bus traffic, so a fraction slightly above 1 is possible.
+copy of TVM tensors (:func:`device_copy_bandwidth`). A read-only stream (a GEMV) can run
+faster than a copy, whose writes cost extra bus traffic, so a fraction slightly above 1 is
+possible.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
     bound = functools.partial(_with_bound, MPTConfig.from_dict(meta["model_config"]), prompt_len, gen_len, bytes_per_s)
     report: dict[str, Any] = {
         "artifact": str(artifact), "model": meta["model_name"],
-        "quantization": meta["quantization"]["name"] + ("+embedding" if meta["quantization"].get("embedding_quantized") else ""),
+        "quantization": meta["quantization"].get("tag", meta["quantization"]["name"]),
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
         "copy_bandwidth_gb_s": bytes_per_s / 1e9,
         "mpt_relax": bound(_in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),

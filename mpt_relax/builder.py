@@ -217,7 +217,7 @@ def _quantization_info(q: Quantization) -> dict:
         embedding = (f"{q.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the sampled "
                      "token directly (about 3% of MPT-7B's parameters)")
     return {
-        "name": q.name, "bits": q.bits, "group_size": q.group_size, "model_dtype": q.model_dtype,
+        "name": q.name, "tag": q.tag, "bits": q.bits, "group_size": q.group_size, "model_dtype": q.model_dtype,
         "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)" if q.is_quantized else None,
         "embedding_quantized": q.embedding,
         "embedding": embedding,

@@ -877,7 +877,7 @@ class Injective(_Rule):
             inner_ext *= _extent(sch, lp)
         work = inner_ext
         for lp in outer:
-            work = work * sch.get(lp).extent if _extent(sch, lp) is None else work * _extent(sch, lp)
+            work = work * (_extent(sch, lp) or sch.get(lp).extent)  # an expression for a dynamic extent
         if inner:
             fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
             if inner_ext % lanes == 0 and inner_ext > lanes:

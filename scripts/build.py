@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         mpt_relax.build(args.model, target=args.target, quantization=args.quantization, output=args.output,
-                        max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch, mcpu=args.mcpu, quantize_embedding=args.quantize_embedding, force=args.force,
-                        dist_root=args.dist, quiet=args.quiet)
+                        quantize_embedding=args.quantize_embedding, max_seq_len=args.max_seq_len,
+                        cuda_arch=args.cuda_arch, mcpu=args.mcpu, force=args.force, dist_root=args.dist,
+                        quiet=args.quiet)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

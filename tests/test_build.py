@@ -55,6 +55,7 @@ def test_quantized_artifact_matches_hf(ckpt, tmp_path, engine_for, scheme, embed
         art = mpt_relax.build(path, quantization=scheme, quantize_embedding=True, output=tmp_path / "e", quiet=True)
         meta = json.loads((art / "mpt-config.json").read_text())
         assert meta["quantization"]["embedding_quantized"] is True
+        assert meta["quantization"]["tag"] == f"{scheme}+embedding"
         assert {"transformer.wte.q_weight", "transformer.wte.q_scale"} <= set(meta["param_names"])
         ours = mpt_relax.Engine(art).logits(IDS)
     else:
