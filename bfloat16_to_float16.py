@@ -6,7 +6,9 @@
     python bfloat16_to_float16.py --model-path DIR [--output OUT]
         DIR -> OUT (default: DIR-float16 beside DIR)
 
-Errors print one line on stderr and exit with status 1 (130 on Ctrl-C); nothing is left behind.
+Errors print one line on stderr and exit with status 1 (2 for a usage mistake, 130 on Ctrl-C,
+143 on SIGTERM; --verbose or MPT_RELAX_DEBUG=1 adds the traceback); nothing is left behind.
+Imports torch, never TVM.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import logging
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
+
+from mpt_relax.tools import cli  # noqa: E402  (standard library only)
 
 MODELS_DIR = Path(__file__).resolve().parent / "dist" / "models"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -34,7 +40,7 @@ def parse_size(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments; --model or --model-path is required."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.Parser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=f"checkpoint name under {MODELS_DIR}")
     source.add_argument("--model-path", type=Path, help="any checkpoint directory")
@@ -45,35 +51,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--any-arch", action="store_true", help="convert checkpoints whose model_type is not mpt")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no per-tensor/file details")
     parser.add_argument("--shard-size", type=parse_size, default="2GiB", help="output shard bound (default 2GiB)")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error (or set MPT_RELAX_DEBUG=1)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the process exit status."""
+    return cli.run(lambda: _convert(argv), argv, interrupted="nothing was written")
+
+
+def _convert(argv: list[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    from mpt_relax.io.checkpoint import CheckpointError
-    from mpt_relax.tools.convert import ConversionError, convert_checkpoint
+    with cli.deferred_interrupts():  # torch's import must not see a Ctrl-C half-way
+        from mpt_relax.tools.convert import convert_checkpoint
 
     src = MODELS_DIR / args.model if args.model else args.model_path
     dst = args.output or src.with_name(src.name + "-float16")
-    try:
-        report = convert_checkpoint(
-            src,
-            dst,
-            strict=args.strict,
-            force=args.force,
-            verify=not args.no_verify,
-            any_arch=args.any_arch,
-            shard_size=args.shard_size,
-            progress=False if args.quiet else None,
-        )
-    except (ConversionError, CheckpointError) as err:
-        print(f"error: {str(err).replace(chr(10), ' ')}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    report = convert_checkpoint(
+        src,
+        dst,
+        strict=args.strict,
+        force=args.force,
+        verify=not args.no_verify,
+        any_arch=args.any_arch,
+        shard_size=args.shard_size,
+        progress=False if args.quiet else None,
+    )
     print(report.summary(details=not args.quiet))
     return 0
 

@@ -5,29 +5,31 @@
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
 
-Errors print one line ``error: ...`` on stderr and exit with status 1 (130 on Ctrl-C); set
-MPT_RELAX_DEBUG=1 to get the traceback instead.
+Errors print one line ``error: ...`` on stderr and exit with status 1 (2 for a usage mistake,
+130 on Ctrl-C, 143 on SIGTERM); ``--verbose`` or MPT_RELAX_DEBUG=1 also prints the traceback
+(see :mod:`mpt_relax.tools.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
-from mpt_relax.tools import bench
-from mpt_relax.tools import demo
-from mpt_relax.runtime.engine import Engine
-from mpt_relax.runtime.generation import GenerationResult, SamplingParams
 from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
+from mpt_relax.runtime.generation import GenerationError, GenerationResult, SamplingParams
+from mpt_relax.tools import cli
+from mpt_relax.tools.cli import int_at_least
+
+_Parser = cli.Parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+def _engine(args: argparse.Namespace, artifact=None):
+    """The Engine for ``--artifact`` / ``--device``; TVM is imported here, with Ctrl-C held back."""
+    with cli.deferred_interrupts():
+        from mpt_relax.runtime.engine import Engine
+    return Engine(args.artifact if artifact is None else artifact, args.device)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -50,7 +52,7 @@ def _print_stream(stream) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    eng = Engine(args.artifact, args.device)
+    eng = _engine(args)
     stream = eng.stream(args.prompt, template=args.template, **_sampling(args))
     _print_stream(stream)
     print(_summary(stream.result), file=sys.stderr)
@@ -58,20 +60,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _lines(interactive: bool):
-    """User messages: prompted lines on a terminal, else one per line of stdin; EOF ends."""
+    """User messages: prompted lines on a terminal, else one per line of stdin; EOF ends.
+
+    A line that is not valid UTF-8 ends the chat with one line naming it."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes reach the check below
+    number = 0
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
         except EOFError:
             return
+        number += 1
         if not interactive and not line:
             return
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise GenerationError(f"stdin line {number} is not valid UTF-8 text (byte "
+                                  f"0x{ord(line[err.start]) & 0xFF:02x} at character {err.start + 1}); "
+                                  "send UTF-8") from None
         if line.strip():
             yield line.rstrip("\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    eng = Engine(args.artifact, args.device)
+    eng = _engine(args)
     sampling = _sampling(args)
     with eng.chat_session(args.system, template=args.template, **sampling) as session:
         single = not session.template.multi_turn
@@ -86,6 +100,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    with cli.deferred_interrupts():
+        from mpt_relax.tools import bench
     report = bench.run(args.artifact, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                        runs=args.runs, compare_hf=args.compare_hf, hf_model=args.hf_model, threads=args.threads,
                        seed=args.seed)
@@ -94,8 +110,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    with cli.deferred_interrupts():
+        from mpt_relax.tools import demo
     art = demo.ensure_demo(args.dist)
-    eng = Engine(art, args.device)
+    eng = _engine(args, art)
     print(f"demo model (random weights) from {art} on {eng.device}; prompt: {args.prompt!r}", file=sys.stderr)
     stream = eng.stream(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=0.8, top_k=40)
     print(args.prompt, end="")
@@ -105,25 +123,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_engine(p: argparse.ArgumentParser, artifact: bool = True) -> None:
+    _add_verbose(p)
     if artifact:
         p.add_argument("--artifact", required=True, help="artifact directory, e.g. dist/mpt-7b-instruct-q4f16_1")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "metal", "vulkan"])
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error (or set MPT_RELAX_DEBUG=1)")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     d = SamplingParams()
     p.add_argument("--template", choices=TEMPLATE_NAMES, help="prompt template (default: from the artifact's config)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = no limit")
+    p.add_argument("--top-k", type=int_at_least(0), default=d.top_k, help="0 = no limit")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int_at_least(0))
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def parser() -> argparse.ArgumentParser:
     root = _Parser(prog="python -m mpt_relax", description="Run MPT artifacts built by mpt_relax.")
+    _add_verbose(root)
     sub = root.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("generate", help="stream a reply to one prompt")
@@ -140,13 +164,13 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
     _add_engine(p)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3, help="measured runs after one warm-up; medians are shown")
+    p.add_argument("--prompt-len", type=int_at_least(1), default=128)
+    p.add_argument("--gen-len", type=int_at_least(2), default=128)
+    p.add_argument("--runs", type=int_at_least(1), default=3, help="measured runs after one warm-up; medians are shown")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' MptForCausalLM on the same weights")
     p.add_argument("--hf-model", help="HF checkpoint for --compare-hf (default: the artifact's recorded source)")
-    p.add_argument("--threads", type=int, help="CPU threads for both runtimes (TVM_NUM_THREADS, torch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--threads", type=int_at_least(1), help="CPU threads for both runtimes (TVM_NUM_THREADS, torch)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random prompt")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_bench)
 
@@ -154,27 +178,22 @@ def parser() -> argparse.ArgumentParser:
     _add_engine(p, artifact=False)
     p.add_argument("--dist", default="dist", help="where dist/models/demo and dist/demo-q0f32 go")
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.set_defaults(run=cmd_demo)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; every failure is one line on stderr (see the module docstring)."""
+    return cli.run(lambda: _main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
-        args = parser().parse_args(["demo"])
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's contract: one line, no traceback
-        if os.environ.get("MPT_RELAX_DEBUG"):
-            raise
-        lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        print(f"error: {lines[-1] if lines[0].startswith('Traceback') else lines[0]}", file=sys.stderr)
-        return 1
+        args = parser().parse_args(["demo", *(["--verbose"] if args.verbose else [])])
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ from typing import Sequence
 import tvm
 from tqdm import tqdm
 
-from mpt_relax.io import artifact
+from mpt_relax.io import artifact, staging
 from mpt_relax.compile import pipeline as compiler
-from mpt_relax.io.checkpoint import weight_files
+from mpt_relax.io.checkpoint import CheckpointError, weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
 from mpt_relax.models.mpt.model import DEFAULT_PAGE_SIZE, MPTForCausalLM
 from mpt_relax.quantization import Quantization, get_quantization, quantize_module
@@ -48,7 +48,7 @@ def resolve_model(model: str | Path, *, max_seq_len: int | None = None, dist_roo
     if path.is_dir():
         return _from_dir(path, max_seq_len)
     if path.suffix or len(path.parts) > 1:
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
     models = Path(dist_root) / "models"
     for candidate in (models / f"{model}-float16", models / str(model)):
         if (candidate / "config.json").is_file():
@@ -67,8 +67,8 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     cfg = MPTConfig.from_json(path)
     if cfg.prompt_template is None and template_for(name):
         cfg = cfg.replace(prompt_template=template_for(name))
-    if max_seq_len:
-        cfg = cfg.replace(max_seq_len=max_seq_len)
+    if max_seq_len is not None:
+        cfg = cfg.replace(max_seq_len=max_seq_len)  # validated: 0 or a negative length is refused
     return ModelSource(name, cfg, path)
 
 
@@ -156,6 +156,11 @@ def build(
     q = get_quantization(quantization, quantize_embedding)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
+    # Refused before any work: a file, a link or a foreign directory at the output, or an output
+    # overlapping the checkpoint (publish_directory checks again just before its rename).
+    staging.check_output(out, artifact.is_artifact, "an mpt_relax artifact (no mpt-config.json)",
+                         protect=[src.weights_dir])
+    staging.clean_stale(out)  # staging directories a killed build left behind
     fingerprint = _fingerprint(src, q.tag, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
@@ -169,7 +174,7 @@ def build(
     float_net, net = quantized_model(src.config, q)
     rules = weight_rules(float_net, q)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
-    with artifact.atomic_directory(out) as tmp:
+    with artifact.atomic_directory(out, protect=[src.weights_dir]) as tmp:
         if src.weights_dir is not None:
             with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
                 nbytes = artifact.write_params(
@@ -254,7 +259,9 @@ def _progress(items, total: int, quiet: bool):
 def _up_to_date(out: Path, fingerprint: str, specs: list[compiler.TargetSpec]) -> bool:
     try:
         meta = artifact.read_config(out)
-    except (artifact.ArtifactError, json.JSONDecodeError):
+    except artifact.ArtifactError:
+        return False
+    if artifact.missing_files(out):  # a deleted shard, a garbage tensor-cache.json, ...
         return False
     libs, built_for = meta.get("libraries", {}), meta.get("library_targets", {})
     return meta.get("fingerprint") == fingerprint and all(

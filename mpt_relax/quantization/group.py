@@ -65,10 +65,17 @@ from tvm import relax, te, tirx
 from tvm.relax.dpl import GlobalVarPattern, is_op, is_tuple, wildcard
 from tvm.relax.frontend import nn
 
+from mpt_relax.errors import MPTRelaxError
+
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
 _BLOCK_ELEMENTS = 1 << 18  # elements per numpy (de)quantize block: ~1 MB of float32
 _DEQUANTIZE_PREFIX = "dequantize_"  # name of GroupQuantLinear's dequantize PrimFuncs
+
+
+
+class QuantizationError(MPTRelaxError):
+    """A quantization scheme, name or weight that cannot be used; the message says which."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +96,16 @@ class Quantization:
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "group"):
-            raise ValueError(f"{self.name}: kind must be 'none' or 'group', got {self.kind!r}")
+            raise QuantizationError(f"{self.name}: kind must be 'none' or 'group', got {self.kind!r}")
         if self.kind == "group" and (
             self.bits not in (4, 8) or self.group_size % self.pack_factor or self.group_size & (self.group_size - 1)
         ):
-            raise ValueError(
+            raise QuantizationError(
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
         if self.embedding and self.kind != "group":
-            raise ValueError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+            raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
 
     @property
     def tag(self) -> str:
@@ -121,11 +128,11 @@ class Quantization:
         return 2 ** (self.bits - 1) - 1
 
     def check_linear_shape(self, out_features: int, in_features: int) -> None:
-        """Raise ValueError unless a [out_features, in_features] weight can be quantized."""
+        """Raise QuantizationError unless a [out_features, in_features] weight can be quantized."""
         if not isinstance(in_features, int) or not isinstance(out_features, int):
-            raise ValueError(f"{self.name}: Linear shapes must be static ints, got [{out_features}, {in_features}]")
+            raise QuantizationError(f"{self.name}: Linear shapes must be static ints, got [{out_features}, {in_features}]")
         if in_features % self.group_size:
-            raise ValueError(
+            raise QuantizationError(
                 f"{self.name}: cannot quantize a [{out_features}, {in_features}] weight: in_features "
                 f"{in_features} is not a multiple of the group size {self.group_size}"
             )
@@ -152,17 +159,17 @@ QUANTIZATIONS: dict[str, Quantization] = {
 
 def get_quantization(name: str, embedding: bool = False) -> Quantization:
     """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
-    ValueError listing the valid names otherwise."""
+    QuantizationError listing the valid names otherwise."""
     try:
         q = QUANTIZATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
+        raise QuantizationError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
     return dataclasses.replace(q, embedding=True) if embedding else q
 
 
 def _require_group(q: Quantization) -> None:
     if not q.is_quantized:
-        raise ValueError(f"{q.name} does not quantize weights (kind {q.kind!r})")
+        raise QuantizationError(f"{q.name} does not quantize weights (kind {q.kind!r})")
 
 
 # ---------------------------------------------------------------------------------- numpy
@@ -176,7 +183,7 @@ def quantize_weight(w: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
     """
     _require_group(q)
     if w.ndim != 2:
-        raise ValueError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
+        raise QuantizationError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
     out_features, in_features = w.shape
     q.check_linear_shape(out_features, in_features)
     q_weight = np.empty(q.q_weight_shape(out_features, in_features), np.uint32)
@@ -193,7 +200,7 @@ def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarr
     groups = w.astype(np.float32).reshape(w.shape[0], -1, q.group_size)
     scale = (_last_axis_max(np.abs(groups)) / q.max_int).astype(q.model_dtype)
     if not np.isfinite(scale).all():
-        raise ValueError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
+        raise QuantizationError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
     divisor = scale.astype(np.float32)
     divisor[divisor == 0] = 1.0  # all-zero (or underflowing) groups: every code is max_int, i.e. 0.0
     codes = np.rint(groups / divisor[..., None])
@@ -221,7 +228,7 @@ def dequantize_weight(
     out_features, in_features = shape
     q.check_linear_shape(out_features, in_features)
     if q_weight.shape != q.q_weight_shape(*shape) or q_scale.shape != q.q_scale_shape(*shape):
-        raise ValueError(
+        raise QuantizationError(
             f"{q.name}: q_weight {q_weight.shape} / q_scale {q_scale.shape} do not describe a {tuple(shape)} weight"
         )
     w = np.empty(shape, np.float32)
@@ -392,8 +399,8 @@ def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
             if isinstance(layer, nn.Embedding):
                 return GroupQuantEmbedding.from_embedding(layer, q)
             return GroupQuantLinear.from_linear(layer, q)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+        except QuantizationError as err:
+            raise QuantizationError(f"{path}: {err}") from None
 
     return _QuantizableMutator(replace, q.embedding).visit("", model)
 

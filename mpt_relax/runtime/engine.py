@@ -20,7 +20,10 @@ methods at the end delegate to it. The tokenizer (``tokenizer.json``) is loaded 
 
 from __future__ import annotations
 
+import functools
+import numbers
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from tvm import relax
 from mpt_relax.io import artifact
 from mpt_relax.compile import pipeline as compiler
 from mpt_relax.runtime import generation
-from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.models.mpt.config import ConfigError, MPTConfig
 from mpt_relax.runtime.kv_state import KVCacheCapacityError, PagedKVCacheRuntime, bytes_per_page, max_total_seq_len_for_pages, pages_for_budget, pages_to_append
 from mpt_relax.runtime.tokenizer import load_tokenizer
 from mpt_relax.errors import MPTRelaxError
@@ -71,6 +74,32 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def _locked(method):
+    """Run ``method`` holding the Engine's lock (see ``Engine.__init__``)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+def _integer_ids(token_ids) -> np.ndarray:
+    """``token_ids`` as int64 [n]: a 1-D integer array, or a list/tuple of integers (Python or
+    numpy); anything else (floats, bools, strings, nested lists, 2-D arrays) is refused."""
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+            raise EngineError(f"token ids must be a 1-D integer array, got a {token_ids.ndim}-D {token_ids.dtype} array")
+        return token_ids.astype(np.int64)
+    if not isinstance(token_ids, (list, tuple)):
+        raise EngineError(f"token ids must be a list of integers, got {type(token_ids).__name__}")
+    bad = [t for t in token_ids if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))]
+    if bad:
+        raise EngineError(f"token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return np.array([int(t) for t in token_ids], dtype=np.int64)
+
+
 def auto_device(libraries: dict[str, str]) -> str:
     """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
     for device in AUTO_ORDER:
@@ -98,25 +127,30 @@ class Engine:
         prefill_chunk_size: int | None = None,
     ):
         self.path = Path(artifact_dir)
-        self.meta = artifact.read_config(self.path)
-        self.config = MPTConfig.from_dict(self.meta["model_config"])
-        self.tokenizer = load_tokenizer(self.path)  # None: token-id prompts only
-        if device == "auto":
-            device = auto_device(self.meta["libraries"])
-        if "page_size" not in self.meta:
-            raise artifact.ArtifactError(
-                f"{self.path} was built by an older mpt_relax without the paged KV cache; rebuild it with force=True / --force"
+        # One lock around everything that touches the KV cache or the VM: an Engine may be shared
+        # by threads (each call is atomic; the calls of one generation interleave with others').
+        self._lock = threading.RLock()
+        with artifact.pinned(self.path) as root:  # every file from one version of the directory
+            self.meta = artifact.read_config(root)
+            self.config = self._model_config()
+            self.tokenizer = load_tokenizer(root)  # None: token-id prompts only
+            if device == "auto":
+                device = auto_device(self.meta["libraries"])
+            if "page_size" not in self.meta:
+                raise artifact.ArtifactError(
+                    f"{self.path} was built by an older mpt_relax without the paged KV cache; rebuild it with force=True / --force"
+                )
+            self.page_size = int(self.meta["page_size"])
+            self.max_batch_size = _positive("max_batch_size", max_batch_size)
+            self.prefill_chunk_size = _positive(
+                "prefill_chunk_size", prefill_chunk_size or min(self.context_window, DEFAULT_PREFILL_CHUNK_SIZE)
             )
-        self.page_size = int(self.meta["page_size"])
-        self.max_batch_size = _positive("max_batch_size", max_batch_size)
-        self.prefill_chunk_size = _positive(
-            "prefill_chunk_size", prefill_chunk_size or min(self.context_window, DEFAULT_PREFILL_CHUNK_SIZE)
-        )
-        self.device = _tvm_device(self._check_device(device))
-        self._check_cpu(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
-        self.params = self._load_params()
-        self.kv_pages = self._kv_pages(kv_memory)
+            self.device = _tvm_device(self._check_device(device))
+            self._check_cpu(device)
+            kv_budget = self._check_memory(kv_memory, root)  # before anything is allocated
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(root / self._library(device))), self.device)
+            self.params = self._load_params(root)
+        self.kv_pages = self._kv_pages(kv_budget)
         self.kv_memory = self.kv_pages * self._page_bytes
         self._kv = self._create_cache()
         self._prefill = self.vm["prefill"]
@@ -125,6 +159,28 @@ class Engine:
         self._next_seq = 0
 
     # ------------------------------------------------------------ loading
+    def _model_config(self) -> MPTConfig:
+        try:
+            return MPTConfig.from_dict(self.meta["model_config"])
+        except ConfigError as err:
+            raise artifact.ArtifactError(f"{self.path / artifact.CONFIG_FILE}: {err}; rebuild the artifact") from None
+
+    def _check_memory(self, kv_memory: int | str | None, root: Path) -> int | None:
+        """The KV budget in bytes (None: the default); refuses one that, with the weights, exceeds
+        the device's memory, before any allocation (which would end in ``std::bad_alloc``)."""
+        if kv_memory is None:
+            return None
+        budget = parse_bytes(kv_memory)
+        wanted = set(self.meta["param_names"])
+        weights = sum(rec["nbytes"] for _, rec in artifact.param_records(root) if rec["name"] in wanted)
+        total = self.device.total_global_memory
+        if total and budget + weights > total:
+            raise KVCacheCapacityError(
+                f"kv_memory={kv_memory!r} ({budget / 1e9:.2f} GB) plus the weights ({weights / 1e9:.2f} GB) exceed the "
+                f"{total / 1e9:.2f} GB of memory of {self.device}; give a smaller kv_memory"
+            )
+        return budget
+
     def _check_device(self, device: str) -> str:
         if device not in DEVICE_TARGETS:
             raise EngineError(f"unknown device {device!r}; choose one of: auto, {', '.join(DEVICE_TARGETS)}")
@@ -154,10 +210,10 @@ class Engine:
             )
         return lib
 
-    def _load_params(self) -> list[tvm.runtime.Tensor]:
+    def _load_params(self, root: Path) -> list[tvm.runtime.Tensor]:
         names = self.meta["param_names"]
         wanted = set(names)
-        loaded = {n: tvm.runtime.tensor(a, self.device) for n, a in artifact.read_params(self.path) if n in wanted}
+        loaded = {n: tvm.runtime.tensor(a, self.device) for n, a in artifact.read_params(root) if n in wanted}
         missing = [n for n in names if n not in loaded]
         if missing:
             raise artifact.ArtifactError(f"{self.path} lacks weights {missing[:3]}...; rebuild with --force")
@@ -167,9 +223,9 @@ class Engine:
     def _page_bytes(self) -> int:
         return bytes_per_page(self.config, self.meta["model_dtype"], self.page_size)
 
-    def _kv_pages(self, kv_memory: int | str | None) -> int:
-        """Cache pages that fit in ``kv_memory`` (None: :meth:`_default_kv_memory`)."""
-        budget = parse_bytes(kv_memory) if kv_memory is not None else self._default_kv_memory()
+    def _kv_pages(self, budget: int | None) -> int:
+        """Cache pages that fit in ``budget`` bytes (None: :meth:`_default_kv_memory`)."""
+        budget = budget if budget is not None else self._default_kv_memory()
         try:
             return pages_for_budget(self.config, self.meta["model_dtype"], self.page_size, budget)
         except KVCacheCapacityError as err:
@@ -198,9 +254,10 @@ class Engine:
         return int(self.meta["context_window_size"])
 
     def check_tokens(self, token_ids, extra: int = 0) -> np.ndarray:
-        """Token ids as int32 [n]; errors for empty input, ids outside the vocabulary, or a
-        sequence (plus ``extra`` tokens to come) longer than the context window."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        """Token ids as int32 [n]; errors for anything but a flat sequence of integers (no floats,
+        bools or nested lists), empty input, ids outside the vocabulary, or a sequence (plus
+        ``extra`` tokens to come) longer than the context window."""
+        ids = _integer_ids(token_ids)
         if ids.size == 0:
             raise EngineError("empty prompt: give at least one token")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
@@ -211,6 +268,15 @@ class Engine:
                 "shorten the prompt or rebuild with a larger --max-seq-len"
             )
         return ids.astype(np.int32)
+
+    def free_pages(self) -> int:
+        """KV-cache pages no sequence holds."""
+        with self._lock:
+            return self._kv.available_pages()
+
+    def pages_needed(self, held: int, new: int) -> int:
+        """Pages a sequence holding ``held`` tokens takes to grow by ``new`` tokens."""
+        return pages_to_append(held, new, self.page_size)
 
     def _check_capacity(self, lengths: list[tuple[int, int]]) -> None:
         """Raise KVCacheCapacityError unless ``(tokens held, tokens to add)`` of every sequence fit in the free pages."""
@@ -224,6 +290,7 @@ class Engine:
             )
 
     # ------------------------------------------------------------ sequences (the KV-cache contract)
+    @_locked
     def add_sequence(self) -> int:
         """Start an empty sequence; returns its id."""
         seq_id = self._new_id()
@@ -231,6 +298,7 @@ class Engine:
         self._sequences.add(seq_id)
         return seq_id
 
+    @_locked
     def fork_sequence(self, parent: int, length: int | None = None) -> int:
         """Start a sequence that shares the first ``length`` tokens (default: all) of ``parent``'s
         cache, e.g. a common prompt prefix; returns its id. Shared pages are not copied."""
@@ -244,17 +312,20 @@ class Engine:
         self._sequences.add(seq_id)
         return seq_id
 
+    @_locked
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence and free the cache pages no other sequence shares."""
         self._require(seq_id)
         self._kv.remove_sequence(seq_id)
         self._sequences.remove(seq_id)
 
+    @_locked
     def sequence_length(self, seq_id: int) -> int:
         """Tokens cached for ``seq_id``."""
         self._require(seq_id)
         return self._kv.sequence_length(seq_id)
 
+    @_locked
     def forward(self, seq_ids: list[int], tokens: list[list[int]]) -> np.ndarray:
         """Append ``tokens[b]`` to sequence ``seq_ids[b]`` for every b; returns the float32 logits
         after each sequence's last new token, [len(seq_ids), vocab]."""
@@ -268,6 +339,7 @@ class Engine:
             return self._decode_batch(seq_ids, ids)
         return self._prefill_last(seq_ids, ids)
 
+    @_locked
     def logits(self, token_ids) -> np.ndarray:
         """Float32 logits [len(token_ids), vocab] of every position of one fresh sequence."""
         ids = self.check_tokens(token_ids)

@@ -4,9 +4,17 @@ Works with any engine that offers ``add_sequence()``, ``remove_sequence(seq_id)`
 ``forward(seq_ids, tokens) -> float32 [batch, vocab]``, ``check_tokens(ids, extra)``,
 ``tokenizer`` (a ``tokenizers.Tokenizer`` or None) and ``config.prompt_template``.
 
-A call prefills all its prompts in one ``forward`` and then decodes the sequences that are
+A call prefills its prompts in one ``forward`` and then decodes the sequences that are
 still running together, one token each per ``forward``; a sequence that finishes leaves the
 batch and frees its cache at once. Sampling runs on the host in numpy (:mod:`.sampling`).
+
+KV-cache pages (engines with ``free_pages()`` / ``pages_needed(held, new)``): a sequence starts
+only when the pages for its prompt *and* all its ``max_new_tokens`` are free, counting what the
+running ones will still take; a batch larger than the pool runs in waves (the rest waits for
+pages that finishing sequences free). A request that cannot fit even then raises
+:class:`~mpt_relax.runtime.kv_state.KVCacheCapacityError` before any of its work. If pages run
+out anyway mid-way (another thread's sequences took them), the running replies end with
+``finish_reason="length"`` and keep what they produced.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from mpt_relax.runtime.kv_state import KVCacheCapacityError
 from mpt_relax.runtime.sampling import apply_repetition_penalty, sample
 from mpt_relax.models.mpt.templates import Message, Template, get_template
 from mpt_relax.runtime.tokenizer import StreamDecoder
@@ -178,6 +187,7 @@ class _Sequence:
         self.text = _TextStream(tokenizer, text_stops)
         self.token_ids: list[int] = []
         self.fed = 0  # how many of token_ids the engine's cache holds
+        self.held = len(self.history) - len(feed)  # tokens already cached before this reply (a chat turn)
         self.finish_reason: str | None = None
         self.t_start = self.t_first = self.t_end = self.prefill_s = 0.0
 
@@ -202,6 +212,19 @@ class _Sequence:
             self.finish_reason = "stop" if self.text.stopped else "length"
         return piece
 
+    def pages_left(self, engine, started: bool) -> int:
+        """KV pages this sequence may still take: the prompt (unless ``started``) and every new
+        token that will be fed back (all but the last)."""
+        to_feed = self.params.max_new_tokens - 1 - self.fed
+        if not started:
+            return engine.pages_needed(self.held, len(self.feed) + to_feed)
+        return engine.pages_needed(self.held + len(self.feed) + self.fed, to_feed)
+
+    def cut_short(self) -> str:
+        """End the reply now (the KV cache is full) as if max_new_tokens were reached; returns the held-back text."""
+        self.finish_reason = "length"
+        return self.text.close()
+
     def result(self) -> GenerationResult:
         return GenerationResult(
             text=self.text.text,
@@ -214,46 +237,112 @@ class _Sequence:
         )
 
 
+def _tracks_pages(engine) -> bool:
+    return hasattr(engine, "free_pages") and hasattr(engine, "pages_needed")
+
+
+def check_pages(engine, seqs: list[_Sequence]) -> None:
+    """Raise KVCacheCapacityError if the first sequence cannot start now (see the module docstring)."""
+    if seqs and _tracks_pages(engine):
+        need, free = seqs[0].pages_left(engine, started=False), engine.free_pages()
+        if need > free:
+            s = seqs[0]
+            raise KVCacheCapacityError(
+                f"{len(s.feed)} prompt tokens + max_new_tokens={s.params.max_new_tokens} need {need} KV-cache pages "
+                f"but only {free} are free; lower max_new_tokens, remove finished sequences, or create the Engine "
+                "with a larger kv_memory"
+            )
+
+
+def _admit(engine, pending: list[_Sequence], live: list[_Sequence]) -> list[_Sequence]:
+    """The pending sequences (in order) whose pages fit beside what the live ones will still take."""
+    if not _tracks_pages(engine):
+        return list(pending)
+    room = engine.free_pages() - sum(s.pages_left(engine, started=True) for s in live)
+    admitted = []
+    for s in pending:
+        need = s.pages_left(engine, started=False)
+        if need > room:
+            break
+        admitted.append(s)
+        room -= need
+    return admitted
+
+
 def _run(engine, seqs: list[_Sequence], keep: bool = False) -> Iterator[tuple[int, str]]:
     """Generate every sequence to its end; yields ``(index, text piece)`` as pieces complete.
 
-    Sequences without an id are added to the engine here. Unless ``keep``, each sequence is
-    removed from the engine as it finishes, and all are when the run is abandoned or fails.
+    Sequences start in waves as KV pages allow (see the module docstring). Sequences without
+    an id are added to the engine when they start. Unless ``keep``, each sequence is removed
+    from the engine as it finishes, and all are when the run is abandoned or fails.
     """
     t_start = time.perf_counter()
-    alive = []
+    index = {id(s): i for i, s in enumerate(seqs)}
+    pending, live, added = list(seqs), [], []  # added: in the engine, to remove at the end
+    for s in seqs:
+        s.t_start = t_start
+
+    def finish(s: _Sequence) -> None:
+        s.t_end = time.perf_counter()
+        live.remove(s)
+        if not keep:
+            added.remove(s)
+            engine.remove_sequence(s.seq_id)
+
+    def sample_all(group: list[_Sequence], logits: np.ndarray) -> Iterator[tuple[int, str]]:
+        for row, s in zip(logits, group):
+            piece = s.push(s.choose(row))
+            s.t_first = s.t_first or time.perf_counter()
+            if s.finish_reason:
+                finish(s)
+            if piece:
+                yield index[id(s)], piece
+
     try:
-        for s in seqs:
-            if s.seq_id is None:
-                s.seq_id = engine.add_sequence()
-            alive.append(s)
-        logits = engine.forward([s.seq_id for s in seqs], [s.feed for s in seqs])
-        prefill_s = time.perf_counter() - t_start
-        for s in seqs:
-            s.t_start, s.prefill_s = t_start, prefill_s
-        live = list(range(len(seqs)))
-        while True:
-            for row, i in enumerate(live):
-                s = seqs[i]
-                piece = s.push(s.choose(logits[row]))
-                now = time.perf_counter()
-                s.t_first = s.t_first or now
-                if s.finish_reason:
-                    s.t_end = now
-                    if not keep:
-                        alive.remove(s)
-                        engine.remove_sequence(s.seq_id)
-                if piece:
-                    yield i, piece
-            live = [i for i in live if seqs[i].finish_reason is None]
-            if not live:
-                return
-            logits = engine.forward([seqs[i].seq_id for i in live], [[seqs[i].token_ids[-1]] for i in live])
-            for i in live:
-                seqs[i].fed += 1
+        while pending or live:
+            if live:  # one decode step for everything running
+                try:
+                    logits = engine.forward([s.seq_id for s in live], [[s.token_ids[-1]] for s in live])
+                except KVCacheCapacityError:
+                    for s in list(live):  # out of pages after all: keep what was produced
+                        piece = s.cut_short()
+                        finish(s)
+                        if piece:
+                            yield index[id(s)], piece
+                    continue
+                group = list(live)
+                for s in group:
+                    s.fed += 1
+                yield from sample_all(group, logits)
+            wave = _admit(engine, pending, live) if pending else []
+            if pending and not wave and not live:
+                check_pages(engine, pending)  # raises: the next one cannot start even alone
+                wave = pending[:1]  # the pool has room after all (pages freed meanwhile)
+            if wave:
+                t_wave = time.perf_counter()
+                fresh = [s for s in wave if s.seq_id is None]
+                for s in fresh:
+                    s.seq_id = engine.add_sequence()
+                added.extend(wave)
+                try:
+                    logits = engine.forward([s.seq_id for s in wave], [s.feed for s in wave])
+                except KVCacheCapacityError:
+                    if not live:
+                        raise
+                    for s in wave:  # another user took the pages: wait for ours to free some
+                        added.remove(s)
+                        if s in fresh:
+                            engine.remove_sequence(s.seq_id)
+                            s.seq_id = None
+                    continue
+                for s in wave:
+                    pending.remove(s)
+                    live.append(s)
+                    s.prefill_s = time.perf_counter() - t_wave
+                yield from sample_all(wave, logits)
     finally:
         if not keep:
-            for s in alive:
+            for s in added:
                 engine.remove_sequence(s.seq_id)
 
 
@@ -313,6 +402,11 @@ def _stops(engine, template: Template, params: SamplingParams) -> tuple[frozense
 
 
 def _encode(engine, text: str, special_tokens: bool = True) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes from argv or a file
+        raise GenerationError(f"the prompt is not valid UTF-8 text (byte 0x{ord(text[err.start]) & 0xFF:02x}); "
+                              "pass UTF-8 text") from None
     return _tokenizer(engine, "text prompts").encode(text, add_special_tokens=special_tokens).ids
 
 
@@ -348,6 +442,7 @@ def _sequences(engine, prompts: list, tmpl: Template, params: SamplingParams) ->
     for p in prompts:
         ids = engine.check_tokens(_encode(engine, p) if isinstance(p, str) else p, extra=params.max_new_tokens).tolist()
         seqs.append(_Sequence(ids, ids, params, stop_ids, engine.tokenizer, text_stops))
+        check_pages(engine, seqs[-1:])  # each must fit the free pages on its own; a batch may run in waves
     return seqs
 
 
@@ -430,6 +525,7 @@ class ChatSession:
         feed = self.engine.check_tokens(feed, extra=len(self._ids) + params.max_new_tokens).tolist()
         stop_ids, text_stops = _stops(self.engine, self.template, params)
         seq = _Sequence(feed, self._ids + feed, params, stop_ids, self.engine.tokenizer, text_stops, self._seq)
+        check_pages(self.engine, [seq])
 
         def on_close(s: _Sequence, completed: bool) -> None:
             self._seq = s.seq_id  # the run adds the first turn's sequence

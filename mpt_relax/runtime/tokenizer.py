@@ -6,13 +6,24 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from mpt_relax.io.artifact import ArtifactError
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_tokenizer(art_dir: Path) -> Tokenizer | None:
-    """``<art_dir>/tokenizer.json`` as a ``tokenizers.Tokenizer``, or None if the file is absent."""
+    """``<art_dir>/tokenizer.json`` as a ``tokenizers.Tokenizer``, or None if the file is absent.
+
+    A file the tokenizers library cannot read raises ArtifactError naming it."""
     path = Path(art_dir) / TOKENIZER_FILE
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a corrupt file
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ArtifactError(f"{path} is corrupt ({reason}); rebuild the artifact, or copy a good tokenizer.json "
+                            "from the checkpoint") from None
 
 
 class StreamDecoder:

@@ -153,6 +153,9 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
     ``hf_model`` defaults to the checkpoint the artifact was built from (``source`` in
     mpt-config.json). ``threads`` sets ``TVM_NUM_THREADS`` and torch's thread count alike.
     """
+    for name, value, low in (("runs", runs, 1), ("threads", threads, 1), ("seed", seed, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise EngineError(f"{name} must be an integer >= {low}, got {value!r}")  # before any work
     meta = read_config(Path(artifact))
     window = int(meta["context_window_size"])
     if prompt_len < 1 or gen_len < 2 or prompt_len + gen_len > window:

@@ -21,13 +21,10 @@ source) and only then renamed into place. Any error or Ctrl-C removes the tempor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-import os
-import secrets
 import shutil
 import struct
 import sys
@@ -38,8 +35,9 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from mpt_relax.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
 from mpt_relax.errors import MPTRelaxError
+from mpt_relax.io import staging
+from mpt_relax.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
 
 FP16_MAX = 65504.0
 CONVERTED_DTYPES = (torch.bfloat16, torch.float32)
@@ -244,11 +242,10 @@ def convert_checkpoint(
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         _check_free_space(dst.parent, sum(s.size for s in layout) + sum(f.stat().st_size for f in copies))
-        with _staging_dir(dst) as tmp:
+        with staging.publish_directory(dst, is_ours=_replaceable(force), what=_WHAT, protect=[src],
+                                       durable=True) as tmp:
             reports = _write_checkpoint(tmp, tensors, layout, config, copies, strict, show)
             verified = _verify(tmp, tensors, show) if verify else None
-            _fsync_tree(tmp)
-            _install(tmp, dst, force)
     except OSError as err:
         raise ConversionError(f"writing {dst} failed: {err}") from err
     return ConversionReport(
@@ -299,13 +296,24 @@ def _warn(message: str) -> list[str]:
     return [message]
 
 
+_WHAT = f"a converted checkpoint (no {OUTPUT_INDEX})"
+
+
+def _replaceable(force: bool):
+    """What an existing destination must be for ``force`` to replace it: a checkpoint directory
+    (it holds ``model.safetensors.index.json``, as every output of ours does). Nothing without ``force``."""
+    return (lambda path: (path / OUTPUT_INDEX).is_file()) if force else (lambda path: False)
+
+
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
-    """Refuse an existing ``dst`` without ``force`` and any overlap of ``src`` and ``dst``."""
+    """Refuse any overlap of ``src`` and ``dst``, an existing ``dst`` without ``force``, and, even
+    with ``force``, a ``dst`` that is not a checkpoint directory (a file, a link, other data)."""
     real_src, real_dst = src.resolve(), dst.resolve()
     if real_src == real_dst or real_src in real_dst.parents or real_dst in real_src.parents:
         raise ConversionError(f"destination {dst} overlaps the source {src}; choose a directory outside it")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConversionError(f"{dst} already exists; pass force=True (--force) to replace it")
+    staging.check_output(dst, _replaceable(force), _WHAT, protect=[src])
 
 
 def _check_free_space(directory: Path, needed: int) -> None:
@@ -414,18 +422,6 @@ def _other_files(src: Path, shards: list[Path]) -> tuple[list[Path], list[str]]:
 # ---------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _staging_dir(dst: Path) -> Iterator[Path]:
-    """A new empty directory ``.<dst name>.tmp-XXXX`` beside ``dst``; removed on exit unless
-    the body renamed it into place (also on KeyboardInterrupt)."""
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # permissions from the umask, like any new directory
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_checkpoint(
     tmp: Path,
     tensors: list[_Tensor],
@@ -531,46 +527,6 @@ def _cast_chunk(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, int, 
         out.copy_(torch.where(finite, x32.clamp(-FP16_MAX, FP16_MAX), x32))
     flushed = int(torch.count_nonzero(x)) - int(torch.count_nonzero(out))
     return out, clamped, flushed, nonfinite
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file in ``directory`` (flat) and the directory entry list to disk."""
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory's entry list (makes renames inside it durable)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, dst: Path, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``dst``; an existing ``dst`` (only with ``force``) is
-    moved aside first and deleted only after the rename succeeded (restored if it failed)."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise ConversionError(f"{dst} appeared while converting; pass force=True (--force) to replace it")
-        old = dst.with_name(f".{dst.name}.old-{secrets.token_hex(4)}")
-        os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    _fsync_dir(dst.parent)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
 
 
 # ---------------------------------------------------------------------------- verification

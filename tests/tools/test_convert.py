@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpt_relax.tools import convert as convert_module
+from mpt_relax.errors import MPTRelaxError
 from mpt_relax.io.checkpoint import CheckpointError
 from mpt_relax.tools.convert import ConversionError, convert_checkpoint
 
@@ -195,6 +196,10 @@ def test_existing_destination_refused_then_replaced_with_force(tmp_path):
     with pytest.raises(ConversionError, match="already exists"):
         convert_checkpoint(src, dst)
     assert (dst / "marker").read_text() == "old"
+    with pytest.raises(MPTRelaxError, match="not a converted checkpoint"):
+        convert_checkpoint(src, dst, force=True)  # force replaces a checkpoint, never other data
+    assert (dst / "marker").read_text() == "old"
+    (dst / "model.safetensors.index.json").write_text("{}")  # now it is an (old) checkpoint
     convert_checkpoint(src, dst, force=True)
     assert not (dst / "marker").exists() and (dst / "model.safetensors.index.json").is_file()
     assert_nothing_left(tmp_path, "src", "out")

@@ -50,7 +50,8 @@ class MPTConfig:
     prompt_template: str | None = None  # "dolly" | "chatml" | None; used by the engine
 
     def __post_init__(self) -> None:
-        if self.ffn_hidden_size == 0:
+        _check_types(self)  # before anything computes with the fields
+        if self.ffn_hidden_size == 0 and math.isfinite(self.expansion_ratio):
             object.__setattr__(self, "ffn_hidden_size", int(self.d_model * self.expansion_ratio))
         if self.kv_n_heads == 0:
             object.__setattr__(self, "kv_n_heads", self.n_heads)
@@ -111,10 +112,18 @@ class MPTConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        for name in ("d_model", "n_heads", "n_layers", "vocab_size", "max_seq_len", "ffn_hidden_size", "kv_n_heads"):
+        """Raise :class:`ConfigError` (one line naming the field) unless every field has the right
+        type and a finite value in range."""
+        _check_types(self)
+        for name, (low, high) in _REAL_RANGES.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+            if value is not None and not (math.isfinite(value) and low < value <= high):
+                raise ConfigError(f"config field '{name}' must be a finite number in ({low:g}, {high:g}]"
+                                  f"{' or null' if name in _NULLABLE else ''}, got {value!r}")
+        for name, limit in _SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if not 0 < value <= limit:
+                raise ConfigError(f"config field '{name}' must be an integer in [1, {limit}], got {value!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"config field 'd_model' ({self.d_model}) must be divisible by 'n_heads' ({self.n_heads})"
@@ -123,18 +132,12 @@ class MPTConfig:
             raise ConfigError(
                 f"config field 'kv_n_heads' ({self.kv_n_heads}) must divide 'n_heads' ({self.n_heads})"
             )
-        if self.alibi and self.alibi_bias_max <= 0:
-            raise ConfigError(f"config field 'alibi_bias_max' must be positive, got {self.alibi_bias_max}")
-        if self.clip_qkv is not None and self.clip_qkv <= 0:
-            raise ConfigError(f"config field 'clip_qkv' must be positive or null, got {self.clip_qkv}")
-        if self.softmax_scale is not None and self.softmax_scale <= 0:
-            raise ConfigError(f"config field 'softmax_scale' must be positive or null, got {self.softmax_scale}")
         if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
             raise ConfigError(
                 f"config field 'logit_scale' must be a number, null or 'inv_sqrt_d_model', got {self.logit_scale!r}"
             )
-        if self.layer_norm_epsilon <= 0:
-            raise ConfigError(f"config field 'layer_norm_epsilon' must be positive, got {self.layer_norm_epsilon}")
+        if _is_real(self.logit_scale) and not (math.isfinite(self.logit_scale) and self.logit_scale != 0):
+            raise ConfigError(f"config field 'logit_scale' must be finite and non-zero, got {self.logit_scale!r}")
         if self.prompt_template not in (None, "dolly", "chatml"):
             raise ConfigError(
                 f"config field 'prompt_template' must be 'dolly', 'chatml' or null, got {self.prompt_template!r}"
@@ -151,9 +154,17 @@ class MPTConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "MPTConfig":
         """Parse an HF config dict (remote-code or native spelling) or our own ``to_dict``."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"an MPT config must be a JSON object, got {type(raw).__name__}")
         raw = {_ALIASES.get(k, k): v for k, v in raw.items()}
         if "model_type" in raw and raw["model_type"] != "mpt":
             raise ConfigError(f"config 'model_type' is {raw['model_type']!r}, not 'mpt'")
+        for name in ("attn_config", "ffn_config"):
+            if raw.get(name) is not None and not isinstance(raw[name], dict):
+                raise ConfigError(f"config field '{name}' must be an object or null, got {raw[name]!r}")
+        if (raw.get("ffn_config") or {}).get("ffn_act_fn") is not None and not isinstance(
+                raw["ffn_config"]["ffn_act_fn"], dict):
+            raise ConfigError(f"config field 'ffn_config.ffn_act_fn' must be an object, got {raw['ffn_config']['ffn_act_fn']!r}")
         attn = dict(raw.get("attn_config") or {})
         ffn = dict(raw.get("ffn_config") or {})
         _reject_unsupported(raw, attn, ffn)
@@ -182,7 +193,7 @@ class MPTConfig:
             kwargs["ffn_hidden_size"] = ffn["ffn_hidden_size"]
         if kwargs.get("clip_qkv") in (0, 0.0):
             kwargs["clip_qkv"] = None  # llm-foundry treats a falsy clip as "off"
-        if "alibi_bias_max" in kwargs:
+        if _is_real(kwargs.get("alibi_bias_max")):
             kwargs["alibi_bias_max"] = float(kwargs["alibi_bias_max"])
         return cls(**kwargs)
 
@@ -195,9 +206,53 @@ class MPTConfig:
             raise ConfigError(f"no config.json at {path}: point at an HF checkpoint directory")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON ({err}); re-download the checkpoint's config.json") from err
-        return cls.from_dict(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); re-download the checkpoint's config.json") from None
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+# Upper bounds far above any real MPT (7B: d_model 4096, 30B: 7168) that keep every size, and
+# the products the kernels index with, inside int32 / a sane allocation.
+_SIZE_LIMITS = {"d_model": 1 << 16, "n_heads": 1 << 10, "n_layers": 1 << 10, "vocab_size": 1 << 22,
+                "max_seq_len": 1 << 22, "ffn_hidden_size": 1 << 18, "kv_n_heads": 1 << 10}
+_INT_FIELDS = tuple(_SIZE_LIMITS)
+_BOOL_FIELDS = ("alibi", "learned_pos_emb", "qk_ln", "no_bias", "tie_word_embeddings")
+_REAL_RANGES = {"expansion_ratio": (0.0, 64.0), "alibi_bias_max": (0.0, 1e4), "clip_qkv": (0.0, 1e30),
+                "softmax_scale": (0.0, 1e30), "layer_norm_epsilon": (0.0, 1.0)}
+_NULLABLE = ("clip_qkv", "softmax_scale")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_types(cfg: "MPTConfig") -> None:
+    """One :class:`ConfigError` for the first field of the wrong JSON type (a string "4" for a
+    number, null for a size, a list for a scale, ...)."""
+    def bad(name: str, want: str) -> ConfigError:
+        return ConfigError(f"config field '{name}' must be {want}, got {getattr(cfg, name)!r}")
+
+    for name in _INT_FIELDS:
+        if not _is_int(getattr(cfg, name)):
+            raise bad(name, "an integer")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    for name in _REAL_RANGES:
+        value = getattr(cfg, name)
+        if not (_is_real(value) or (value is None and name in _NULLABLE)):
+            raise bad(name, "a number" + (" or null" if name in _NULLABLE else ""))
+    if not (cfg.logit_scale is None or _is_real(cfg.logit_scale) or isinstance(cfg.logit_scale, str)):
+        raise bad("logit_scale", "a number, null or 'inv_sqrt_d_model'")
+    if not (cfg.prompt_template is None or isinstance(cfg.prompt_template, str)):
+        raise bad("prompt_template", "'dolly', 'chatml' or null")
 
 
 def _reject_unsupported(raw: dict, attn: dict, ffn: dict) -> None:
@@ -247,7 +302,7 @@ def preset(name: str, max_seq_len: int | None = None) -> MPTConfig:
     if key not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; presets are: {', '.join(PRESETS)} (or pass a checkpoint directory)")
     cfg = MPTConfig(**PRESETS[key])
-    return cfg.replace(max_seq_len=max_seq_len) if max_seq_len else cfg
+    return cfg.replace(max_seq_len=max_seq_len) if max_seq_len is not None else cfg
 
 
 def template_for(name: str) -> str | None:

@@ -1,0 +1,90 @@
+"""Signals as exceptions: SIGTERM (and SIGHUP) handled like Ctrl-C, and Ctrl-C held back while
+native libraries are being imported.
+
+``kill``, systemd, Docker and CI stop a process with SIGTERM; Python's default is to die at
+once, leaving half-written temporary directories. :func:`terminate_as_interrupt` turns it into
+:class:`Terminated` (a ``KeyboardInterrupt``), so every ``finally`` / ``except BaseException``
+that cleans up after Ctrl-C cleans up after SIGTERM too.
+
+A ``KeyboardInterrupt`` raised while a C++ extension is importing (TVM, torch, tokenizers) can
+surface inside a native callback and abort the process (``terminate called ...``, rc 134).
+:func:`deferred_interrupts` records a Ctrl-C during such a block and raises it once the block
+has finished, from plain Python.
+
+This module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by ``signum`` (SIGTERM, SIGHUP); cleaned up like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"terminated by {signal.Signals(self.signum).name}"
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's status for a process stopped by this interrupt: 128 + the signal number."""
+    return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM / SIGHUP raise :class:`Terminated` in the main thread.
+
+    Only signals still at their default disposition are taken over (a program that installed
+    its own handler keeps it); the previous handlers come back on exit. Outside the main
+    thread Python cannot install handlers, and the block runs unchanged.
+    """
+    previous = {}
+    if _main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back Ctrl-C and SIGTERM/SIGHUP during the block; raise the first one after it.
+
+    For imports of native libraries, which must not see an exception mid-way (see the module
+    docstring). A no-op outside the main thread.
+    """
+    if not _main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt() if caught[0] == signal.SIGINT else Terminated(caught[0])
