@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
-from mpt_relax.runtime.generation import GenerationError, GenerationResult, SamplingParams
-from mpt_relax.tools import cli
+from mpt_relax.tools import cli  # light (standard library only): everything else is imported under cli.run
 from mpt_relax.tools.cli import int_at_least
+
+if TYPE_CHECKING:
+    from mpt_relax.runtime.generation import GenerationResult
 
 _Parser = cli.Parser
 
@@ -63,6 +64,8 @@ def _lines(interactive: bool):
     """User messages: prompted lines on a terminal, else one per line of stdin; EOF ends.
 
     A line that is not valid UTF-8 ends the chat with one line naming it."""
+    from mpt_relax.runtime.generation import GenerationError
+
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes reach the check below
     number = 0
@@ -134,6 +137,9 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    with cli.deferred_interrupts():
+        from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
+        from mpt_relax.runtime.generation import SamplingParams
     d = SamplingParams()
     p.add_argument("--template", choices=TEMPLATE_NAMES, help="prompt template (default: from the artifact's config)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=d.max_new_tokens)

@@ -97,6 +97,9 @@ def _integer_ids(token_ids) -> np.ndarray:
     bad = [t for t in token_ids if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))]
     if bad:
         raise EngineError(f"token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    huge = [t for t in token_ids if not -(2**63) <= int(t) < 2**63]
+    if huge:
+        raise EngineError(f"token id {huge[0]} is not an integer in the vocabulary's range")
     return np.array([int(t) for t in token_ids], dtype=np.int64)
 
 

@@ -94,8 +94,8 @@ def run(body: Callable[[], int], argv: Sequence[str] | None = None, *, interrupt
         what = str(err) if isinstance(err, Terminated) else "interrupted"
         print(f"error: {what}" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
         return exit_status(err)
-    except SystemExit:
-        raise
+    except SystemExit as err:  # argparse: --help (0) or a usage error (2, its line already printed)
+        return err.code if isinstance(err.code, int) else int(err.code is not None)
     except Exception as err:  # noqa: BLE001 - the contract: one line, whatever went wrong
         if verbose:
             traceback.print_exc()
