@@ -1,9 +1,10 @@
-"""KV cache capacity arithmetic and the engine's handle on the runtime cache object."""
+"""KV cache capacity arithmetic and the engine's handle on the runtime cache object.
+
+TVM is imported where it is used, so that importing :class:`KVCacheCapacityError` (the text
+generation does, and so ``import mpt_relax``) loads no TVM.
+"""
 
 from __future__ import annotations
-
-
-import tvm
 
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.errors import MPTRelaxError
@@ -17,6 +18,8 @@ class KVCacheCapacityError(MPTRelaxError):
 
 def bytes_per_page(cfg: MPTConfig, dtype: str, page_size: int) -> int:
     """Bytes one page takes across all layers: 2 (K and V) * L * page_size * KV * hd * itemsize."""
+    import tvm
+
     itemsize = (tvm.runtime.DataType(dtype).bits + 7) // 8
     return 2 * cfg.n_layers * page_size * cfg.kv_n_heads * cfg.head_dim * itemsize
 
@@ -66,6 +69,9 @@ class PagedKVCacheRuntime:
     def __init__(self, cache, page_size: int):
         self.cache = cache
         self.page_size = page_size
+        import tvm
+
+        self._shape = tvm.runtime.ShapeTuple
         get = tvm.get_global_func
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._remove = get("vm.builtin.kv_state_remove_sequence")
@@ -106,7 +112,7 @@ class PagedKVCacheRuntime:
                 "finish or remove sequences, shorten the request, or build the cache with a larger "
                 "max_total_seq_len (see pages_for_budget)"
             )
-        self._begin(self.cache, tvm.runtime.ShapeTuple(seq_ids), tvm.runtime.ShapeTuple(append_lengths), None)
+        self._begin(self.cache, self._shape(seq_ids), self._shape(append_lengths), None)
 
     def end_forward(self) -> None:
         self._end(self.cache)

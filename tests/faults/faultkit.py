@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -90,15 +89,9 @@ def signal_and_wait(proc: subprocess.Popen, sig: int, timeout: float = 120) -> t
 SIGNAL_RC = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def load_script(path: Path):
-    """A script (scripts/build.py, bfloat16_to_float16.py) as a module, to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_") + "_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_main(capsys, *args) -> tuple[int, str]:
-    """scripts/build.py's main() in-process for the CPU, q0f32; (status, stderr)."""
-    rc = load_script(BUILD).main([*map(str, args), "--target", "llvm", "--quantization", "q0f32", "--quiet"])
+    """``python -m mpt_relax build ... --target llvm --quantization q0f32`` in-process; (status, stderr)."""
+    from mpt_relax.__main__ import main
+
+    rc = main(["build", *map(str, args), "--target", "llvm", "--quantization", "q0f32", "--quiet"])
     return rc, capsys.readouterr().err

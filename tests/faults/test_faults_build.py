@@ -78,8 +78,8 @@ def test_max_seq_len_zero_is_refused(tiny_ckpt, tmp_path, capsys):
 
 
 def _specs():
-    from mpt_relax.compile import pipeline
-    return [pipeline.resolve_target("llvm")]
+    from mpt_relax.compile import targets
+    return [targets.resolve_target("llvm")]
 
 
 @pytest.mark.parametrize("damage", ["delete shard", "truncate shard", "garbage tensor-cache", "delete library",

@@ -10,7 +10,7 @@ import tvm_ffi
 from tvm.s_tir import dlight as dl
 
 import mpt_relax
-from mpt_relax.compile import pipeline as compiler
+from mpt_relax.compile import targets
 
 
 @pytest.mark.parametrize("name, d_model, layers", [("mpt-7b-instruct", 4096, 32), ("mpt-30b", 7168, 48)])
@@ -30,7 +30,7 @@ def test_export_real_shapes_builds_and_prints(name, d_model, layers):
 def test_scheduled_cache_kernels_pass_dlight_unchanged(target):
     """The paged-cache kernels arrive scheduled (marked ``tirx.is_scheduled``): the target's
     dlight rules in the compiler pipeline must leave them exactly as they are."""
-    spec = compiler.resolve_target(target)
+    spec = targets.resolve_target(target)
     cfg = mpt_relax.MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=256)
     mod = mpt_relax.export_irmodule(cfg, target=spec.target)
     with spec.target:

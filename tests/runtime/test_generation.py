@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("gen-ckpt")
     model = hf_checkpoint(ckpt, seed=3, vocab_size=VOCAB, max_seq_len=WINDOW)
     write_tokenizer(train_tokenizer(CORPUS, VOCAB), ckpt, max_length=WINDOW)
-    art = mpt_relax.build(ckpt, target="llvm", output=tmp_path_factory.mktemp("gen") / "art", quiet=True)
+    art = mpt_relax.build(ckpt, target="llvm", output=tmp_path_factory.mktemp("gen") / "art", quantization="q0f32", quiet=True)
     return model, mpt_relax.Engine(art, device="cpu"), art, ckpt
 
 

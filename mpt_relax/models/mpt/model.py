@@ -63,7 +63,7 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype: str) -> nn.L
 
 class Embedding(nn.Embedding):
     """A table [num, dim]: ``forward(ids)`` looks rows up (ids clipped to range), :meth:`head` is
-    the tied LM head. ``quantize_module`` swaps it for a GroupQuantEmbedding, which has the same two."""
+    the tied LM head. ``GroupQuantization.quantize_model`` swaps it for a GroupQuantEmbedding, which has the same two."""
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         """ids [n] -> rows [n, dim]."""
