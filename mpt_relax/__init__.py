@@ -20,12 +20,24 @@ from __future__ import annotations
 import importlib
 
 from mpt_relax.errors import MPTRelaxError
-from mpt_relax.io.artifact import ArtifactError
-from mpt_relax.models.mpt.config import ConfigError, MPTConfig, preset
-from mpt_relax.models.mpt.templates import TemplateError
-from mpt_relax.runtime.generation import ChatSession, GenerationError, GenerationResult, SamplingParams, Stream
 
+# Every other name is imported on first access. The run-time ones below load numpy (seconds on a
+# cold start); keeping even them out of ``import mpt_relax`` means ``python -m mpt_relax`` runs its
+# CLI guard before any heavy import, so a Ctrl-C during start-up is one line, never a traceback.
+_LAZY_LIGHT = {
+    "ArtifactError": "mpt_relax.io.artifact",
+    "ConfigError": "mpt_relax.models.mpt.config",
+    "MPTConfig": "mpt_relax.models.mpt.config",
+    "preset": "mpt_relax.models.mpt.config",
+    "TemplateError": "mpt_relax.models.mpt.templates",
+    "ChatSession": "mpt_relax.runtime.generation",
+    "GenerationError": "mpt_relax.runtime.generation",
+    "GenerationResult": "mpt_relax.runtime.generation",
+    "SamplingParams": "mpt_relax.runtime.generation",
+    "Stream": "mpt_relax.runtime.generation",
+}
 _LAZY = {  # name -> its module, imported on first access: these pull in TVM (the compiler, for some) or torch
+    **_LAZY_LIGHT,
     "Engine": "mpt_relax.runtime.engine",
     "EngineError": "mpt_relax.runtime.engine",
     "KVCacheCapacityError": "mpt_relax.runtime.kv_state",
@@ -53,17 +65,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = [
-    "ArtifactError",
-    "ChatSession",
-    "ConfigError",
-    "GenerationError",
-    "GenerationResult",
-    "MPTConfig",
-    "MPTRelaxError",
-    "SamplingParams",
-    "Stream",
-    "TemplateError",
-    "preset",
-    *_LAZY,
-]
+__all__ = ["MPTRelaxError", *_LAZY]
