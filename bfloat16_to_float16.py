@@ -16,6 +16,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mpt_relax.interrupts import StartupHold
+
+_HOLD = StartupHold() if __name__ == "__main__" else None  # a Ctrl-C during the imports: one line
 MODELS_DIR = Path(__file__).resolve().parent / "dist" / "models"
 
 
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the process exit status."""
     from mpt_relax.__main__ import main as cli
 
-    return cli(["convert", "--models-dir", str(MODELS_DIR), *(sys.argv[1:] if argv is None else argv)])
+    return cli(["convert", "--models-dir", str(MODELS_DIR), *(sys.argv[1:] if argv is None else argv)], hold=_HOLD)
 
 
 if __name__ == "__main__":

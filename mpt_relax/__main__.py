@@ -15,17 +15,23 @@ Ctrl-C at any point of start-up is one line too.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from mpt_relax.interrupts import StartupHold
 
-from mpt_relax import defaults
-from mpt_relax.sizes import SizeError, parse_bytes
-from mpt_relax.targets import DEVICE_NAMES, TARGET_NAMES
-from mpt_relax.tools import cli  # light (standard library only): the rest is imported under cli.run
-from mpt_relax.tools.cli import int_at_least
+# Run as ``python -m mpt_relax``: signals are held from here until main()'s guard (one line, never
+# a traceback from the imports below). Imported as a module, nothing changes.
+_HOLD = StartupHold() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Sequence  # noqa: E402
+
+from mpt_relax import defaults  # noqa: E402
+from mpt_relax.sizes import SizeError, parse_bytes  # noqa: E402
+from mpt_relax.targets import DEVICE_NAMES, TARGET_NAMES  # noqa: E402
+from mpt_relax.tools import cli  # noqa: E402  (light, standard library only: the rest is imported under cli.run)
+from mpt_relax.tools.cli import int_at_least  # noqa: E402
 
 if TYPE_CHECKING:
     from mpt_relax.runtime.generation import GenerationResult
@@ -270,11 +276,14 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; every failure is one line on stderr (see the module docstring)."""
+def main(argv: Sequence[str] | None = None, *, hold: StartupHold | None = None) -> int:
+    """The command line; every failure is one line on stderr (see the module docstring).
+
+    ``hold``: the entry point's :class:`~mpt_relax.interrupts.StartupHold` (``python -m`` makes one)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     writes = bool(argv) and argv[0] in WRITING_COMMANDS
-    return cli.run(lambda: _main(argv), argv, interrupted="nothing was written" if writes else "")
+    return cli.run(lambda: _main(argv), argv, interrupted="nothing was written" if writes else "",
+                   hold=hold if hold is not None else _HOLD)
 
 
 def _main(argv: list[str]) -> int:

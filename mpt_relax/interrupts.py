@@ -88,3 +88,28 @@ def deferred_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt() if caught[0] == signal.SIGINT else Terminated(caught[0])
+
+
+class StartupHold:
+    """Hold back Ctrl-C and SIGTERM/SIGHUP from now until :meth:`release`, which re-raises the
+    first one caught. A command line creates one as its first statement, so that a signal during
+    its own imports is raised inside its error guard (one line) instead of as a traceback."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self._previous = {}
+        if _main_thread():
+            for sig in (signal.SIGINT, *STOP_SIGNALS):
+                self._previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.caught.append(signum)
+
+    def release(self) -> None:
+        """Put the previous handlers back; raise the first signal caught meanwhile, if any."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if self.caught:
+            first, self.caught = self.caught[0], []
+            raise KeyboardInterrupt() if first == signal.SIGINT else Terminated(first)

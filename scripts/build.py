@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from mpt_relax.__main__ import main
+from mpt_relax.interrupts import StartupHold
+
+_HOLD = StartupHold() if __name__ == "__main__" else None  # a Ctrl-C during the imports: one line
+
+from mpt_relax.__main__ import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["build", *sys.argv[1:]]))
+    sys.exit(main(["build", *sys.argv[1:]], hold=_HOLD))

@@ -21,7 +21,7 @@ import traceback
 from typing import Callable, Sequence
 
 from mpt_relax.errors import MPTRelaxError
-from mpt_relax.interrupts import Terminated, deferred_interrupts, exit_status, terminate_as_interrupt
+from mpt_relax.interrupts import StartupHold, Terminated, deferred_interrupts, exit_status, terminate_as_interrupt
 
 DEBUG_ENV = "MPT_RELAX_DEBUG"
 
@@ -81,13 +81,17 @@ def one_line(err: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-def run(body: Callable[[], int], argv: Sequence[str] | None = None, *, interrupted: str = "") -> int:
+def run(body: Callable[[], int], argv: Sequence[str] | None = None, *, interrupted: str = "",
+        hold: StartupHold | None = None) -> int:
     """Run a command's ``body`` under the contract above; returns the exit status.
 
-    ``interrupted``: added to the interruption line (e.g. "nothing was written").
+    ``interrupted``: added to the interruption line (e.g. "nothing was written"); ``hold``: the
+    :class:`~mpt_relax.interrupts.StartupHold` the entry point made before its imports.
     """
     verbose = wants_traceback(argv)
     try:
+        if hold is not None:
+            hold.release()  # a Ctrl-C during the imports is raised here, inside the guard
         with terminate_as_interrupt():
             return body()
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP as Terminated
