@@ -201,6 +201,10 @@ class Engine:
     def context_window(self) -> int:
         return int(self.meta["context_window_size"])
 
+    def free_kv_pages(self) -> int:
+        """KV-cache pages no sequence holds (``kv_pages`` when there are none)."""
+        return self._kv.available_pages()
+
     def check_tokens(self, token_ids, extra: int = 0) -> np.ndarray:
         """Token ids as int32 [n]; errors for empty input, ids outside the vocabulary, or a
         sequence (plus ``extra`` tokens to come) longer than the context window."""

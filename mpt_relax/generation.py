@@ -4,9 +4,10 @@ Works with any engine that offers ``add_sequence()``, ``remove_sequence(seq_id)`
 ``forward(seq_ids, tokens) -> float32 [batch, vocab]``, ``check_tokens(ids, extra)``,
 ``tokenizer`` (a ``tokenizers.Tokenizer`` or None) and ``config.prompt_template``.
 
-A call prefills all its prompts in one ``forward`` and then decodes the sequences that are
-still running together, one token each per ``forward``; a sequence that finishes leaves the
-batch and frees its cache at once. Sampling runs on the host in numpy (:mod:`.sampling`).
+A call runs its prompts on a scheduler (:mod:`mpt_relax.runtime.scheduler`, the server's
+continuous batching): prompts are prefilled in chunks, the sequences still running are decoded
+together, one token each per ``forward``; a sequence that finishes leaves the batch and frees
+its cache at once. Sampling runs on the host in numpy (:mod:`.sampling`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .runtime.scheduler import Request, Scheduler, drive
 from .sampling import apply_repetition_penalty, sample
 from .templates import Message, Template, get_template
 from .tokenizer import StreamDecoder
@@ -216,44 +217,19 @@ class _Sequence:
 def _run(engine, seqs: list[_Sequence], keep: bool = False) -> Iterator[tuple[int, str]]:
     """Generate every sequence to its end; yields ``(index, text piece)`` as pieces complete.
 
-    Sequences without an id are added to the engine here. Unless ``keep``, each sequence is
-    removed from the engine as it finishes, and all are when the run is abandoned or fails.
+    The sequences run on a private :class:`~mpt_relax.runtime.scheduler.Scheduler` stepped on
+    this thread: the server's continuous batching (admission by batch size and KV pages,
+    chunked prefill, one batched decode per step), so the Python API and the server share one
+    code path. Sequences without an id are added to the engine on admission. Unless ``keep``,
+    each sequence is removed from the engine as it finishes, and all are when the run is
+    abandoned or fails.
     """
-    t_start = time.perf_counter()
-    alive = []
-    try:
-        for s in seqs:
-            if s.seq_id is None:
-                s.seq_id = engine.add_sequence()
-            alive.append(s)
-        logits = engine.forward([s.seq_id for s in seqs], [s.feed for s in seqs])
-        prefill_s = time.perf_counter() - t_start
-        for s in seqs:
-            s.t_start, s.prefill_s = t_start, prefill_s
-        live = list(range(len(seqs)))
-        while True:
-            for row, i in enumerate(live):
-                s = seqs[i]
-                piece = s.push(s.choose(logits[row]))
-                now = time.perf_counter()
-                s.t_first = s.t_first or now
-                if s.finish_reason:
-                    s.t_end = now
-                    if not keep:
-                        alive.remove(s)
-                        engine.remove_sequence(s.seq_id)
-                if piece:
-                    yield i, piece
-            live = [i for i in live if seqs[i].finish_reason is None]
-            if not live:
-                return
-            logits = engine.forward([seqs[i].seq_id for i in live], [[seqs[i].token_ids[-1]] for i in live])
-            for i in live:
-                seqs[i].fed += 1
-    finally:
-        if not keep:
-            for s in alive:
-                engine.remove_sequence(s.seq_id)
+    requests = [Request(s, keep=keep, tag=i) for i, s in enumerate(seqs)]
+    for event in drive(Scheduler(engine), requests):
+        if event.error is not None:
+            raise event.error
+        if event.piece:
+            yield event.request.tag, event.piece
 
 
 class Stream:
