@@ -147,6 +147,7 @@ class Scheduler:
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._cancels = 0
+        self._woken = False
         self.closed = False
         self.steps = 0
         self.tokens_generated = 0
@@ -196,11 +197,14 @@ class Scheduler:
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until a step has something to do (or ``timeout``); returns :attr:`busy`."""
         with self._cond:
-            self._cond.wait_for(lambda: self.busy or self.closed, timeout)
+            self._cond.wait_for(lambda: self.busy or self._woken, timeout)
+            self._woken = False
             return self.busy
 
     def wake(self) -> None:
+        """End a :meth:`wait_for_work` early (e.g. to let its thread see a stop request)."""
         with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
     # ------------------------------------------------------------ the stepping thread
@@ -356,7 +360,7 @@ class SchedulerThread:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.stats: dict = {}
-        self._stop = False
+        self._stop = self._close = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def start(self) -> "SchedulerThread":
@@ -378,6 +382,13 @@ class SchedulerThread:
         if self.scheduler is not None:
             self.scheduler.cancel(request)
 
+    def cancel_all(self) -> None:
+        """Cancel everything running or waiting and take no more requests; the thread frees
+        them at its next step and stays up until :meth:`stop`."""
+        self._close = True
+        if self.scheduler is not None:
+            self.scheduler.wake()
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Cancel whatever still runs or waits, free it, and end the thread (waits ``timeout``)."""
         self._stop = True
@@ -397,6 +408,9 @@ class SchedulerThread:
             self.ready.set()
         sched = self.scheduler
         while not self._stop:
+            if self._close and not sched.closed:
+                sched.close(SchedulerClosedError("the server is shutting down"))
+                self._snapshot()
             if not sched.wait_for_work(timeout=0.5):
                 continue
             sched.step()

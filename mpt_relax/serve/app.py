@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -56,12 +57,21 @@ class Service:
         self.thread = SchedulerThread(engine_factory, max_batch_size=max_batch_size, max_queue=max_queue,
                                       prefill_chunk_size=prefill_chunk_size)
         self.on_load_error: Callable[[BaseException], None] | None = None
+        self.shutting_down = False
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self.thread.stop(timeout)
+
+    def begin_shutdown(self, grace: float) -> None:
+        """New requests get 503 from now on (once the socket closes, none arrive); running ones
+        get ``grace`` seconds to finish, then they are cancelled and their clients told so."""
+        self.shutting_down = True
+        timer = threading.Timer(grace, self.thread.cancel_all)
+        timer.daemon = True
+        timer.start()
 
     @property
     def engine(self):
@@ -75,7 +85,7 @@ class Service:
         if self.thread.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.thread.load_error}", type="server_error",
                            code="model_load_failed")
-        if not self.thread.alive:
+        if not self.thread.alive or self.shutting_down:
             raise APIError(503, "the model is loading (or the server is shutting down); retry shortly",
                            type="server_error", code="model_not_ready", headers={"Retry-After": RETRY_AFTER_S})
 

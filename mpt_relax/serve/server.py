@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -60,9 +61,18 @@ def run(opts: ServeOptions) -> int:
 
     service = make_service(opts)
     app = create_app(service, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes)
+    # uvicorn's own grace period is a backstop: the service ends what still runs after
+    # shutdown_timeout itself, so that every stream is closed properly (an error event, [DONE]).
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
-                            timeout_graceful_shutdown=opts.shutdown_timeout, access_log=opts.log_level == "debug")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=opts.shutdown_timeout + 5, access_log=opts.log_level == "debug")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                service.begin_shutdown(opts.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
 
     def failed(err: BaseException) -> None:
         server.should_exit = True
@@ -70,7 +80,15 @@ def run(opts: ServeOptions) -> int:
     service.on_load_error = failed
     print(f"mpt_relax serve: {service.model_name} on http://{opts.host}:{opts.port}/v1 (loading the engine)",
           file=sys.stderr, flush=True)
-    server.run()
+    # uvicorn handles SIGINT / SIGTERM (graceful shutdown) and afterwards re-raises the signal
+    # to the handler it found: make that one a no-op, so that a requested stop exits with 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if service.thread.load_error is not None:
         raise service.thread.load_error
+    print("mpt_relax serve: stopped", file=sys.stderr, flush=True)
     return 0
