@@ -38,14 +38,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from mpt_relax.kv_cache import KVCacheCapacityError, pages_to_append
-
-_Base = ValueError  # TODO(merge): mpt_relax.errors.MPTRelaxError
+from mpt_relax.errors import MPTRelaxError
+from mpt_relax.runtime.kv_state import KVCacheCapacityError, pages_to_append
 
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
 
 
-class SchedulerError(_Base):
+class SchedulerError(MPTRelaxError):
     """The scheduler cannot take a request now (full queue, not started, shutting down)."""
 
 

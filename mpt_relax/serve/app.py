@@ -22,7 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mpt_relax import generation
+from mpt_relax.errors import MPTRelaxError
+from mpt_relax.runtime import generation
 from mpt_relax.runtime.scheduler import (
     QueueFullError,
     Request as ScheduledRequest,
@@ -30,7 +31,6 @@ from mpt_relax.runtime.scheduler import (
     SchedulerClosedError,
     SchedulerThread,
 )
-from mpt_relax.runtime.scheduler import _Base as MPTRelaxError  # TODO(merge): mpt_relax.errors
 from mpt_relax.serve import protocol
 from mpt_relax.serve.metrics import Metrics
 from mpt_relax.serve.protocol import APIError
@@ -108,6 +108,8 @@ class Service:
             params = generation.SamplingParams.from_kwargs(**req.sampling(max_tokens or window - len(ids)))
             tmpl = generation._template(eng, template_name)
             return generation._sequences(eng, [ids], tmpl, params)[0]
+        except APIError:
+            raise
         except MPTRelaxError as err:
             raise APIError(400, str(err), param=param) from None
 
@@ -126,6 +128,8 @@ class Service:
                                code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
             if isinstance(err, SchedulerClosedError):
                 self.check_ready()
+                raise APIError(503, str(err), type="server_error", code="model_not_ready",
+                               headers={"Retry-After": RETRY_AFTER_S}) from None
             if isinstance(err, MPTRelaxError):
                 raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from None
             raise

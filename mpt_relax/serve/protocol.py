@@ -16,10 +16,12 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mpt_relax.errors import MPTRelaxError
+
 MAX_STOP_STRINGS = 16
 
 
-class APIError(Exception):
+class APIError(MPTRelaxError):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,

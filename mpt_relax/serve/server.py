@@ -38,7 +38,7 @@ class ServeOptions:
 
 def engine_factory(opts: ServeOptions):
     def load():
-        from mpt_relax import Engine
+        from mpt_relax.runtime.engine import Engine
 
         return Engine(opts.artifact, opts.device, max_batch_size=opts.max_batch_size, kv_memory=opts.kv_memory,
                       prefill_chunk_size=opts.prefill_chunk_size)
@@ -47,7 +47,7 @@ def engine_factory(opts: ServeOptions):
 
 
 def make_service(opts: ServeOptions) -> Service:
-    from mpt_relax import artifact  # TODO(merge): mpt_relax.io.artifact
+    from mpt_relax.io import artifact
 
     artifact.read_config(Path(opts.artifact))  # a wrong path fails here, before the socket is bound
     return Service(engine_factory(opts), model_name=opts.model_name or Path(opts.artifact).resolve().name,

@@ -18,7 +18,7 @@ import uvicorn
 
 import mpt_relax
 from factory import hf_checkpoint
-from mpt_relax.demo import train_tokenizer, write_tokenizer
+from mpt_relax.tools.demo import train_tokenizer, write_tokenizer
 from mpt_relax.serve.app import Service, create_app
 
 VOCAB = 320

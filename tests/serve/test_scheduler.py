@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import mpt_relax
-from mpt_relax import generation
+from mpt_relax.runtime import generation
 from mpt_relax.runtime.scheduler import QueueFullError, Request, RequestCancelled, Scheduler, SchedulerThread
-from mpt_relax.templates import get_template
+from mpt_relax.models.mpt.templates import get_template
 
 
 def ids(seed: int, n: int) -> list[int]:

@@ -288,19 +288,18 @@ def test_overload_gets_429_and_the_server_keeps_serving(start_server, serve_arti
     http = httpx.Client(timeout=120)
     replies: list = []
     threads = [threading.Thread(target=lambda: replies.append(http.post(live.url + "/completions", json=body)))
-               for _ in range(4)]
+               for _ in range(3)]
 
     def wait_for(condition) -> None:
-        for _ in range(1000):
+        for _ in range(3000):
             if condition():
                 return
             threading.Event().wait(0.01)
         raise AssertionError("timed out")
 
-    for t in threads[:2]:
-        t.start()
-    wait_for(lambda: len(sched.running) == 2)  # admitted; the step is now held in forward
-    for t in threads[2:]:
+    threads[0].start()
+    wait_for(lambda: len(sched.running) == 1)  # admitted; its step is now held in forward
+    for t in threads[1:]:
         t.start()
     wait_for(lambda: sched.queued == 2)  # the queue is full
     r = http.post(live.url + "/completions", json=body)
@@ -312,7 +311,7 @@ def test_overload_gets_429_and_the_server_keeps_serving(start_server, serve_arti
     engines[0].gate.set()
     for t in threads:
         t.join(120)
-    assert [r.status_code for r in replies] == [200] * 4
+    assert [r.status_code for r in replies] == [200] * 3
     assert all(r.json()["usage"]["completion_tokens"] == 8 for r in replies)
     r = http.post(live.url + "/completions", json={**body, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

@@ -1,0 +1,52 @@
+"""The Relax pass pipeline every target shares: legalize, fuse, schedule, lower for the VM.
+
+A target differs only in its schedule list and export step (:mod:`.targets`).
+"""
+
+from __future__ import annotations
+
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+from mpt_relax.compile.targets import TargetSpec
+from mpt_relax.quantization import fuse_dequantize_matmul
+
+
+def pipeline(spec: TargetSpec) -> tvm.transform.Pass:
+    """Legalize, fuse, schedule with dlight, plan memory and lower for the VM."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        dl.ApplyDefaultSchedule(*spec.schedules()),
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="mpt_relax_pipeline")
+    def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with spec.target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _run
+
+
+def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
+    """Compile an exported model IRModule for one target."""
+    return tvm.compile(mod, spec.target, relax_pipeline=pipeline(spec))
