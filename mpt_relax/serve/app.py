@@ -5,7 +5,8 @@
 thread that touches it) plus metrics. Handlers run on the event loop: they validate and
 tokenize a request, hand it to the scheduler and relay its events, which the scheduler thread
 posts to the loop, as one JSON body or as server-sent events (``data: {...}`` ... ``data:
-[DONE]``). A client that disconnects cancels its request; the scheduler frees its KV pages at
+[DONE]``, one chunk per sampled token, its text maybe "" while a character or a possible stop
+string is incomplete). A client that disconnects cancels its request; the scheduler frees its KV pages at
 the next step.
 """
 
@@ -343,7 +344,7 @@ async def _stream(group: Group, req, rid: str, created: int, chat: bool) -> Asyn
                 break
             if ev.logprobs is not None:
                 pending[i].append(ev.logprobs)
-            if not ev.piece and not ev.finished:
+            if ev.token_id is None and not ev.finished:
                 continue
             finish = ev.request.seq.finish_reason if ev.finished else None
             logprobs = None
@@ -355,7 +356,7 @@ async def _stream(group: Group, req, rid: str, created: int, chat: bool) -> Asyn
                 pending[i] = []
             offsets[i] += len(ev.piece)
             if chat:  # as OpenAI: the finish_reason comes in a chunk of its own, with an empty delta
-                if ev.piece:
+                if ev.token_id is not None:
                     yield chunk([{"index": i, "delta": {"content": ev.piece}, "logprobs": logprobs,
                                   "finish_reason": None}])
                     logprobs = None
