@@ -24,9 +24,10 @@ from mpt_relax import defaults
 from mpt_relax.compile import pipeline, targets
 from mpt_relax.io.checkpoint import weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
-from mpt_relax.models.mpt.model import DEFAULT_PAGE_SIZE, MPTForCausalLM
+from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
+from mpt_relax.models.mpt.model import MPTForCausalLM
 from mpt_relax.quantization import Quantization, get_quantization
-from mpt_relax.models.mpt.loader import stream_params, weight_rules
+from mpt_relax.models.mpt.loader import WeightRule, stream_params, weight_rules
 
 VERSION = "0.1.0"
 
@@ -73,38 +74,36 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(name, cfg, path)
 
 
-def quantized_model(
-    config: MPTConfig,
-    q: Quantization,
-    target: str | tvm.target.Target = "llvm",
-    page_size: int = DEFAULT_PAGE_SIZE,
-) -> tuple[MPTForCausalLM, MPTForCausalLM]:
-    """(float model, model to export): the second has its Linear layers quantized by ``q`` and
-    its paged-attention kernels made for ``target`` with ``page_size`` tokens per page."""
-    float_model = MPTForCausalLM(config, q.model_dtype)
-    export = q.quantize_model(MPTForCausalLM(config, q.model_dtype, target=target, page_size=page_size))
-    return float_model, export
+def quantized_model(config: MPTConfig, q: Quantization) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
+    """The model to export (built once, its layers quantized by ``q``) and the weight rules of its
+    float parameters, named before the quantizer replaces them."""
+    model = MPTForCausalLM(config, q.model_dtype)
+    rules = weight_rules(model, q)
+    return q.quantize_model(model), rules
 
 
 def export_irmodule(
     config: MPTConfig | str,
     quantization: str | Quantization = "q0f32",
-    target: str | tvm.target.Target = "llvm",
+    target: str | tvm.target.Target | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
-):
-    """The model's IRModule for one target, no weights.
+) -> tvm.IRModule:
+    """The model's IRModule, no weights.
 
     Entry points: create_paged_kv_cache / prefill / batch_decode (see :mod:`mpt_relax.models.mpt.model`).
-    ``config`` is an :class:`MPTConfig` or a preset name; ``target`` a target name (as
-    :func:`build` takes) or a ``tvm.target.Target``: the paged-attention kernels differ
-    between the CPU and GPUs. ``page_size``: tokens per KV-cache page, baked into the kernels.
+    ``config`` is an :class:`MPTConfig` or a preset name. Without ``target`` the module is
+    target-free (its KV cache creation is generic); with one (a name as :func:`build` takes, or
+    a ``tvm.target.Target``) the cache gets that target's attention kernels for ``page_size``
+    tokens per page, as the target's pipeline would give it.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    tvm_target = targets.resolve_target(target).target if isinstance(target, str) else target
     q = get_quantization(quantization) if isinstance(quantization, str) else quantization
-    _, model = quantized_model(cfg, q, tvm_target, page_size)
+    model, _ = quantized_model(cfg, q)
     mod, _ = model.export_tvm(spec=model.export_spec())
-    return mod
+    if target is None:
+        return mod
+    tvm_target = targets.resolve_target(target).target if isinstance(target, str) else target
+    return dispatch_kv_cache(tvm_target, page_size)(mod)
 
 
 def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
@@ -168,8 +167,7 @@ def build(
     else:
         weight_files(src.weights_dir)  # fail early on a directory without weights
 
-    float_net, net = quantized_model(src.config, q)
-    rules = weight_rules(float_net, q)
+    net, rules = quantized_model(src.config, q)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
     with artifact.atomic_directory(out) as tmp:
         if src.weights_dir is not None:
@@ -181,13 +179,13 @@ def build(
                     extra=_quantization_records(rules, q),
                 )
             _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
+        with _stage("export the IRModule", quiet):  # once: each target's pipeline adds its attention kernels
+            mod, _ = net.export_tvm(spec=net.export_spec())
         libraries = {}
         for spec in specs:
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
-            with _stage(f"export the IRModule for {spec.name}", quiet):  # the attention kernels differ per target
-                mod = export_irmodule(src.config, q, spec.target, page_size)
             with _stage(f"compile {spec.name}", quiet):
-                executable = pipeline.compile_module(mod, spec)
+                executable = pipeline.compile_module(mod, spec, page_size)
             with _stage(f"export {lib_name}", quiet):
                 executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name

@@ -10,13 +10,16 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.quantization import fuse_dequantize_matmul
 
 
-def pipeline(spec: TargetSpec) -> tvm.transform.Pass:
-    """Legalize, fuse, schedule with dlight, plan memory and lower for the VM."""
+def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transform.Pass:
+    """Give the KV cache this target's kernels (``page_size`` tokens per page), then legalize,
+    fuse, schedule with dlight, plan memory and lower for the VM."""
     passes = [
+        dispatch_kv_cache(spec.target, page_size),
         relax.transform.DecomposeOpsForInference(),
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         relax.transform.LegalizeOps(),
@@ -47,6 +50,6 @@ def pipeline(spec: TargetSpec) -> tvm.transform.Pass:
     return _run
 
 
-def compile_module(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
-    """Compile an exported model IRModule for one target."""
-    return tvm.compile(mod, spec.target, relax_pipeline=pipeline(spec))
+def compile_module(mod: tvm.IRModule, spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> relax.VMExecutable:
+    """Compile an exported (target-free) model IRModule for one target."""
+    return tvm.compile(mod, spec.target, relax_pipeline=pipeline(spec, page_size))

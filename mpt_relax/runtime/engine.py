@@ -34,6 +34,7 @@ from mpt_relax.runtime.kv_state import (
     KVCacheCapacityError,
     PagedKVCacheRuntime,
     bytes_per_page,
+    dtype_bytes,
     max_total_seq_len_for_pages,
     pages_for_budget,
     pages_to_append,
@@ -314,7 +315,7 @@ class Engine:
         """One compiled forward appending ``pieces[i]`` to ``seq_ids[i]``: ``prefill`` returning
         the logits at rows ``logit_positions`` of the concatenated pieces, or ``batch_decode``
         (one token each) when ``logit_positions`` is None. Returns float32 [rows, V]."""
-        self._kv.begin_forward(seq_ids, [len(p) for p in pieces])
+        self._kv.begin_forward(seq_ids, [len(p) for p in pieces], check=False)  # forward() checked the request
         try:
             ids = tvm.runtime.tensor(np.concatenate(pieces), self.device)
             if logit_positions is None:
@@ -341,7 +342,8 @@ class Engine:
 
         ``sampling``: max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
         repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False (see
-        :class:`generation.SamplingParams`); ``template``: "dolly" | "chatml" | "none",
+        :class:`generation.SamplingParams`), and/or ``sampling=SamplingParams(...)`` whose
+        fields the keywords override; ``template``: "dolly" | "chatml" | "none",
         default from the config. Returns :class:`generation.GenerationResult`.
         """
         return generation.generate(self, prompt, template, **sampling)
@@ -362,4 +364,4 @@ class Engine:
 
 def _nbytes(tensor: tvm.runtime.Tensor) -> int:
     """Bytes of a runtime tensor."""
-    return int(np.prod(tensor.shape, dtype=np.int64)) * ((tvm.runtime.DataType(tensor.dtype).bits + 7) // 8)
+    return int(np.prod(tensor.shape, dtype=np.int64)) * dtype_bytes(str(tensor.dtype))

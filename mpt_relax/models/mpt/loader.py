@@ -16,10 +16,8 @@ import numpy as np
 import torch
 from tvm.relax.frontend import nn
 
-from mpt_relax.io.checkpoint import CheckpointError, iter_tensors, tensor_shapes
+from mpt_relax.io.checkpoint import FP16_MAX, CheckpointError, iter_tensors, tensor_shapes
 from mpt_relax.quantization import Quantization
-
-FP16_MAX = 65504.0
 
 Transform = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
