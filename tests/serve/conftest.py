@@ -94,7 +94,7 @@ def start_server(serve_artifact):
               wait_ready: bool = True) -> LiveServer:
         engine_kw = {"max_batch_size": 16, **(engine or {})}
         load = factory or (lambda: mpt_relax.Engine(serve_artifact, device="cpu", **engine_kw))
-        svc = Service(load, model_name=MODEL, max_batch_size=engine_kw["max_batch_size"], **(service or {}))
+        svc = Service(load, **{"model_name": MODEL, "max_batch_size": engine_kw["max_batch_size"], **(service or {})})
         live = LiveServer(svc, **(app or {}))
         servers.append(live)
         return live.start(wait_ready)
