@@ -32,6 +32,7 @@ defaults.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -41,6 +42,7 @@ import numpy as np
 from mpt_relax.errors import MPTRelaxError
 from mpt_relax.runtime.kv_state import KVCacheCapacityError, pages_to_append
 
+log = logging.getLogger(__name__)
 QUEUED, PREFILL, DECODE, DONE = "queued", "prefill", "decode", "done"
 
 
@@ -313,7 +315,10 @@ class Scheduler:
                     continue
                 r.state, r.seq.prefill_s = DECODE, now - r.t_admit
                 self.prompt_tokens += len(r.seq.feed)
-            self._sample(r, row, events)
+            try:
+                self._sample(r, row, events)
+            except Exception as err:  # noqa: BLE001 - sampling or decoding failed for this request only
+                self._finish(r, events, err)
 
     def _sample(self, r: Request, row: np.ndarray, events: list[Event]) -> None:
         seq = r.seq
@@ -412,7 +417,12 @@ class SchedulerThread:
                 self._snapshot()
             if not sched.wait_for_work(timeout=0.5):
                 continue
-            sched.step()
+            try:
+                sched.step()
+            except Exception as err:  # noqa: BLE001 - a bug must not leave every client waiting forever
+                log.exception("scheduler step failed; cancelling the running and queued requests")
+                sched.close(err)
+                self.scheduler = sched = Scheduler(self.engine, **self._limits)
             self._snapshot()
         sched.close(SchedulerClosedError("the server is shutting down"))
         self._snapshot()

@@ -46,17 +46,14 @@ class Metrics:
         self.itl = Histogram(ITL_BUCKETS)
         self.requests: dict[str, int] = {}  # by outcome: stop, length, cancelled, error
         self.rejected: dict[str, int] = {}  # by HTTP status
-        self.completion_tokens = 0
 
     def first_token(self, seconds: float) -> None:
         with self._lock:
             self.ttft.observe(seconds)
-            self.completion_tokens += 1
 
     def next_token(self, seconds: float) -> None:
         with self._lock:
             self.itl.observe(seconds)
-            self.completion_tokens += 1
 
     def finished(self, outcome: str) -> None:
         with self._lock:

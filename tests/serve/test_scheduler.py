@@ -156,3 +156,17 @@ def test_scheduler_thread_loads_the_engine_on_its_own_thread(serve_artifact):
 
     failing = SchedulerThread(lambda: 1 / 0).start()
     assert failing.ready.wait(10) and isinstance(failing.load_error, ZeroDivisionError)
+
+
+def test_a_failing_request_ends_alone(engine):
+    sched = Scheduler(engine)
+    good = sched.submit(Request(seq(engine, ids(1, 6), 6)))
+    bad = sched.submit(Request(seq(engine, ids(2, 6), 6)))
+
+    def broken(logits):
+        raise RuntimeError("boom")
+
+    bad.seq.choose = broken
+    run_all(sched)
+    assert isinstance(bad.error, RuntimeError) and good.error is None and len(good.seq.token_ids) == 6
+    assert engine.free_kv_pages() == engine.kv_pages and not engine._sequences
