@@ -5,9 +5,9 @@
 thread that touches it) plus metrics. Handlers run on the event loop: they validate and
 tokenize a request, hand it to the scheduler and relay its events, which the scheduler thread
 posts to the loop, as one JSON body or as server-sent events (``data: {...}`` ... ``data:
-[DONE]``, one chunk per sampled token, its text maybe "" while a character or a possible stop
-string is incomplete). A client that disconnects cancels its request; the scheduler frees its KV pages at
-the next step.
+[DONE]``, one chunk per sampled token, its text maybe "" while a character or a possible
+stop string is incomplete). A client that disconnects cancels its request; the scheduler frees
+its KV pages at the next step.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class Service:
             window = eng.context_window
             if len(ids) + (max_tokens or 1) > window:
                 asked = f" + {max_tokens} max_tokens" if max_tokens else ""
-                raise APIError(400, f"this model's context window is {window} tokens; the prompt has {len(ids)}{asked}. "
-                               "Shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+                raise APIError(400, f"this model's context window is {window} tokens; the prompt has "
+                               f"{len(ids)}{asked}. Shorten the prompt or lower max_tokens", param=param,
+                               code="context_length_exceeded")
             params = generation.SamplingParams.from_kwargs(**req.sampling(max_tokens or window - len(ids)))
             tmpl = generation._template(eng, template_name)
             return generation._sequences(eng, [ids], tmpl, params)[0]
@@ -218,7 +219,8 @@ def create_app(service: Service, *, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        return JSONResponse(protocol.error_body(str(err.detail), code=str(err.status_code)), status_code=err.status_code)
+        body = protocol.error_body(str(err.detail), code=str(err.status_code))
+        return JSONResponse(body, status_code=err.status_code)
 
     @app.get("/health")
     async def health():
@@ -310,7 +312,7 @@ async def _complete(group: Group, http: Request, req, rid: str, created: int, ch
             choices.append({"index": r.tag, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                             "finish_reason": seq.finish_reason})
         else:
-            logprobs = protocol.completion_logprobs(entries[r.tag], svc.token_text) if req.logprobs is not None else None
+            logprobs = None if req.logprobs is None else protocol.completion_logprobs(entries[r.tag], svc.token_text)
             choices.append({"index": r.tag, "text": text, "logprobs": logprobs, "finish_reason": seq.finish_reason})
     kind = "chat.completion" if chat else "text_completion"
     return protocol.envelope(kind, rid, svc.model_name, choices, created,

@@ -9,7 +9,6 @@ that long prompts are prefilled over several steps, interleaved with the others'
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 
@@ -347,7 +346,8 @@ def test_200_requests_without_a_crash_or_a_leak(live):
             r = await http.post(url, json=body)
             return "invalid" if r.status_code == 400 else f"bad {r.status_code}"
         if i % 3 == 0:
-            async with http.stream("POST", url, json={**body, "stream": True, "max_tokens": 40, "ignore_eos": True}) as r:
+            streamed = {**body, "stream": True, "max_tokens": 40, "ignore_eos": True}
+            async with http.stream("POST", url, json=streamed) as r:
                 if r.status_code != 200:
                     return f"bad {r.status_code}"
                 lines = [line async for line in _take(r.aiter_lines(), 4 if i % 9 == 0 else None)]
