@@ -1,10 +1,11 @@
-"""``python -m mpt_relax``: build, convert, generate, chat, bench, demo (the default).
+"""``python -m mpt_relax``: build, convert, generate, chat, serve, bench, demo (the default).
 
     python -m mpt_relax build --model mpt-7b-instruct --quantization q4f16_1   # = scripts/build.py
     python -m mpt_relax convert --model mpt-7b-instruct          # bf16 -> fp16; = bfloat16_to_float16.py
     python -m mpt_relax demo                                     # tiny model, built on first use
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
+    python -m mpt_relax serve --artifact DIR [--port 8000]       # OpenAI-compatible HTTP server
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
 
 Errors print one line ``error: ...`` on stderr and exit with status 1 (2 for a usage mistake,
@@ -142,6 +143,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from mpt_relax.serve.server import ServeOptions, run  # FastAPI / uvicorn only when serving
+
+    return run(ServeOptions(
+        artifact=args.artifact, host=args.host, port=args.port, device=args.device,
+        max_batch_size=args.max_batch_size, kv_memory=args.kv_memory, max_queue=args.max_queue,
+        prefill_chunk_size=args.prefill_chunk_size, api_key=args.api_key or os.environ.get("MPT_RELAX_API_KEY"),
+        model_name=args.model_name, template=args.template, max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+    ))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     with cli.deferred_interrupts():
         from mpt_relax.tools import bench
@@ -253,6 +268,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (chatml)")
     _add_sampling(p)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat) with continuous batching")
+    _add_engine(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--kv-memory", help="KV-cache size, e.g. 2GB (default: max-batch-size full context windows)")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; beyond it: 429")
+    p.add_argument("--prefill-chunk-size", type=int, help="most prompt tokens prefilled per step")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also: $MPT_RELAX_API_KEY)")
+    p.add_argument("--model-name", help="the model id clients send (default: the artifact directory's name)")
+    with cli.deferred_interrupts():
+        from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
+    p.add_argument("--template", choices=TEMPLATE_NAMES, help="chat template (default: from the artifact's config)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish on SIGINT/SIGTERM before they are cancelled")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
     _add_engine(p)

@@ -248,6 +248,11 @@ class Engine:
     def context_window(self) -> int:
         return int(self.meta["context_window_size"])
 
+    def free_kv_pages(self) -> int:
+        """KV-cache pages no sequence holds (``kv_pages`` when there are none)."""
+        with self._lock:
+            return self._kv.available_pages()
+
     def check_tokens(self, token_ids, extra: int = 0) -> np.ndarray:
         """Token ids as int32 [n]; errors for anything but a flat sequence of integers (no floats,
         bools or nested lists), empty input, ids outside the vocabulary, or a sequence (plus
@@ -263,11 +268,6 @@ class Engine:
                 "shorten the prompt or rebuild with a larger --max-seq-len"
             )
         return ids.astype(np.int32)
-
-    def free_pages(self) -> int:
-        """KV-cache pages no sequence holds."""
-        with self._lock:
-            return self._kv.available_pages()
 
     def pages_needed(self, held: int, new: int) -> int:
         """Pages a sequence holding ``held`` tokens takes to grow by ``new`` tokens."""

@@ -4,12 +4,10 @@ Works with any engine that offers ``add_sequence()``, ``remove_sequence(seq_id)`
 ``forward(seq_ids, tokens) -> float32 [batch, vocab]``, ``check_tokens(ids, extra)``,
 ``tokenizer`` (a ``tokenizers.Tokenizer`` or None) and ``config.prompt_template``.
 
-A call prefills its prompts in one ``forward`` and then decodes the sequences that are
-still running together, one token each per ``forward``; a sequence that finishes leaves the
-batch and frees its cache at once. Sampling runs on the host in numpy (:mod:`.sampling`).
-
-The loop itself, and how it starts sequences in waves as KV-cache pages allow (a batch larger
-than the pool, a reply that never loses what it produced), is :mod:`.waves`.
+A call runs its prompts on a scheduler (:mod:`mpt_relax.runtime.scheduler`, the server's
+continuous batching): prompts are prefilled in chunks, the sequences still running are decoded
+together, one token each per ``forward``; a sequence that finishes leaves the batch and frees
+its cache at once. Sampling runs on the host in numpy (:mod:`.sampling`).
 """
 
 from __future__ import annotations
@@ -22,9 +20,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from mpt_relax.runtime.sampling import apply_repetition_penalty, sample
+from mpt_relax.runtime.scheduler import Request, Scheduler, drive
 from mpt_relax.models.mpt.templates import Message, Template, get_template
 from mpt_relax.runtime.tokenizer import StreamDecoder
-from mpt_relax.runtime.waves import check_pages, run as _run
+from mpt_relax.runtime.kv_state import KVCacheCapacityError
 from mpt_relax.errors import MPTRelaxError
 
 MPT_EOS_ID = 0  # <|endoftext|> in the GPT-NeoX tokenizer; the stop token when an artifact has no tokenizer
@@ -209,13 +208,9 @@ class _Sequence:
             self.finish_reason = "stop" if self.text.stopped else "length"
         return piece
 
-    def pages_left(self, engine, started: bool) -> int:
-        """KV pages this sequence may still take: the prompt (unless ``started``) and every new
-        token that will be fed back (all but the last)."""
-        to_feed = self.params.max_new_tokens - 1 - self.fed
-        if not started:
-            return engine.pages_needed(self.held, len(self.feed) + to_feed)
-        return engine.pages_needed(self.held + len(self.feed) + self.fed, to_feed)
+    def pages_for_reply(self, engine) -> int:
+        """KV pages this reply may take: its prompt and every new token fed back (all but the last)."""
+        return engine.pages_needed(self.held, len(self.feed) + self.params.max_new_tokens - 1)
 
     def cut_short(self) -> str:
         """End the reply now (the KV cache is full) as if max_new_tokens were reached; returns the held-back text."""
@@ -232,6 +227,40 @@ class _Sequence:
             time_to_first_token_s=self.t_first - self.t_start,
             decode_s=self.t_end - self.t_first,
         )
+
+
+def check_pages(engine, seqs: list[_Sequence]) -> None:
+    """Raise KVCacheCapacityError, before any work, if the first of ``seqs`` cannot start now: its
+    prompt *and* all its ``max_new_tokens`` need more KV pages than are free. (A batch whose
+    sequences each fit runs in waves on the scheduler.) Engines without page accounting pass."""
+    if not seqs or not hasattr(engine, "pages_needed"):
+        return
+    s = seqs[0]
+    need, free = s.pages_for_reply(engine), engine.free_kv_pages()
+    if need > free:
+        raise KVCacheCapacityError(
+            f"{len(s.feed)} prompt tokens + max_new_tokens={s.params.max_new_tokens} need {need} KV-cache pages "
+            f"but only {free} are free; lower max_new_tokens, remove finished sequences, or create the Engine "
+            "with a larger kv_memory"
+        )
+
+
+def _run(engine, seqs: list[_Sequence], keep: bool = False) -> Iterator[tuple[int, str]]:
+    """Generate every sequence to its end; yields ``(index, text piece)`` as pieces complete.
+
+    The sequences run on a private :class:`~mpt_relax.runtime.scheduler.Scheduler` stepped on
+    this thread: the server's continuous batching (admission by batch size and KV pages,
+    chunked prefill, one batched decode per step), so the Python API and the server share one
+    code path. Sequences without an id are added to the engine on admission. Unless ``keep``,
+    each sequence is removed from the engine as it finishes, and all are when the run is
+    abandoned or fails.
+    """
+    requests = [Request(s, keep=keep, tag=i) for i, s in enumerate(seqs)]
+    for event in drive(Scheduler(engine), requests):
+        if event.error is not None:
+            raise event.error
+        if event.piece:
+            yield event.request.tag, event.piece
 
 
 class Stream:

@@ -61,7 +61,7 @@ def test_two_threads_on_one_engine(tiny_engine):
     for t in threads:
         t.join(300)
     assert not errors and got == expected
-    assert tiny_engine.free_pages() == tiny_engine.kv_pages  # every sequence was removed
+    assert tiny_engine.free_kv_pages() == tiny_engine.kv_pages  # every sequence was removed
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def _page_bytes(art):
 def test_request_larger_than_the_free_pages_fails_before_any_work(small_engine):
     with pytest.raises(mpt_relax.KVCacheCapacityError, match="max_new_tokens=70 need 5 KV-cache pages"):
         small_engine.stream("hello", max_new_tokens=70)  # the prompt fits, prompt + new tokens do not
-    assert small_engine.free_pages() == 4
+    assert small_engine.free_kv_pages() == 4
 
 
 def test_pages_taken_mid_reply_end_it_with_length_keeping_the_text(small_engine, monkeypatch):
@@ -92,7 +92,7 @@ def test_pages_taken_mid_reply_end_it_with_length_keeping_the_text(small_engine,
         calls.append(1)
         if len(calls) == 5:
             hog.append(small_engine.add_sequence())
-            forward(hog, [[1] * (small_engine.free_pages() * small_engine.page_size)])
+            forward(hog, [[1] * (small_engine.free_kv_pages() * small_engine.page_size)])
         return forward(seq_ids, tokens)
 
     monkeypatch.setattr(small_engine, "forward", forward_with_a_rival)
@@ -103,7 +103,7 @@ def test_pages_taken_mid_reply_end_it_with_length_keeping_the_text(small_engine,
     assert result.token_ids == reference.token_ids[: len(result.token_ids)] and text == result.text
     monkeypatch.undo()
     small_engine.remove_sequence(hog[0])
-    assert small_engine.free_pages() == 4
+    assert small_engine.free_kv_pages() == 4
 
 
 def test_batch_larger_than_the_pool_runs_in_waves(small_engine):
@@ -111,7 +111,7 @@ def test_batch_larger_than_the_pool_runs_in_waves(small_engine):
     alone = [small_engine.generate(p, max_new_tokens=20, ignore_eos=True).token_ids for p in prompts]
     batch = small_engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
     assert [r.token_ids for r in batch] == alone
-    assert all(r.finish_reason == "length" for r in batch) and small_engine.free_pages() == 4
+    assert all(r.finish_reason == "length" for r in batch) and small_engine.free_kv_pages() == 4
 
 
 def test_kv_memory_beyond_the_device_is_refused_first(tiny_art, monkeypatch):
