@@ -20,6 +20,7 @@ import tvm
 from tqdm import tqdm
 
 from mpt_relax.io import artifact
+from mpt_relax.compile import cuda_kernels
 from mpt_relax.compile import pipeline as compiler
 from mpt_relax.io.checkpoint import weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
@@ -186,6 +187,10 @@ def build(
                 mod = export_irmodule(src.config, q, spec.target, page_size)
             with _stage(f"compile {spec.name}", quiet):
                 executable = compiler.compile_module(mod, spec)
+            if spec.name == "cuda":
+                with _stage("compile the CUDA kernels with nvcc", quiet):
+                    if not cuda_kernels.precompile(executable, spec.target, tmp):
+                        _log("  nvcc not found: the library's kernels will be compiled when it is loaded", quiet)
             with _stage(f"export {lib_name}", quiet):
                 executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime import vm as tvm_vm  # not relax.VirtualMachine: tvm.relax needs the compiler
 
 from mpt_relax.io import artifact
 from mpt_relax.compile import pipeline as compiler
@@ -33,6 +33,7 @@ from mpt_relax.runtime import generation
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.runtime.kv_state import KVCacheCapacityError, PagedKVCacheRuntime, bytes_per_page, max_total_seq_len_for_pages, pages_for_budget, pages_to_append
 from mpt_relax.runtime.tokenizer import load_tokenizer
+from mpt_relax.runtime.tvm_backends import ensure_device_runtime, use_precompiled_cuda
 from mpt_relax.errors import MPTRelaxError
 
 DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
@@ -59,9 +60,11 @@ def parse_bytes(size: int | str) -> int:
 
 
 def _tvm_device(device: str) -> tvm.runtime.Device:
+    problem = ensure_device_runtime(device)
     dev = tvm.runtime.device(device, 0)
     if not dev.exist:
-        raise EngineError(f"device {device!r} is not available on this machine; use device='cpu'")
+        why = f" (TVM's {device} runtime did not load: {problem})" if problem else ""
+        raise EngineError(f"device {device!r} is not available on this machine{why}; use device='cpu'")
     return dev
 
 
@@ -74,7 +77,8 @@ def _positive(name: str, value) -> int:
 def auto_device(libraries: dict[str, str]) -> str:
     """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
     for device in AUTO_ORDER:
-        if DEVICE_TARGETS[device] in libraries and tvm.runtime.device(device, 0).exist:
+        if DEVICE_TARGETS[device] in libraries and ensure_device_runtime(device) is None \
+                and tvm.runtime.device(device, 0).exist:
             return device
     return "cpu"
 
@@ -114,7 +118,9 @@ class Engine:
         )
         self.device = _tvm_device(self._check_device(device))
         self._check_cpu(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
+        if device == "cuda":
+            use_precompiled_cuda(self.path)  # kernels built with nvcc: no CUDA compiler needed here
+        self.vm = tvm_vm.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
         self.params = self._load_params()
         self.kv_pages = self._kv_pages(kv_memory)
         self.kv_memory = self.kv_pages * self._page_bytes
