@@ -19,8 +19,8 @@ check/                  gpu_check.py and reference.py (the float64 oracle for op
 lib/                    libcudart.so.13, which the TVM CUDA runtime links, in case the machine lacks it
 ```
 
-Models: small parity models in fp32 and fp16 (multi-head with clip_qkv and 6 heads, a head_dim
-128 one, grouped-query attention) with a 4096 context, and the real mpt-7b-instruct shapes in
+Models: small parity models in fp32, fp16 and int4/int8 (multi-head with clip_qkv and 6 heads, a
+head_dim 128 one, grouped-query attention) with a 4096 context, and the real mpt-7b-instruct shapes in
 q4f16_1 and q0f16 (``--q8`` adds q8f16_1) for the speed part.
 
 ``--device cpu`` makes a bundle of llvm libraries for tiny models (no 7B shapes, no wheels), so the
@@ -53,12 +53,13 @@ CUDA_HOST_MCPU = "x86-64-v2"  # host code of the CUDA libraries: runs on any x86
 
 # Small parity models: HF-style config.json fields (both MptConfig and tests/reference.py read them).
 # oracle "hf": transformers' MptForCausalLM; "reference": the float64 re-implementation (HF ignores GQA).
+# A quantized build is checked against the oracle on its dequantized weights, in fp16.
 PARITY = {
-    "mha-h6-clip": dict(oracle="hf", config=dict(d_model=96, n_heads=6, n_layers=2, vocab_size=256,
-                                                  max_seq_len=4096, attn_config={"clip_qkv": 0.5})),
-    "mha-hd128": dict(oracle="hf", config=dict(d_model=256, n_heads=2, n_layers=2, vocab_size=512,
-                                                max_seq_len=4096, attn_config={"softmax_scale": 0.1})),
-    "gqa-h6-kv2": dict(oracle="reference", config=dict(
+    "mha-h6-clip": dict(oracle="hf", quantizations=["q0f32", "q0f16", "q8f16_1"], config=dict(
+        d_model=96, n_heads=6, n_layers=2, vocab_size=256, max_seq_len=4096, attn_config={"clip_qkv": 0.5})),
+    "mha-hd128": dict(oracle="hf", quantizations=["q0f32", "q0f16", "q4f16_1"], config=dict(
+        d_model=256, n_heads=2, n_layers=2, vocab_size=512, max_seq_len=4096, attn_config={"softmax_scale": 0.1})),
+    "gqa-h6-kv2": dict(oracle="reference", quantizations=["q0f32", "q0f16", "q4f16_1"], config=dict(
         d_model=192, n_heads=6, n_layers=2, vocab_size=320, max_seq_len=4096,
         attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2, "clip_qkv": 4.0})),
 }
@@ -266,7 +267,8 @@ def main(argv=None) -> int:
     models = []
     with tempfile.TemporaryDirectory(prefix="gpu-bundle-") as tmp:
         work = Path(tmp)
-        parity = {"mha-h6-clip": ["q0f32"], "gqa-h6-kv2": ["q0f16"]} if cpu else {n: ["q0f32", "q0f16"] for n in PARITY}
+        parity = {"mha-h6-clip": ["q0f32"], "gqa-h6-kv2": ["q4f16_1"]} if cpu else {
+            n: spec["quantizations"] for n, spec in PARITY.items()}
         for name, quants in parity.items():
             spec = PARITY[name]
             config = {**spec["config"], "max_seq_len": CPU_PLAN["long_context"]} if cpu else spec["config"]

@@ -331,6 +331,9 @@ def copy_bandwidth(device: str) -> float:
     from mpt_relax.tools import bandwidth
 
     if device == "cuda":
+        from mpt_relax.runtime.tvm_backends import ensure_device_runtime
+
+        ensure_device_runtime("cuda")
         return bandwidth.device_copy_bandwidth(tvm.cuda(0))
     return bandwidth.host_copy_bandwidth(threads=int(os.environ.get("TVM_NUM_THREADS", "1")), nbytes=64 * 2**20)
 
@@ -353,6 +356,9 @@ def part_env(rec: Recorder, manifest: dict, device: str, bundle: Path) -> None:
 
         info.update(tvm=tvm.__version__, tvm_path=str(Path(tvm.__file__).parent), runtime_only=bool(base._RUNTIME_ONLY))
         if device == "cuda":
+            from mpt_relax.runtime.tvm_backends import ensure_device_runtime
+
+            info["tvm_cuda_runtime_error"] = ensure_device_runtime("cuda")  # TVM skips it without the compiler
             dev = tvm.cuda(0)
             info.update(tvm_sees_gpu=bool(dev.exist), tvm_compute_version=dev.compute_version if dev.exist else None)
         rec.set("env", info)
@@ -368,40 +374,80 @@ def part_env(rec: Recorder, manifest: dict, device: str, bundle: Path) -> None:
 # ---------------------------------------------------------------------------- weights
 
 
-def random_state(entry: dict, device: str) -> dict:
-    """Float32 master weights on the device for a q0 model, by parameter name, fixed seed.
-
-    Norm weights near 1, embedding rows of norm 2, other matrices with a std large enough that
+def _random_tensor(name: str, shape, gen):
+    """Norm weights near 1, embedding rows of norm 2, other matrices with a std large enough that
     greedy decoding of a random model does not collapse to one repeated token."""
     import torch
 
-    gen = torch.Generator(device=torch_device(device)).manual_seed(entry["seed"])
-    state = {}
-    for name, shape, _ in entry["params"]:
-        if "norm" in name or "_ln." in name:
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=gen.device)
-        elif name.endswith(("wte.weight", "wpe.weight")) or name == "lm_head.weight":
-            t = torch.randn(shape, generator=gen, device=gen.device)
-            t = t / t.norm(dim=-1, keepdim=True) * 2.0
-        elif name.endswith(".bias"):
-            t = 0.1 * torch.randn(shape, generator=gen, device=gen.device)
-        else:
-            t = 2.4 * torch.randn(shape, generator=gen, device=gen.device) / shape[-1] ** 0.5
-        state[name] = t
-    return state
+    if "norm" in name or "_ln." in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=gen.device)
+    if name.endswith(("wte.weight", "wpe.weight")) or name == "lm_head.weight":
+        t = torch.randn(shape, generator=gen, device=gen.device)
+        return t / t.norm(dim=-1, keepdim=True) * 2.0
+    if name.endswith(".bias"):
+        return 0.1 * torch.randn(shape, generator=gen, device=gen.device)
+    return 2.4 * torch.randn(shape, generator=gen, device=gen.device) / shape[-1] ** 0.5
 
 
-def write_artifact(bundle: Path, entry: dict, state: dict, work: Path) -> Path:
-    """A copy of the weightless artifact with ``state`` written by our own writer."""
+def group_quantize(w, bits: int, group_size: int = 32):
+    """float32 [out, in] -> (q_weight as int32 [out, in*bits/32], q_scale fp16 [out, in/group],
+    the dequantized float32 weight): the q4f16_1 / q8f16_1 scheme of mpt_relax.quantization.group
+    (see its docstring), redone in torch because that module needs TVM's compiler."""
     import torch
+
+    max_int = 2 ** (bits - 1) - 1
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // group_size, group_size)
+    scale = (groups.abs().amax(-1) / max_int).to(torch.float16)
+    s = scale.float().unsqueeze(-1)
+    codes = torch.where(s > 0, torch.round(groups / torch.where(s > 0, s, 1.0)), 0.0).clamp(-max_int, max_int)
+    pack = 32 // bits
+    unsigned = (codes + max_int).to(torch.int64).reshape(rows, cols // pack, pack)
+    words = (unsigned << torch.arange(0, 32, bits, device=w.device, dtype=torch.int64)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the uint32 bits, as int32
+    return words, scale, (codes * s).reshape(rows, cols)
+
+
+def make_weights(entry: dict, device: str) -> tuple[dict, dict]:
+    """(the artifact's params by name, in their dtypes (uint32 held as int32), the float32
+    checkpoint weights the oracle runs), random on the device with the model's fixed seed."""
+    import torch
+
+    gen = torch.Generator(device=torch_device(device)).manual_seed(entry["seed"])
+    table = {name: (shape, dtype) for name, shape, dtype in entry["params"]}
+    bits = {"q4f16_1": 4, "q8f16_1": 8}.get(entry["quantization"])
+    params, master = {}, {}
+    for name, (shape, dtype) in table.items():
+        if name.endswith(".q_scale"):
+            continue
+        if name.endswith(".q_weight"):
+            base = name.removesuffix(".q_weight")
+            scale_shape = table[base + ".q_scale"][0]
+            w = _random_tensor(base + ".weight", [shape[0], scale_shape[1] * 32], gen)
+            params[name], params[base + ".q_scale"], master[base + ".weight"] = group_quantize(w, bits)
+        else:
+            master[name] = _random_tensor(name, shape, gen)
+            params[name] = master[name].to(getattr(torch, dtype))
+    return params, master
+
+
+def write_artifact(bundle: Path, entry: dict, params: dict, work: Path) -> Path:
+    """A copy of the weightless artifact with ``params`` written by our own writer."""
+    import numpy as np
 
     from mpt_relax.io import artifact
 
     art = work / entry["name"]
     shutil.copytree(bundle / entry["artifact"], art)
     dtypes = {name: dtype for name, _, dtype in entry["params"]}
-    arrays = ((name, state[name].to(getattr(torch, dtypes[name])).cpu().numpy()) for name in state)
-    artifact.write_params(art, arrays)
+    order = [name for name, _, _ in entry["params"]]
+
+    def arrays():
+        for name in order:
+            array = params[name].cpu().numpy()
+            yield name, array.view(np.uint32) if dtypes[name] == "uint32" else array
+
+    artifact.write_params(art, arrays())
     meta = artifact.read_config(art)
     meta["has_weights"] = True
     artifact.write_config(art, meta)
@@ -477,18 +523,18 @@ def parity_model(rec: Recorder, bundle: Path, entry: dict, plan: dict, device: s
 
     import mpt_relax
 
-    name, half = entry["name"], entry["quantization"] == "q0f16"
+    name, half = entry["name"], entry["quantization"] != "q0f32"
     tol = 2e-2 if half else 1e-4  # the CPU tests' tolerances (tests/models/test_parity_hf.py)
     step_tol = 2e-2 if half else 1e-5
     vocab = entry["hf_config"]["vocab_size"]
     rng = np.random.default_rng(entry["seed"])
-    state, eng, oracle = None, None, None
+    eng, oracle = None, None
     with rec.guard(f"{name} setup"):
         t0 = time.perf_counter()
-        state = random_state(entry, device)
-        art = write_artifact(bundle, entry, state, work)
+        params, master = make_weights(entry, device)
+        art = write_artifact(bundle, entry, params, work)
         eng = mpt_relax.Engine(art, device=device, max_batch_size=8, kv_memory="512MB")
-        oracle = Oracle(entry, state, device, half)
+        oracle = Oracle(entry, master, device, half)  # a quantized model: on its dequantized weights
         say(rec.part, f"{name}: weights written and loaded in {time.perf_counter() - t0:.1f}s")
     if eng is None or oracle is None:
         return
@@ -534,7 +580,7 @@ def parity_model(rec: Recorder, bundle: Path, entry: dict, plan: dict, device: s
                   ok=bool(np.isfinite(ours).all()), seconds=seconds)
         ref = oracle.logits(ids)
         rec.check(name, f"{n}-token context: last 64 rows vs {oracle.kind}", rel_err(ours[-64:], ref[-64:]), tol)
-    del eng, oracle, state
+    del eng, oracle
 
 
 def part_parity(rec: Recorder, manifest: dict, bundle: Path, device: str, group: str) -> None:

@@ -42,6 +42,11 @@ sampled = eng.generate([5, 6, 7], **json.loads(sys.argv[5]))
 shutil.copytree(art, copy, ignore=shutil.ignore_patterns("params_shard_*", "tensor-cache.json"))
 artifact.write_params(copy, artifact.read_params(art))
 rewritten = mpt_relax.Engine(copy, device="cpu").generate([5, 6, 7], **json.loads(sys.argv[5]))
+try:  # TVM skips its CUDA runtime without the compiler; the engine loads it (and says why it could not)
+    mpt_relax.Engine(art, device="cuda")
+    cuda_error = None
+except mpt_relax.EngineError as err:
+    cuda_error = str(err)
 compile_side = ("mpt_relax.compile", "mpt_relax.kernels", "mpt_relax.quantization", "mpt_relax.models.mpt.model",
                 "mpt_relax.models.mpt.loader", "tvm.relax")
 print(json.dumps({
@@ -50,7 +55,7 @@ print(json.dumps({
     "compiler_mapped": "libtvm_compiler" in Path("/proc/self/maps").read_text(),
     "compile_modules": sorted(m for m in sys.modules if m.startswith(compile_side)),
     "greedy": greedy.token_ids, "text": greedy.text, "streamed": streamed,
-    "sampled": sampled.token_ids, "rewritten": rewritten.token_ids,
+    "sampled": sampled.token_ids, "rewritten": rewritten.token_ids, "cuda_error": cuda_error,
 }))
 """
 
@@ -103,3 +108,4 @@ def test_runtime_only_generates_the_same_tokens(built):
     assert got["streamed"] == expected["greedy"].text
     assert got["sampled"] == expected["sampled"].token_ids
     assert got["rewritten"] == expected["sampled"].token_ids
+    assert got["cuda_error"] and "cuda" in got["cuda_error"]  # no GPU here, or no cuda library in the artifact

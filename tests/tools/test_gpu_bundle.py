@@ -64,7 +64,7 @@ def test_bundle_and_check_dry_run_on_cpu(tmp_path):
     parts = [p["part"] for p in summary["parts"]]
     assert parts == ["env", "parity:all", "speed:tiny-speed-q4f16_1", "speed:hf"]
     checks = {(c["model"], c["check"].split(" (")[0]) for p in summary["parts"] for c in p["checks"]}
-    for model in ("mha-h6-clip-q0f32", "gqa-h6-kv2-q0f16"):
+    for model in ("mha-h6-clip-q0f32", "gqa-h6-kv2-q4f16_1"):
         assert sum(m == model for m, _ in checks) == 6, checks
     rows = [r for p in summary["parts"] for r in p["figures"].get("speed", [])]
     engines = {r["engine"] for r in rows}
@@ -74,3 +74,22 @@ def test_bundle_and_check_dry_run_on_cpu(tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0 < r["fraction_of_bound"] for r in rows)
     text = (report / "report.md").read_text()
     assert "## Speed" in text and "## Checks" in text and "**NO**" not in text
+
+
+def test_gpu_check_quantizer_matches_the_library():
+    """gpu_check quantizes in torch (the library's quantizer needs TVM's compiler): same bits."""
+    import numpy as np
+    import torch
+
+    from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
+
+    check = _script("gpu_check")
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.7
+    w[3, :32] = 0.0  # an all-zero group
+    for name, bits in (("q4f16_1", 4), ("q8f16_1", 8)):
+        q = get_quantization(name)
+        ref = quantize_weight(w.numpy(), q)
+        words, scale, deq = check.group_quantize(w, bits)
+        np.testing.assert_array_equal(words.numpy().view(np.uint32), ref["q_weight"])
+        np.testing.assert_array_equal(scale.numpy(), ref["q_scale"])
+        np.testing.assert_array_equal(deq.numpy(), dequantize_weight(ref["q_weight"], ref["q_scale"], q, w.shape))
