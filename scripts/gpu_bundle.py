@@ -94,7 +94,7 @@ def parameter_table(cfg, quantization: str) -> list[list]:
     from mpt_relax.compile.builder import quantized_model
     from mpt_relax.quantization import get_quantization
 
-    _, net = quantized_model(cfg, get_quantization(quantization))
+    net, _ = quantized_model(cfg, get_quantization(quantization))
     return [[name, [int(s) for s in p.shape], str(p.dtype)] for name, p in net.named_parameters()]
 
 
@@ -104,13 +104,12 @@ def weightless_checkpoint(path: Path, config: dict) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from mpt_relax.compile.builder import quantized_model
     from mpt_relax.models.mpt.config import MPTConfig
-    from mpt_relax.quantization import get_quantization
+    from mpt_relax.models.mpt.model import MPTForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
-    float_net, _ = quantized_model(MPTConfig.from_json(path), get_quantization("q0f32"))
+    float_net = MPTForCausalLM(MPTConfig.from_json(path), "float32")
     save_file({n: np.zeros([int(s) for s in p.shape], "float32") for n, p in float_net.named_parameters()},
               str(path / "model.safetensors"))
     return path
@@ -150,7 +149,7 @@ def build_model(out: Path, name: str, role: str, oracle: str | None, config: dic
                     dist_root=dist_root, force=True, quiet=True)
     strip_weights(art)
     seconds = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in art.iterdir())
+    size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
     log(f"{name}: {target} {quantization} built in {seconds:.1f}s, {size / 2**20:.2f} MiB")
     return {"name": name, "role": role, "oracle": oracle, "quantization": quantization, "hf_config": hf_config,
             "artifact": f"models/{name}", "params": parameter_table(cfg, quantization),

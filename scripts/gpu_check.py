@@ -166,15 +166,20 @@ def orchestrate(args) -> int:
             say(part, "skipped: out of time")
             continue
         say(part, f"start (limit {limit:.0f}s)")
-        result = run_part(part, args, env, limit)
+        try:
+            result = run_part(part, args, env, limit)
+        except Exception as err:  # noqa: BLE001 - the next part still runs
+            result = {"part": part, "status": "error", "checks": [], "figures": {},
+                      "errors": [{"where": "orchestrator", "error": f"{type(err).__name__}: {err}"}]}
         summary["parts"].append(result)
-        say(part, f"{result['status']} in {result['seconds']}s")
+        say(part, f"{result['status']} in {result.get('seconds')}s")
         summary["total_s"] = round(time.perf_counter() - t_start, 1)
         write_report(report, summary)
     if site_dir is not None:
         shutil.rmtree(site_dir, ignore_errors=True)
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
     write_report(report, summary)
+    print((report / "report.md").read_text(), flush=True)  # also in the log, in case the files do not come back
     statuses = [p["status"] for p in summary["parts"]]
     say("done", f"{statuses.count('ok')}/{len(statuses)} parts ok in {summary['total_s']}s; report in {report}")
     return 0 if all(s == "ok" for s in statuses) else 1
@@ -764,20 +769,19 @@ def part_speed_hf(rec: Recorder, manifest: dict, device: str) -> None:
         bandwidth = copy_bandwidth(device)
         rate = gemm_rate(device)
         rec.set("bandwidth_GBps", bandwidth / 1e9)
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with dev:
-                model = MptForCausalLM(MptConfig(**{k: v for k, v in hf_config.items()
-                                                    if k not in ("model_type", "architectures")})).eval()
-        finally:
-            torch.set_default_dtype(default)
-        model = model.to(device=dev, dtype=dtype)
+        cfg = MptConfig(**{k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")})
+        with torch.device("meta"):  # no 7B init on the host: allocate on the device, fill there
+            model = MptForCausalLM(cfg).eval()
+        model = model.to_empty(device=dev).to(dtype)
+        model.tie_weights()
+        init = torch.Generator(device=dev).manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=init)
         step = hf_stepper(model)
         weight_list = [(n, tuple(p.shape), p.numel() * p.element_size()) for n, p in model.named_parameters()]
         sync(device)
-        say(rec.part, f"HF {label} model ready in {time.perf_counter() - t0:.1f}s")
+        say(rec.part, f"{label} model ready in {time.perf_counter() - t0:.1f}s")
     if "weight_list" not in locals():
         return
     gen = torch.Generator(device=dev).manual_seed(0)

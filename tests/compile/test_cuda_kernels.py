@@ -8,7 +8,8 @@ import tvm
 
 import mpt_relax
 from mpt_relax.compile import cuda_kernels
-from mpt_relax.compile.pipeline import compile_module, resolve_target
+from mpt_relax.compile.pipeline import compile_module
+from mpt_relax.compile.targets import resolve_target
 from mpt_relax.runtime import tvm_backends
 
 FATBIN_MAGIC = bytes.fromhex("50ed55ba")
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not cuda_kernels.nvcc_available(), reason="needs
 def test_precompiled_kernels_answer_the_load_time_compile_hook(tmp_path):
     spec = resolve_target("cuda", cuda_arch="sm_90")
     cfg = mpt_relax.MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=128, max_seq_len=64)
-    executable = compile_module(mpt_relax.export_irmodule(cfg, "q4f16_1", spec.target), spec)
+    executable = compile_module(mpt_relax.export_irmodule(cfg, "q4f16_1"), spec)
     [source] = cuda_kernels.cuda_sources(executable.mod)
     assert "__global__" in source
     written = cuda_kernels.precompile(executable, spec.target, tmp_path)

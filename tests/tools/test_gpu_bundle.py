@@ -81,7 +81,8 @@ def test_gpu_check_quantizer_matches_the_library():
     import numpy as np
     import torch
 
-    from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
+    from mpt_relax.quantization import get_quantization
+    from mpt_relax.quantization.group import dequantize_weight, quantize_weight
 
     check = _script("gpu_check")
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.7
