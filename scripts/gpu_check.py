@@ -81,6 +81,8 @@ def child_env(bundle: Path, site: Path | None) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env["TVM_USE_RUNTIME_LIB"] = "1"  # never the compiler, even where a full TVM is installed
     env["TVM_FFI_DISABLE_TORCH_C_DLPACK"] = "1"  # no JIT build of tvm-ffi's torch addon at import
+    if importlib.util.find_spec("cuda") is None and shutil.which("nvcc"):
+        env.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # kernels not in the bundle: nvcc, as NVRTC is missing
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -344,7 +346,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def part_env(rec: Recorder, manifest: dict, device: str, bundle: Path) -> None:
-    info = {"python": sys.version.split()[0], "cudart": rec.data.get("cudart")}
+    info = {"python": sys.version.split()[0], "cudart": rec.data.get("cudart"), "nvcc": shutil.which("nvcc"),
+            "cuda_bindings": importlib.util.find_spec("cuda") is not None}
     with rec.guard("torch"):
         import torch
         import transformers
