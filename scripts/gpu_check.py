@@ -214,8 +214,9 @@ def write_report(report: Path, summary: dict) -> None:
     rows = [r for p in summary["parts"] for r in p.get("figures", {}).get("speed", [])]
     if rows:
         hf = {(r["metric"], r["size"]): r["tokens_per_s"] for r in rows if r["engine"].startswith("hf-")}
-        lines += ["", "## Speed", "", "decode bound: bytes read per step / copy bandwidth; prefill bound: matmul "
-                  "flops / the measured GEMM rate", "",
+        lines += ["", "## Speed", "", "decode: bound = copy bandwidth / bytes read per step (weights + KV cache); "
+                  "prefill: bound = the measured fp16 GEMM rate / matmul flops per token (at that length, "
+                  "weights are read once for all tokens, so bandwidth does not bound it)", "",
                   "| engine | metric | batch / tokens | tok/s | bound tok/s | fraction of bound | vs HF |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -658,8 +659,9 @@ def prefill_flops_per_token(config, n_tokens: int) -> float:
 
 
 def speed_row(rec: Recorder, engine: str, metric: str, size: int, tokens: int, seconds: float, bound: float) -> None:
-    row = {"engine": engine, "metric": metric, "size": size, "tokens_per_s": tokens / seconds,
-           "seconds": seconds, "bound_tokens_per_s": bound, "fraction_of_bound": tokens / seconds / bound}
+    row = {"engine": engine, "metric": metric, "size": size, "tokens_per_s": tokens / seconds, "seconds": seconds,
+           "bound": "bandwidth" if metric == "decode" else "gemm", "bound_tokens_per_s": bound,
+           "fraction_of_bound": tokens / seconds / bound}
     rec.add("speed", row)
     say(rec.part, f"{engine} {metric} {size}: {row['tokens_per_s']:.1f} tok/s = {row['fraction_of_bound']:.3f} of bound")
 
