@@ -75,6 +75,16 @@ def test_bundle_and_check_dry_run_on_cpu(tmp_path):
     text = (report / "report.md").read_text()
     assert "## Speed" in text and "## Checks" in text and "**NO**" not in text
 
+    # out of time: the parts that no longer fit are skipped and reported
+    short = subprocess.run([sys.executable, str(bundle / "check" / "gpu_check.py"), "--bundle", str(bundle),
+                            "--report", str(tmp_path / "short"), "--budget", "10", "--only", "env", "speed"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert short.returncode == 1
+    cut = json.loads((tmp_path / "short" / "report.json").read_text())["parts"]
+    assert [p["part"] for p in cut] == ["env", "speed:tiny-speed-q4f16_1", "speed:hf"]
+    assert {p["status"] for p in cut} == {"skipped"}
+    assert "skipped" in (tmp_path / "short" / "report.md").read_text()
+
 
 def test_gpu_check_quantizer_matches_the_library():
     """gpu_check quantizes in torch (the library's quantizer needs TVM's compiler): same bits."""
@@ -94,3 +104,4 @@ def test_gpu_check_quantizer_matches_the_library():
         np.testing.assert_array_equal(words.numpy().view(np.uint32), ref["q_weight"])
         np.testing.assert_array_equal(scale.numpy(), ref["q_scale"])
         np.testing.assert_array_equal(deq.numpy(), dequantize_weight(ref["q_weight"], ref["q_scale"], q, w.shape))
+
