@@ -295,6 +295,16 @@ def preload_cudart(bundle: Path) -> str:
     return "not found"
 
 
+def cuda_driver_version() -> str:
+    """The driver's CUDA version (TVM's runtime links libcudart.so.13: it needs 13.0 or newer)."""
+    try:
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError) as err:
+        return f"unknown ({err})"
+
+
 def rel_err(a, ref) -> float:
     import numpy as np
 
@@ -355,6 +365,7 @@ def part_env(rec: Recorder, manifest: dict, device: str, bundle: Path) -> None:
 
         info.update(torch=torch.__version__, transformers=transformers.__version__)
         if device == "cuda":
+            info["cuda_driver"] = cuda_driver_version()
             props = torch.cuda.get_device_properties(0)
             info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                         torch_cuda=torch.version.cuda, capability=f"sm_{props.major}{props.minor}")
