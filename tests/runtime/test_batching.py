@@ -9,7 +9,7 @@ import pytest
 
 import mpt_relax
 from factory import hf_checkpoint
-from mpt_relax.runtime.engine import parse_bytes
+from mpt_relax.sizes import SizeError, parse_bytes
 from mpt_relax.runtime.kv_state import KVCacheCapacityError, bytes_per_page
 
 PROMPTS = [[5, 17, 99], list(range(40, 57)), [7], list(range(100, 133))]  # 3, 17, 1, 33 tokens
@@ -148,5 +148,5 @@ def test_parse_bytes():
     assert parse_bytes("2GB") == 2 * 10**9
     assert parse_bytes("1.5 GiB") == 3 * 2**29
     assert parse_bytes("512mib") == 512 * 2**20
-    with pytest.raises(mpt_relax.EngineError, match="not a size"):
+    with pytest.raises(SizeError, match="not a size"):
         parse_bytes("lots")
