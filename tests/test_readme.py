@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
-ENTRY_POINTS = {"scripts/build.py": ["scripts/build.py"], "bfloat16_to_float16.py": ["bfloat16_to_float16.py"]}
+ENTRY_POINTS = {"scripts/build.py": ["scripts/build.py"], "bfloat16_to_float16.py": ["bfloat16_to_float16.py"],
+                "scripts/gpu_bundle.py": ["scripts/gpu_bundle.py"]}
 
 
 def _commands():

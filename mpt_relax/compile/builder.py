@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mpt_relax.io import artifact, staging
 from mpt_relax import defaults
-from mpt_relax.compile import pipeline, targets
+from mpt_relax.compile import cuda_kernels, pipeline, targets
 from mpt_relax.io.checkpoint import CheckpointError, weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
@@ -191,6 +191,10 @@ def build(
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
             with _stage(f"compile {spec.name}", quiet):
                 executable = pipeline.compile_module(mod, spec, page_size)
+            if spec.name == "cuda":
+                with _stage("compile the CUDA kernels with nvcc", quiet):
+                    if not cuda_kernels.precompile(executable, spec.target, tmp):
+                        _log("  nvcc not found: the library's kernels will be compiled when it is loaded", quiet)
             with _stage(f"export {lib_name}", quiet):
                 executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name

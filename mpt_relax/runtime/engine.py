@@ -43,6 +43,7 @@ from mpt_relax.runtime.kv_state import (
     pages_to_append,
 )
 from mpt_relax.runtime.tokenizer import load_tokenizer
+from mpt_relax.runtime.tvm_backends import ensure_device_runtime, use_precompiled_cuda
 from mpt_relax.sizes import parse_bytes
 from mpt_relax.targets import AUTO_DEVICE_ORDER, BY_DEVICE, DEVICE_NAMES
 
@@ -56,9 +57,11 @@ class EngineError(MPTRelaxError):
 
 
 def _tvm_device(device: str) -> tvm.runtime.Device:
+    problem = ensure_device_runtime(device)
     dev = tvm.runtime.device(device, 0)
     if not dev.exist:
-        raise EngineError(f"device {device!r} is not available on this machine; use device='cpu'")
+        why = f" (TVM's {device} runtime did not load: {problem})" if problem else ""
+        raise EngineError(f"device {device!r} is not available on this machine{why}; use device='cpu'")
     return dev
 
 
@@ -100,7 +103,8 @@ def _integer_ids(token_ids) -> np.ndarray:
 def auto_device(libraries: dict[str, str]) -> str:
     """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
     for device in AUTO_DEVICE_ORDER:
-        if BY_DEVICE[device].name in libraries and tvm.runtime.device(device, 0).exist:
+        if BY_DEVICE[device].name in libraries and ensure_device_runtime(device) is None \
+                and tvm.runtime.device(device, 0).exist:
             return device
     return "cpu"
 
@@ -145,6 +149,8 @@ class Engine:
             self.device = _tvm_device(self._check_device(device))
             self._check_cpu(device)
             kv_budget = self._check_memory(kv_memory, root)  # before anything is allocated
+            if device == "cuda":
+                use_precompiled_cuda(root)  # kernels built with nvcc: no CUDA compiler needed here
             self.vm = VirtualMachine(tvm.runtime.load_module(str(root / self._library(device))), self.device)
             self.params = self._load_params(root)
         self.kv_pages = self._kv_pages(kv_budget)
