@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-import tvm
 from tvm import relax as rx
 from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
@@ -16,6 +15,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import (
 )
 from tvm.target import Target
 
+from mpt_relax.compat import string_imm
 from mpt_relax.kernels.attention import attention_kernels
 from mpt_relax.kernels.attention.common import AttentionSpec, split_fused_qkv
 from mpt_relax.models.mpt.config import MPTConfig
@@ -59,7 +59,7 @@ class ALiBiPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
 
         def tir(func: tirx.PrimFunc, name: str) -> rx.Tuple:
             """An attention kernel in the runtime's ("tirx", function) form."""
-            return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, name)])
+            return rx.Tuple([string_imm("tirx"), bb.add_func(func, name)])
 
         args = [
             # sliding window off; the per-layer window size must still be positive, so TVM's default
