@@ -179,6 +179,7 @@ def pipeline(spec: TargetSpec) -> tvm.transform.Pass:
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
         dl.ApplyDefaultSchedule(*spec.schedules()),
+        *vulkan_config.index_passes(spec.name),  # vulkan: int32 thread indices (see compile/vulkan.py)
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),

@@ -47,6 +47,20 @@ class VulkanDeviceError(MPTRelaxError):
     """The Vulkan device lacks a feature the compiled kernels need."""
 
 
+def index_passes(target_name: str) -> list:
+    """TIR passes the vulkan target needs after scheduling: every index narrowed to int32.
+
+    Relax legalizes shapes as int64, so dlight's schedules bind int64 thread indices; the SPIR-V
+    for a cross-thread (shared-memory tree) reduction over an int64 ``threadIdx`` then returns
+    only thread 0's partial sum on lavapipe (LayerNorm rows 40x off, issue 17); 64-bit
+    arithmetic is also slow on GPUs. Every buffer of the model has fewer than 2**31 elements
+    (Vulkan storage buffers are limited to ``max_storage_buffer_range`` bytes anyway).
+    """
+    if target_name != "vulkan":
+        return []
+    return [tvm.tirx.transform.ForceNarrowIndexToInt32()]
+
+
 def device_present() -> bool:
     """Whether this TVM has the Vulkan runtime and sees a Vulkan device 0."""
     return has_vulkan_runtime() and bool(tvm.vulkan(0).exist)
