@@ -76,7 +76,12 @@ def target_config(from_device: bool | None = None) -> dict:
         from_device = device_present()
     if not from_device:
         return {"kind": "vulkan", **DEFAULT_ATTRS}
-    queried = dict(tvm.target.Target({"kind": "vulkan", "from_device": 0}).attrs)
+    return config_from_device_attrs(dict(tvm.target.Target({"kind": "vulkan", "from_device": 0}).attrs))
+
+
+def config_from_device_attrs(queried: dict) -> dict:
+    """Target attributes from what a device reported: its features as reported, the workgroup
+    limits capped at :data:`LIMITS`; :class:`VulkanDeviceError` if it lacks :data:`REQUIRED`."""
     missing = [name for name in REQUIRED if not queried.get(name)]
     if missing:
         raise VulkanDeviceError(
