@@ -13,18 +13,18 @@ import tvm
 from tvm import relax, tirx
 
 from mpt_relax.compat import BufferLoadType, arith, has_vulkan_codegen, string_imm
-from mpt_relax.compile import pipeline as compiler
+from mpt_relax.compile import pipeline, targets
 from mpt_relax.compile import vulkan
 from mpt_relax.compile.builder import export_irmodule
 from mpt_relax.errors import MPTRelaxError
 from mpt_relax.models.mpt.config import MPTConfig
 
 
-def _vulkan_spec() -> compiler.TargetSpec:
+def _vulkan_spec() -> targets.TargetSpec:
     """The vulkan TargetSpec with the explicit attributes, built even where TVM has no SPIR-V
     codegen (the Relax and TIR passes run on any TVM; only the final codegen needs Vulkan)."""
     target = tvm.target.Target(vulkan.target_config(from_device=False), host={"kind": "llvm"})
-    return dataclasses.replace(compiler.cuda_target("sm_80"), name="vulkan", target=target)  # the GPU schedules
+    return dataclasses.replace(targets.cuda_target("sm_80"), name="vulkan", target=target)  # the GPU schedules
 
 
 def test_explicit_attributes_cover_what_the_kernels_need():
@@ -58,8 +58,8 @@ def test_a_device_without_16bit_buffers_is_refused_with_the_feature_named():
 
 @pytest.mark.skipif(has_vulkan_codegen(), reason="this TVM has Vulkan codegen (the refusal is for builds without it)")
 def test_vulkan_target_needs_codegen():
-    with pytest.raises(compiler.TargetError, match="USE_VULKAN=ON"):
-        compiler.vulkan_target()
+    with pytest.raises(targets.TargetError, match="USE_VULKAN=ON"):
+        targets.vulkan_target()
 
 
 def _thread_extents(func: tirx.PrimFunc) -> list[tuple[str, str]]:
@@ -74,7 +74,7 @@ def test_vulkan_kernels_bind_int32_thread_indices():
     spec = _vulkan_spec()
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=256, max_seq_len=128)
     with spec.target:
-        mod = compiler.pipeline(spec)(export_irmodule(cfg, "q4f16_1", spec.target))
+        mod = pipeline.pipeline(spec)(export_irmodule(cfg, "q4f16_1"))
     funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     bound = {name: _thread_extents(f) for name, f in funcs.items()}
     assert any("layer_norm" in name and extents for name, extents in bound.items())  # the kernel that failed
@@ -88,7 +88,7 @@ def test_the_check_sees_int64_thread_indices_without_the_narrowing():
     spec = dataclasses.replace(_vulkan_spec(), name="vulkan-without-narrowing")
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=256, max_seq_len=128)
     with spec.target:
-        mod = compiler.pipeline(spec)(export_irmodule(cfg, "q0f32", spec.target))
+        mod = pipeline.pipeline(spec)(export_irmodule(cfg, "q0f32"))
     norm = [f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and "layer_norm" in gv.name_hint]
     assert norm and any(e.startswith("T.int64(") for e, _ in _thread_extents(norm[0]))
 

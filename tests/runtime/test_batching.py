@@ -9,7 +9,7 @@ import pytest
 
 import mpt_relax
 from factory import hf_checkpoint
-from mpt_relax.runtime.engine import parse_bytes
+from mpt_relax.sizes import SizeError, parse_bytes
 from mpt_relax.runtime.kv_state import KVCacheCapacityError, bytes_per_page
 
 PROMPTS = [[5, 17, 99], list(range(40, 57)), [7], list(range(100, 133))]  # 3, 17, 1, 33 tokens
@@ -19,7 +19,7 @@ PROMPTS = [[5, 17, 99], list(range(40, 57)), [7], list(range(100, 133))]  # 3, 1
 def artifact(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batching")
     hf_checkpoint(tmp / "ckpt", seed=7, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)
-    return mpt_relax.build(tmp / "ckpt", target="llvm", output=tmp / "art", quiet=True)
+    return mpt_relax.build(tmp / "ckpt", target="llvm", output=tmp / "art", quantization="q0f32", quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,5 +148,5 @@ def test_parse_bytes():
     assert parse_bytes("2GB") == 2 * 10**9
     assert parse_bytes("1.5 GiB") == 3 * 2**29
     assert parse_bytes("512mib") == 512 * 2**20
-    with pytest.raises(mpt_relax.EngineError, match="not a size"):
+    with pytest.raises(SizeError, match="not a size"):
         parse_bytes("lots")

@@ -20,7 +20,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 from kernels.test_attention import GQA, MQA_6, Harness, _AttentionModule
-from mpt_relax.compile import pipeline as compiler
+from mpt_relax.compile import pipeline, targets
 from mpt_relax.compile.builder import export_irmodule
 from mpt_relax.kernels.attention import attention_kernels
 from mpt_relax.kernels.attention.common import AttentionSpec
@@ -35,13 +35,13 @@ ROLES = {"prefill_ragged": "alibi_prefill_ragged", "prefill_paged": "alibi_prefi
 
 @pytest.fixture(scope="module")
 def spec(vulkan_device):
-    return compiler.vulkan_target()
+    return targets.vulkan_target()
 
 
 def _cache_vm(cfg: MPTConfig, dtype: str, spec, device) -> relax.VirtualMachine:
     module = _AttentionModule(cfg, dtype, spec.target)
     mod, _ = module.export_tvm(module.spec())
-    return relax.VirtualMachine(compiler.compile_module(mod, spec), device)  # the model's pipeline
+    return relax.VirtualMachine(pipeline.compile_module(mod, spec), device)  # the model's pipeline
 
 
 # MHA fp32 and GQA / non-power-of-two heads run in the whole models (test_vulkan_engine.py)
@@ -74,7 +74,7 @@ def test_vulkan_runs_the_attention_kernels_cuda_gets(spec):
     cuda = attention_kernels(attn, cuda_same_limits)
     for role in ROLES:
         tvm.ir.assert_structural_equal(getattr(vulkan, role), getattr(cuda, role))
-    real_cuda = attention_kernels(attn, compiler.cuda_target("sm_80").target)  # 1024 threads, 48 KiB, warp 32
+    real_cuda = attention_kernels(attn, targets.cuda_target("sm_80").target)  # 1024 threads, 48 KiB, warp 32
     for role in ("prefill_ragged", "prefill_paged"):
         tvm.ir.assert_structural_equal(getattr(vulkan, role), getattr(real_cuda, role))
 
@@ -94,7 +94,7 @@ def test_layer_norm_rows(dim, spec, vulkan_device):
     module = _Norm(dim)
     mod, _ = module.export_tvm({"forward": {"x": nn.spec.Tensor(["n", dim], "float32"),
                                             "$": {"param_mode": "plain", "effect_mode": "none"}}})
-    vm = relax.VirtualMachine(compiler.compile_module(mod, spec), vulkan_device)
+    vm = relax.VirtualMachine(pipeline.compile_module(mod, spec), vulkan_device)
     rng = np.random.default_rng(dim)
     for n in (1, 7, 33):
         x = (rng.standard_normal((n, dim)) * 3 + 1).astype("float32")

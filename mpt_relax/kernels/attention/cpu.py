@@ -126,15 +126,82 @@ def _cpu_scratch(spec: AttentionSpec):
     )
 
 
+def _cpu_attend(spec: AttentionSpec, load_tile):
+    """The walk every CPU kernel shares: ``attend`` takes ``n_rows`` query rows from ``row0`` of
+    head ``h`` over ``kv_len`` keys from position ``key_pos0``, tile by tile through ``load_tile``;
+    ``attend_blocks`` does that for the query rows of sequence ``b`` in blocks of ``_CPU_ROWS``.
+
+    ``load_tile(kv_a, kv_b, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile)`` copies
+    ``n_keys`` keys (and, in the last sweep, values) of tile ``tile`` into the fp32 tiles; what
+    ``kv_a`` / ``kv_b`` / ``base`` are is the loader's own business (k, v and the sequence's
+    first row; or the pages, the page table and the sequence's first entry in it).
+    """
+    TILE, group, R = spec.page_size, spec.group, _CPU_ROWS
+    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
+
+    # fmt: off
+    @T.macro
+    def attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
+               q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores):
+        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible)
+        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
+            load_tile(kv_a, kv_b, base, tile, T.min(TILE, max_visible[0] - tile * TILE), sweep, h // group, k_tile_t, v_tile)
+            fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
+        finish_rows(output, lse, row0, n_rows, h, acc, state)
+
+    @T.macro
+    def attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
+                      q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores):
+        for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
+            row0: T.let[T.int32] = q_indptr[b] + block * R
+            n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
+            attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
+                   q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
+    # fmt: on
+    return attend, attend_blocks
+
+
+def _ragged_tile_loader(spec: AttentionSpec):
+    """Keys and values of a tile from the ragged k/v of this forward (``base``: the sequence's first row)."""
+    D, TILE, last = spec.head_dim, spec.page_size, _cpu_sweeps(spec) - 1
+
+    @T.macro
+    def load(k, v, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile):
+        for t, x in T.grid(n_keys, D):
+            k_tile_t[x, t] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
+            if sweep == last:
+                v_tile[t, x] = T.cast(v[base + tile * TILE + t, kv_head, x], "float32")
+
+    return load
+
+
+def _paged_tile_loader(spec: AttentionSpec):
+    """Keys and values of a tile from the cache pages (``base``: the sequence's first page-table entry)."""
+    D, last = spec.head_dim, _cpu_sweeps(spec) - 1
+
+    @T.macro
+    def load(pages, page_values, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile):
+        page: T.let[T.int32] = page_values[base + tile]
+        for t, x in T.grid(n_keys, D):
+            k_tile_t[x, t] = T.cast(pages[page, 0, kv_head, t, x], "float32")
+            if sweep == last:
+                v_tile[t, x] = T.cast(pages[page, 1, kv_head, t, x], "float32")
+
+    return load
+
+
+_CPU_ATTRS = {"tirx.is_scheduled": True, "tirx.noalias": True}
+
+
 def prefill_ragged_cpu(spec: AttentionSpec):
     """Causal attention of a ragged batch over its own new k/v (no cache), for llvm.
 
     q [n, H, hd], q_indptr = kv_indptr [b + 1], k/v [n, KV, hd], q_pos [n], k_pos_offset [b]
     -> output [n, H, hd], lse [n, H].
     """
-    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
-    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
-    SWEEPS = _cpu_sweeps(spec)
+    H = spec.n_heads
+    _, attend_blocks = _cpu_attend(spec, _ragged_tile_loader(spec))
 
     # fmt: off
     @T.macro
@@ -144,19 +211,11 @@ def prefill_ragged_cpu(spec: AttentionSpec):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
-                    for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
-                        row0: T.let[T.int32] = q_indptr[b] + block * R
-                        n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
-                        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b], k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
-                            for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
-                                k_tile_t[x, t] = T.cast(k[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
-                                if sweep == SWEEPS - 1:
-                                    v_tile[t, x] = T.cast(v[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
-                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
-                        finish_rows(output, lse, row0, n_rows, h, acc, state)
+                    attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b],
+                                  k_pos_offset[b], slope, k, v, kv_indptr[b],
+                                  q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
     # fmt: on
-    return ragged_prefill_kernel(spec, "alibi_prefill_ragged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
+    return ragged_prefill_kernel(spec, "alibi_prefill_ragged_cpu", body, _CPU_ATTRS)
 
 
 def prefill_paged_cpu(spec: AttentionSpec):
@@ -166,9 +225,8 @@ def prefill_paged_cpu(spec: AttentionSpec):
     page_values [nnz_pages], last_page_len [b], k_pos_offset [b], q_pos [n]
     -> output [n, H, hd], lse [n, H]. The runtime calls it with causal = 0.
     """
-    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
-    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
-    SWEEPS = _cpu_sweeps(spec)
+    H, TILE = spec.n_heads, spec.page_size
+    _, attend_blocks = _cpu_attend(spec, _paged_tile_loader(spec))
 
     # fmt: off
     @T.macro
@@ -178,20 +236,12 @@ def prefill_paged_cpu(spec: AttentionSpec):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
-                    for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
-                        row0: T.let[T.int32] = q_indptr[b] + block * R
-                        n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
-                        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
-                            page: T.let[T.int32] = page_values[page_indptr[b] + tile]
-                            for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
-                                k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
-                                if sweep == SWEEPS - 1:
-                                    v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
-                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
-                        finish_rows(output, lse, row0, n_rows, h, acc, state)
+                    attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal,
+                                  paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], slope,
+                                  pages, page_values, page_indptr[b],
+                                  q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
     # fmt: on
-    return paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
+    return paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, _CPU_ATTRS)
 
 
 def decode_paged_cpu(spec: AttentionSpec):
@@ -200,9 +250,8 @@ def decode_paged_cpu(spec: AttentionSpec):
     q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values [nnz_pages],
     last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H].
     """
-    H, D, TILE, group = spec.n_heads, spec.head_dim, spec.page_size, spec.group
-    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
-    SWEEPS = _cpu_sweeps(spec)
+    H, TILE = spec.n_heads, spec.page_size
+    attend, _ = _cpu_attend(spec, _paged_tile_loader(spec))
 
     # fmt: off
     @T.macro
@@ -212,16 +261,8 @@ def decode_paged_cpu(spec: AttentionSpec):
                 q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(B):
-                    start_rows(q, q_pos, b, 1, h, sm_scale, 0, paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
-                    for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
-                        page: T.let[T.int32] = page_values[page_indptr[b] + tile]
-                        for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
-                            k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
-                            if sweep == SWEEPS - 1:
-                                v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
-                        fold_tile(q_pos, b, 1, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
-                    finish_rows(output, lse, b, 1, h, acc, state)
+                    attend(q, q_pos, output, lse, b, 1, h, sm_scale, 0, paged_kv_len(page_indptr, last_page_len, b, TILE),
+                           k_pos_offset[b], slope, pages, page_values, page_indptr[b],
+                           q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
     # fmt: on
-    return decode_kernel(spec, "alibi_decode_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
-
-
+    return decode_kernel(spec, "alibi_decode_paged_cpu", body, _CPU_ATTRS)
