@@ -25,7 +25,8 @@ from mpt_relax.compile.builder import export_irmodule
 from mpt_relax.kernels.attention import attention_kernels
 from mpt_relax.kernels.attention.common import AttentionSpec
 from mpt_relax.models.mpt.config import MPTConfig
-from mpt_relax.models.mpt.model import DEFAULT_PAGE_SIZE, LPLayerNorm
+from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE
+from mpt_relax.models.mpt.model import LPLayerNorm
 
 pytestmark = pytest.mark.vulkan
 
