@@ -23,6 +23,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import (
 )
 from tvm.target import Target
 
+from mpt_relax.compat import string_imm
 from mpt_relax.kernels.attention import attention_kernels
 from mpt_relax.kernels.attention.common import AttentionSpec, split_fused_qkv
 from mpt_relax.models.mpt.config import MPTConfig
@@ -111,7 +112,7 @@ def _creation(bb: rx.BlockBuilder, spec: AttentionSpec, n_layers: int, target: T
 
     def tir(func: tirx.PrimFunc, name: str) -> rx.Tuple:
         """An attention kernel in the runtime's ("tirx", function) form."""
-        return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, name)])
+        return rx.Tuple([string_imm("tirx"), bb.add_func(func, name)])
 
     args = [
         # sliding window off; the per-layer window size must still be positive, so TVM's default

@@ -11,6 +11,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
+from mpt_relax.compile import vulkan as vulkan_config
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.quantization import fuse_dequantize_matmul
 
@@ -29,6 +30,7 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
         dl.ApplyDefaultSchedule(*spec.schedules()),
+        *vulkan_config.index_passes(spec.name),  # vulkan: int32 thread indices (see compile/vulkan.py)
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),

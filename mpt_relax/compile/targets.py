@@ -15,6 +15,8 @@ from typing import Callable
 
 import tvm
 
+from mpt_relax.compat import has_vulkan_codegen
+from mpt_relax.compile import vulkan as vulkan_config
 from mpt_relax.errors import MPTRelaxError
 from mpt_relax.kernels.cpu import default_rules
 from mpt_relax.kernels.gpu_rules import gpu_rules
@@ -104,15 +106,15 @@ def metal_target() -> TargetSpec:
                       ".dylib" if on_mac else ".tar")
 
 
-def vulkan_target() -> TargetSpec:
-    """Vulkan, where the installed TVM has SPIR-V codegen; the PyPI wheel does not."""
-    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+def vulkan_target(from_device: bool | None = None) -> TargetSpec:
+    """Vulkan, where the installed TVM has SPIR-V codegen (the PyPI wheel does not). The device's
+    features are read from it when one is present, see :mod:`mpt_relax.compile.vulkan`."""
+    if not has_vulkan_codegen():
         raise TargetError(
             "this TVM build has no Vulkan codegen (target.build.vulkan is not registered; the PyPI apache-tvm wheel "
-            "is built without it): build TVM from source with USE_VULKAN=ON and USE_SPIRV=ON to compile for vulkan"
+            "is built without it): build TVM from source with USE_VULKAN=ON to compile for vulkan"
         )
-    vulkan = {"kind": "vulkan", "max_threads_per_block": 256, "thread_warp_size": 1,
-              "supports_float16": True, "supports_int64": True}
+    vulkan = vulkan_config.target_config(from_device)
     return TargetSpec("vulkan", tvm.target.Target(vulkan, host={"kind": "llvm"}), gpu_rules, ".so")
 
 

@@ -84,23 +84,31 @@ class PagedKVCacheRuntime:
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._available = get("vm.builtin.attention_kv_cache_get_num_available_pages")
-        self._length = get("vm.builtin.attention_kv_cache_get_sequence_length")
+        # TVM main of 2026-08 (the Vulkan-enabled build) has no sequence-length getter: there the
+        # lengths are kept here, from the calls that change them (add, fork, begin_forward, remove)
+        self._length = get("vm.builtin.attention_kv_cache_get_sequence_length", allow_missing=True)
+        self._lengths: dict[int, int] = {}
 
     def add_sequence(self, seq_id: int) -> None:
         self._add(self.cache, seq_id)
+        self._lengths[seq_id] = 0
 
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence and free the pages no other sequence shares."""
         self._remove(self.cache, seq_id)
+        self._lengths.pop(seq_id, None)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         """Start ``child_id`` as a copy of the first ``fork_pos`` tokens of the parent (-1: all)."""
         self._fork(self.cache, parent_id, child_id, fork_pos)
+        self._lengths[child_id] = self._lengths.get(parent_id, 0) if fork_pos == -1 else fork_pos
 
     def available_pages(self) -> int:
         return int(self._available(self.cache))
 
     def sequence_length(self, seq_id: int) -> int:
+        if self._length is None:
+            return self._lengths[seq_id]
         return int(self._length(self.cache, seq_id))
 
     def begin_forward(self, seq_ids: list[int], append_lengths: list[int], *, check: bool = True) -> None:
@@ -112,6 +120,8 @@ class PagedKVCacheRuntime:
         if check:
             self._check_pages(seq_ids, append_lengths)
         self._begin(self.cache, self._shape(seq_ids), self._shape(append_lengths), None)
+        for seq_id, n in zip(seq_ids, append_lengths):
+            self._lengths[seq_id] += n
 
     def _check_pages(self, seq_ids: list[int], append_lengths: list[int]) -> None:
         needed = [pages_to_append(self.sequence_length(s), n, self.page_size) for s, n in zip(seq_ids, append_lengths)]

@@ -87,9 +87,12 @@ def _shape(*values: int) -> list[tvm.runtime.ShapeTuple]:
 class Harness:
     """A cache plus the full K/V history of every sequence, for the dense reference."""
 
-    def __init__(self, cfg: MPTConfig, dtype: str, capacity: int = 4096, chunk: int = 512, seed: int = 0):
+    def __init__(self, cfg: MPTConfig, dtype: str, capacity: int = 4096, chunk: int = 512, seed: int = 0,
+                 vm: relax.VirtualMachine | None = None, device: tvm.runtime.Device | None = None):
+        """``vm`` / ``device``: the compiled cache module and its device (default: LLVM, the CPU)."""
         self.cfg, self.dtype = cfg, dtype
-        self.vm = _vm(cfg, dtype)
+        self.vm = vm or _vm(cfg, dtype)
+        self.device = device or tvm.cpu()
         self.rt = PagedKVCacheRuntime(self.vm["create_paged_kv_cache"](*_shape(8, capacity, chunk)), PAGE)
         self.rng = np.random.default_rng(seed)
         self.k: dict[tuple[int, int], np.ndarray] = {}  # (seq, layer) -> [T, KV, hd]
@@ -122,7 +125,7 @@ class Harness:
         worst = 0.0
         for layer in range(cfg.n_layers):
             new = [(self._random(n, cfg.n_heads), self._random(n, cfg.kv_n_heads), self._random(n, cfg.kv_n_heads)) for _, n in batch]
-            q, k, v = (tvm.runtime.tensor(np.concatenate(x).astype(self.dtype)) for x in zip(*new))
+            q, k, v = (tvm.runtime.tensor(np.concatenate(x).astype(self.dtype), self.device) for x in zip(*new))
             out = self.vm[f"attention_{layer}"](q, k, v, self.rt.cache).numpy().astype("float64")
             assert np.isfinite(out).all()
             start = 0

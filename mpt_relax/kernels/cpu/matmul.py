@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 from tvm import s_tir, tirx
-from tvm.ir import TensorLoad
+
+from mpt_relax.compat import BufferLoadType
+
 from .base import attempt, dispatch, index_var, is_const, loop_contains, loop_extent, root_blocks, Rule, vector_lanes
 from .einsum import analyze_einsum, find_epilogues, loops_by_var, main_reduction_block, producers_before
 from .gemv import GEMV, inline_epilogue_chain
@@ -26,7 +28,7 @@ def _widen(sch: s_tir.Schedule, producer, consumer, dtype) -> None:
     def uncast(expr):
         if isinstance(expr, tirx.Cast):
             inner = expr.value
-            if str(expr.ty) == dtype and isinstance(inner, tirx.Cast) and isinstance(inner.value, TensorLoad):
+            if str(expr.ty) == dtype and isinstance(inner, tirx.Cast) and isinstance(inner.value, BufferLoadType):
                 if inner.value.source.same_as(buf):
                     return inner.value
             return tirx.Cast(str(expr.ty), uncast(inner))

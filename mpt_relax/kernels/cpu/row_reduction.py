@@ -4,8 +4,10 @@ from __future__ import annotations
 
 
 import tvm_ffi
-from tvm import s_tir, sym, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from mpt_relax.compat import arith
+
 from .base import loop_extent, parallel_when_worth_it, root_blocks, Rule, vector_lanes
 from .einsum import lane_and_reduction_loops
 
@@ -107,7 +109,7 @@ def same_expr(a, b) -> bool:
     if tvm_ffi.structural_equal(a, b):
         return True
     try:
-        return bool(sym.Analyzer().can_prove_equal(a, b))
+        return bool(arith.Analyzer().can_prove_equal(a, b))
     except Exception:  # pylint: disable=broad-except
         return False
 
