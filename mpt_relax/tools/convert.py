@@ -30,17 +30,17 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from mpt_relax.errors import MPTRelaxError
 from mpt_relax.io import staging
-from mpt_relax.io.checkpoint import FP16_MAX, BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
+from mpt_relax.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
+from mpt_relax.tools.convert_report import ConversionReport, TensorReport
+from mpt_relax.tools.fp16_cast import CHUNK_ELEMENTS, CONVERTED_DTYPES, bits as _bits, cast_chunk as _cast_chunk
+from mpt_relax.tools.fp16_cast import chunks as _chunks, reference_cast
 
-CONVERTED_DTYPES = (torch.bfloat16, torch.float32)
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB fp32 temporaries; larger chunks measured slower, smaller no faster
 OUTPUT_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 2 * 1024**3
 
@@ -70,86 +70,6 @@ log = logging.getLogger(__name__)
 
 class ConversionError(MPTRelaxError):
     """The conversion cannot run or did not produce a correct checkpoint; nothing was written."""
-
-
-@dataclasses.dataclass
-class TensorReport:
-    """What happened to one tensor; the counts are numbers of elements."""
-
-    name: str
-    shape: tuple[int, ...]
-    source_dtype: torch.dtype
-    dtype: torch.dtype  # as written
-    clamped: int = 0  # finite values beyond +-65504, written as +-65504
-    flushed: int = 0  # non-zero values that became (signed) zero
-    nonfinite: int = 0  # NaN / inf in the source, written unchanged
-
-    @property
-    def notable(self) -> bool:
-        """Whether any value was clamped, flushed or non-finite."""
-        return bool(self.clamped or self.flushed or self.nonfinite)
-
-
-@dataclasses.dataclass
-class ConversionReport:
-    """The result of :func:`convert_checkpoint`; ``str(report)`` is the summary."""
-
-    source: Path
-    destination: Path
-    tensors: list[TensorReport]
-    input_bytes: int  # tensor bytes read
-    output_bytes: int  # tensor bytes written (the index's total_size)
-    shards: list[str]  # output shard file names
-    copied_files: list[str]
-    skipped_files: list[str]  # "name (reason)" for source entries neither converted nor copied
-    warnings: list[str]
-    verified: int | None  # tensors verified, None when verification was skipped
-    seconds: float
-
-    @property
-    def clamped(self) -> int:
-        """Values clamped to +-65504, over all tensors."""
-        return sum(t.clamped for t in self.tensors)
-
-    @property
-    def flushed(self) -> int:
-        """Non-zero values flushed to zero, over all tensors."""
-        return sum(t.flushed for t in self.tensors)
-
-    @property
-    def nonfinite(self) -> int:
-        """NaN / inf values found in the source (and passed through), over all tensors."""
-        return sum(t.nonfinite for t in self.tensors)
-
-    def summary(self, details: bool = True, max_tensor_lines: int = 20) -> str:
-        """Human-readable result; ``details`` adds one line per tensor with clamped, flushed or
-        non-finite values (at most ``max_tensor_lines``) and the copied / skipped files."""
-        gb = self.input_bytes / 1e9
-        lines = [
-            f"converted {len(self.tensors)} tensors ({gb:.3f} GB -> {self.output_bytes / 1e9:.3f} GB) "
-            f"into {len(self.shards)} shard(s) in {self.destination}",
-            f"clamped to +-65504: {self.clamped}; flushed to zero: {self.flushed}; "
-            f"NaN/inf passed through: {self.nonfinite}",
-        ]
-        if details:
-            notable = [t for t in self.tensors if t.notable]
-            lines += [
-                f"  {t.name}: clamped {t.clamped}, flushed {t.flushed}, nonfinite {t.nonfinite}"
-                for t in notable[:max_tensor_lines]
-            ]
-            if len(notable) > max_tensor_lines:
-                lines.append(f"  ... and {len(notable) - max_tensor_lines} more tensors")
-            if self.copied_files:
-                lines.append(f"copied: {', '.join(self.copied_files)}")
-            if self.skipped_files:
-                lines.append(f"not copied: {', '.join(self.skipped_files)}")
-        lines.append(
-            f"verified {self.verified} tensors" if self.verified is not None else "verification skipped (--no-verify)"
-        )
-        lines.append(f"time: {self.seconds:.1f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s of input)")
-        return "\n".join(lines)
-
-    __str__ = summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,37 +417,6 @@ def _write_tensor(t: _Tensor, x: torch.Tensor, path: Path, offset: int, bar: tqd
     return report
 
 
-def _chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``x`` flattened, in 1-D pieces of at most ``CHUNK_ELEMENTS`` elements."""
-    flat = x.reshape(-1)
-    for begin in range(0, flat.numel(), CHUNK_ELEMENTS):
-        yield flat[begin : begin + CHUNK_ELEMENTS]
-
-
-def _cast_chunk(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """Cast a 1-D bf16/fp32 chunk into the fp16 tensor ``out`` (same length, reused between
-    chunks to spare page faults); returns ``out`` and the (clamped, flushed, nonfinite) counts.
-
-    Fast path when the chunk is finite and inside +-65504 (NaN fails both comparisons): a
-    plain cast. Otherwise finite values are clamped to +-65504 in fp32 and NaN/inf kept.
-    Flushed = non-zero inputs minus non-zero outputs: the cast never turns a zero into a
-    non-zero, so the difference is exactly the values that became zero (NaN is non-zero on
-    both sides).
-    """
-    lo, hi = torch.aminmax(x)
-    if -FP16_MAX <= lo and hi <= FP16_MAX:
-        out.copy_(x)
-        clamped = nonfinite = 0
-    else:
-        x32 = x.to(torch.float32)
-        finite = torch.isfinite(x32)
-        nonfinite = x.numel() - int(finite.sum())
-        clamped = int(((x32.abs() > FP16_MAX) & finite).sum())
-        out.copy_(torch.where(finite, x32.clamp(-FP16_MAX, FP16_MAX), x32))
-    flushed = int(torch.count_nonzero(x)) - int(torch.count_nonzero(out))
-    return out, clamped, flushed, nonfinite
-
-
 # ---------------------------------------------------------------------------- verification
 
 
@@ -556,19 +445,6 @@ def _verify(tmp: Path, tensors: list[_Tensor], show: bool) -> int:
     return len(tensors)
 
 
-def reference_cast(x: torch.Tensor) -> torch.Tensor:
-    """What the converter must write for source tensor ``x``: for bf16/fp32, the fp32 value
-    clamped to +-65504 and cast to fp16, with inf/NaN kept; any other dtype unchanged."""
-    if x.dtype not in CONVERTED_DTYPES:
-        return x
-    x32 = x.to(torch.float32)
-    out = x32.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    if x.numel() and not all(torch.isfinite(v) for v in torch.aminmax(x32)):  # inf or NaN somewhere
-        inf = torch.isinf(x32)
-        out[inf] = x32[inf].to(torch.float16)
-    return out
-
-
 def _check_tensor(name: str, source: torch.Tensor, written: torch.Tensor, bar: tqdm) -> None:
     """Raise unless ``written`` has the shape and dtype of ``reference_cast(source)`` and the
     same bits, compared chunk by chunk."""
@@ -582,8 +458,3 @@ def _check_tensor(name: str, source: torch.Tensor, written: torch.Tensor, bar: t
         if not torch.equal(_bits(reference_cast(src_chunk)), _bits(out_chunk)):
             raise ConversionError(f"verification failed: {name} differs from the clamped float16 cast of the source")
         bar.update(src_chunk.numel() * src_chunk.element_size())
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """The raw bits of 1-D ``x`` as integers of the same width (so NaN compares equal to itself)."""
-    return x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
