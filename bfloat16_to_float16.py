@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the process exit status."""
     args = parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    from mpt_relax.checkpoint import CheckpointError
-    from mpt_relax.convert import ConversionError, convert_checkpoint
+    from mpt_relax.io.checkpoint import CheckpointError
+    from mpt_relax.tools.convert import ConversionError, convert_checkpoint
 
     src = MODELS_DIR / args.model if args.model else args.model_path
     dst = args.output or src.with_name(src.name + "-float16")

@@ -10,16 +10,16 @@
     mod = mpt_relax.export_irmodule(mpt_relax.preset("mpt-7b-instruct"))
 """
 
-from .artifact import ArtifactError
-from .builder import build, export_irmodule, resolve_model
-from .checkpoint import CheckpointError
-from .compiler import TargetError
-from .config import ConfigError, MPTConfig, preset
-from .engine import Engine, EngineError
-from .generation import ChatSession, GenerationError, GenerationResult, SamplingParams, Stream
-from .kv_cache import KVCacheCapacityError
-from .templates import TemplateError
-from .weights import WeightMapError
+from mpt_relax.io.artifact import ArtifactError
+from mpt_relax.compile.builder import build, export_irmodule, resolve_model
+from mpt_relax.io.checkpoint import CheckpointError
+from mpt_relax.compile.pipeline import TargetError
+from mpt_relax.models.mpt.config import ConfigError, MPTConfig, preset
+from mpt_relax.runtime.engine import Engine, EngineError
+from mpt_relax.runtime.generation import ChatSession, GenerationError, GenerationResult, SamplingParams, Stream
+from mpt_relax.runtime.kv_state import KVCacheCapacityError
+from mpt_relax.models.mpt.templates import TemplateError
+from mpt_relax.models.mpt.loader import WeightMapError
 
 __all__ = [
     "ArtifactError",

@@ -17,10 +17,11 @@ import os
 import sys
 from typing import Sequence
 
-from . import bench, demo
-from .engine import Engine
-from .generation import GenerationResult, SamplingParams
-from .templates import NAMES as TEMPLATE_NAMES
+from mpt_relax.tools import bench
+from mpt_relax.tools import demo
+from mpt_relax.runtime.engine import Engine
+from mpt_relax.runtime.generation import GenerationResult, SamplingParams
+from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,8 +29,9 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 import mpt_relax  # noqa: E402
-from mpt_relax import compiler  # noqa: E402
-from mpt_relax.kv_cache import ALiBiPagedKVCache, PagedKVCacheRuntime  # noqa: E402
+from mpt_relax.compile import pipeline as compiler  # noqa: E402
+from mpt_relax.compile.kv_cache import ALiBiPagedKVCache  # noqa: E402
+from mpt_relax.runtime.kv_state import PagedKVCacheRuntime  # noqa: E402
 
 SHAPE = dict(d_model=768, n_heads=12, n_layers=12, vocab_size=50432)
 PAGE_SIZE = 16

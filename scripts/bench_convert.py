@@ -37,7 +37,7 @@ TENSOR_ELEMENTS = 64 * 1024**2  # 128 MiB in bf16, about one MPT-7B up_proj
 CHILD = """
 import json, re, sys, torch
 sys.path.insert(0, sys.argv[1])
-from mpt_relax.convert import convert_checkpoint
+from mpt_relax.tools.convert import convert_checkpoint
 
 def peak_rss():
     with open("/proc/self/status") as f:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 import mpt_relax
-from mpt_relax.compiler import TARGETS
+from mpt_relax.compile.pipeline import TARGETS
 from mpt_relax.quantization import QUANTIZATIONS
 
 

@@ -8,7 +8,7 @@ For speed measurements at real sizes without downloading weights, e.g. a ~125M m
     python -c "import mpt_relax; mpt_relax.build('dist/models/mpt-125m-random')"
     python -m mpt_relax bench --artifact dist/mpt-125m-random-q0f32 --prompt-len 128 --gen-len 128 --compare-hf
 
-The tokenizer is trained on mpt_relax.demo's small built-in text, so it has far fewer ids
+The tokenizer is trained on mpt_relax.tools.demo's small built-in text, so it has far fewer ids
 than --vocab (like MPT's 50277 of 50432); token-id prompts, as bench uses, cover the whole
 vocabulary. Errors print one line on stderr and exit with status 1.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpt_relax.demo import write_checkpoint  # noqa: E402
+from mpt_relax.tools.demo import write_checkpoint  # noqa: E402
 
 
 def main() -> int:

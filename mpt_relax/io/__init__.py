@@ -1,0 +1,1 @@
+"""Files: checkpoint readers (.bin / .safetensors) and the artifact layout."""

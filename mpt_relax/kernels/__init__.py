@@ -1,0 +1,1 @@
+"""TIR kernels and schedule rules: ALiBi attention (CPU / GPU) and the CPU schedule rules."""

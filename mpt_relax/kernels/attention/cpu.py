@@ -1,0 +1,227 @@
+"""ALiBi attention kernels for the CPU (llvm): query-row blocks over page-sized key tiles."""
+
+from __future__ import annotations
+
+
+from tvm.script import tirx as T
+from .common import (
+    alibi_bias,
+    AttentionSpec,
+    decode_kernel,
+    LOG2E,
+    NEG,
+    paged_kv_len,
+    paged_prefill_kernel,
+    ragged_prefill_kernel,
+    slope_log2,
+    visible_keys,
+)
+
+
+# ---------------------------------------------------------------------------- CPU (llvm) kernels
+# A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page: each K/V
+# tile is loaded (and converted to fp32) once per block, scored for every row of the block with
+# the tile as the vector axis, then folded into each row's running max / sum / accumulator with
+# one rescale per tile. Query heads run in parallel.
+#
+# In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
+# each row's max and sum, the second weighs the values by the normalised probabilities rounded to
+# the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
+# half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
+# identity and one online sweep does it all.
+
+_CPU_ROWS = 16
+_M, _D, _M_NEW, _RESCALE = range(4)  # slots of a row's softmax state
+
+
+def _cpu_sweeps(spec: AttentionSpec) -> int:
+    """Walks over the keys: 1 (online softmax) for float32, 2 (rounded probabilities) otherwise."""
+    return 1 if spec.dtype == "float32" else 2
+
+
+def _cpu_macros(spec: AttentionSpec):
+    """Macros shared by the CPU kernels; the caller allocates the scratch buffers.
+
+    For a block of ``n_rows`` query rows ``row0 ..`` of query head ``head``:
+    q_f32 [R, hd]: query * sm_scale * log2(e); acc [R, hd]: unnormalised output;
+    state [R, 4]: running max, running sum, the tile's new max, the rescale factor;
+    visible [R]: keys each row sees; k_tile_t [hd, page_size] (transposed), v_tile
+    [page_size, hd]: the current key / value tile in fp32; scores [page_size].
+    ``sweep``: 0 for the online pass, 1 for the value pass of a two-sweep dtype
+    (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
+    """
+    D, dtype, TILE = spec.head_dim, spec.dtype, spec.page_size
+    rounded = _cpu_sweeps(spec) == 2
+
+    @T.macro
+    def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible):
+        max_visible[0] = 0
+        for r in T.serial(n_rows):
+            for x in T.serial(D):
+                q_f32[r, x] = T.cast(q[row0 + r, head, x], "float32") * sm_scale * LOG2E
+                acc[r, x] = T.float32(0)
+            state[r, _M] = T.float32(NEG)
+            state[r, _D] = T.float32(0)
+            visible[r] = visible_keys(causal, kv_len, key_pos0, q_pos[row0 + r])
+            max_visible[0] = T.max(max_visible[0], visible[r])
+
+    @T.macro
+    def fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep):
+        for r in T.serial(n_rows):
+            if visible[r] > tile * TILE:
+                for t in T.vectorized(TILE):
+                    scores[t] = alibi_bias(spec, slope, key_pos0 + tile * TILE + t, q_pos[row0 + r])
+                for x in T.serial(D):
+                    for t in T.vectorized(TILE):
+                        scores[t] += q_f32[r, x] * k_tile_t[x, t]
+                if sweep == 0:
+                    state[r, _M_NEW] = state[r, _M]
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[t])
+                    state[r, _RESCALE] = T.exp2(state[r, _M] - state[r, _M_NEW])
+                    state[r, _D] *= state[r, _RESCALE]
+                    if not rounded:
+                        for x in T.vectorized(D):
+                            acc[r, x] *= state[r, _RESCALE]
+                    for t in T.vectorized(TILE):
+                        scores[t] = T.if_then_else(t < visible[r] - tile * TILE, T.exp2(scores[t] - state[r, _M_NEW]), T.float32(0))
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        state[r, _D] += scores[t]
+                        if not rounded:
+                            for x in T.vectorized(D):
+                                acc[r, x] += scores[t] * v_tile[t, x]
+                    state[r, _M] = state[r, _M_NEW]
+                else:
+                    for t in T.vectorized(TILE):
+                        scores[t] = T.cast(T.cast(T.exp2(scores[t] - state[r, _M]) / state[r, _D], dtype), "float32")
+                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
+                        for x in T.vectorized(D):
+                            acc[r, x] += scores[t] * v_tile[t, x]
+
+    @T.macro
+    def finish_rows(output, lse, row0, n_rows, head, acc, state):
+        for r in T.serial(n_rows):
+            for x in T.serial(D):
+                if rounded:  # acc already holds the normalised sum (0 for a row without keys)
+                    output[row0 + r, head, x] = T.cast(acc[r, x], dtype)
+                else:
+                    output[row0 + r, head, x] = T.cast(T.if_then_else(state[r, _D] > 0, acc[r, x] / state[r, _D], T.float32(0)), dtype)
+            lse[row0 + r, head] = T.if_then_else(state[r, _D] > 0, state[r, _M] + T.log2(state[r, _D]), T.float32(NEG))
+
+    return start_rows, fold_tile, finish_rows
+
+
+def _cpu_scratch(spec: AttentionSpec):
+    """Allocate the scratch buffers of :func:`_cpu_macros` inside the current block."""
+    R, D, TILE = _CPU_ROWS, spec.head_dim, spec.page_size
+    return (
+        T.sblock_alloc_buffer((R, D), "float32"),  # q_f32
+        T.sblock_alloc_buffer((R, D), "float32"),  # acc
+        T.sblock_alloc_buffer((R, 4), "float32"),  # state
+        T.sblock_alloc_buffer((R,), "int32"),  # visible
+        T.sblock_alloc_buffer((1,), "int32"),  # max_visible
+        T.sblock_alloc_buffer((D, TILE), "float32"),  # k_tile_t
+        T.sblock_alloc_buffer((TILE, D), "float32"),  # v_tile
+        T.sblock_alloc_buffer((TILE,), "float32"),  # scores
+    )
+
+
+def prefill_ragged_cpu(spec: AttentionSpec):
+    """Causal attention of a ragged batch over its own new k/v (no cache), for llvm.
+
+    q [n, H, hd], q_indptr = kv_indptr [b + 1], k/v [n, KV, hd], q_pos [n], k_pos_offset [b]
+    -> output [n, H, hd], lse [n, H].
+    """
+    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
+    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
+
+    # fmt: off
+    @T.macro
+    def body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size):
+        for h in T.parallel(H):
+            with T.sblock("attn"):
+                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                slope: T.let[T.float32] = slope_log2(spec, h)
+                for b in T.serial(batch_size):
+                    for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
+                        row0: T.let[T.int32] = q_indptr[b] + block * R
+                        n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
+                        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b], k_pos_offset[b], q_f32, acc, state, visible, max_visible)
+                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
+                            for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
+                                k_tile_t[x, t] = T.cast(k[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
+                                if sweep == SWEEPS - 1:
+                                    v_tile[t, x] = T.cast(v[kv_indptr[b] + tile * TILE + t, h // group, x], "float32")
+                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
+                        finish_rows(output, lse, row0, n_rows, h, acc, state)
+    # fmt: on
+    return ragged_prefill_kernel(spec, "alibi_prefill_ragged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
+
+
+def prefill_paged_cpu(spec: AttentionSpec):
+    """Attention of a ragged batch of queries over the keys in the cache pages, for llvm.
+
+    q [n, H, hd], q_indptr [b + 1], pages [P, 2, KV, page_size, hd], page_indptr [b + 1],
+    page_values [nnz_pages], last_page_len [b], k_pos_offset [b], q_pos [n]
+    -> output [n, H, hd], lse [n, H]. The runtime calls it with causal = 0.
+    """
+    H, D, TILE, R, group = spec.n_heads, spec.head_dim, spec.page_size, _CPU_ROWS, spec.group
+    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
+
+    # fmt: off
+    @T.macro
+    def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size):
+        for h in T.parallel(H):
+            with T.sblock("attn"):
+                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                slope: T.let[T.float32] = slope_log2(spec, h)
+                for b in T.serial(batch_size):
+                    for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
+                        row0: T.let[T.int32] = q_indptr[b] + block * R
+                        n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
+                        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
+                        for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
+                            page: T.let[T.int32] = page_values[page_indptr[b] + tile]
+                            for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
+                                k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
+                                if sweep == SWEEPS - 1:
+                                    v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
+                            fold_tile(q_pos, row0, n_rows, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
+                        finish_rows(output, lse, row0, n_rows, h, acc, state)
+    # fmt: on
+    return paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
+
+
+def decode_paged_cpu(spec: AttentionSpec):
+    """One query per sequence over every key in its pages (its own new key included), for llvm.
+
+    q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values [nnz_pages],
+    last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H].
+    """
+    H, D, TILE, group = spec.n_heads, spec.head_dim, spec.page_size, spec.group
+    start_rows, fold_tile, finish_rows = _cpu_macros(spec)
+    SWEEPS = _cpu_sweeps(spec)
+
+    # fmt: off
+    @T.macro
+    def body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, sm_scale, B):
+        for h in T.parallel(H):
+            with T.sblock("attn"):
+                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                slope: T.let[T.float32] = slope_log2(spec, h)
+                for b in T.serial(B):
+                    start_rows(q, q_pos, b, 1, h, sm_scale, 0, paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], q_f32, acc, state, visible, max_visible)
+                    for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
+                        page: T.let[T.int32] = page_values[page_indptr[b] + tile]
+                        for t, x in T.grid(T.min(TILE, max_visible[0] - tile * TILE), D):
+                            k_tile_t[x, t] = T.cast(pages[page, 0, h // group, t, x], "float32")
+                            if sweep == SWEEPS - 1:
+                                v_tile[t, x] = T.cast(pages[page, 1, h // group, t, x], "float32")
+                        fold_tile(q_pos, b, 1, slope, tile, k_pos_offset[b], k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
+                    finish_rows(output, lse, b, 1, h, acc, state)
+    # fmt: on
+    return decode_kernel(spec, "alibi_decode_paged_cpu", body, {"tirx.is_scheduled": True, "tirx.noalias": True})
+
+

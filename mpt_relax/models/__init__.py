@@ -1,0 +1,1 @@
+"""Model families compiled by mpt_relax (one subpackage per family)."""

@@ -1,0 +1,464 @@
+"""Weight-only group quantization of the Linear layers (MLC-LLM scheme names).
+
+Schemes (``QUANTIZATIONS``):
+
+=========  =====  ====  =====  =========  ==========================================
+name       kind   bits  group  model      what is stored for a Linear weight [out, in]
+=========  =====  ====  =====  =========  ==========================================
+q0f32      none   32    -      float32    ``weight`` float32 [out, in]
+q0f16      none   16    -      float16    ``weight`` float16 [out, in]
+q4f16_1    group  4     32     float16    ``q_weight`` uint32 [out, in/8], ``q_scale`` float16 [out, in/32]
+q8f16_1    group  8     32     float16    ``q_weight`` uint32 [out, in/4], ``q_scale`` float16 [out, in/32]
+=========  =====  ====  =====  =========  ==========================================
+
+Group quantization (symmetric, round half to even via ``np.rint``), with
+``max_int = 2**(bits-1) - 1`` (7 for int4, 127 for int8), ``group_size = 32``::
+
+    scale[o, g]  = float16(max(|w[o, 32g : 32g+32]|) / max_int)      # 0 for an all-zero group
+    code[o, i]   = clip(rint(w[o, i] / scale[o, i // 32]), -max_int, max_int) + max_int
+    w'[o, i]     = (code[o, i] - max_int) * scale[o, i // 32]         # dequantized
+
+The codes are computed from the float16-rounded scale, so |w - w'| <= scale / 2 except where
+rounding the scale down pushed |w / scale| past max_int (then by at most max_int times the
+scale's rounding error). A 4-bit code is in [0, 14] (15 is never written), an 8-bit code in
+[0, 254]. Codes are packed along the input dimension into uint32 words, lowest bits first:
+with ``pack = 32 // bits`` (8 for int4, 4 for int8)::
+
+    q_weight[o, j] = sum_k code[o, pack*j + k] << (bits * k),   k = 0 .. pack-1
+
+i.e. nibble k (bits 4k .. 4k+3) of word j holds element 8j + k; for int8, byte k (bits
+8k .. 8k+7) of word j holds element 4j + k. Read as little-endian bytes, a q8 weight is
+exactly the uint8 code matrix [out, in], and byte m of a q4 row holds element 2m in its low
+nibble and 2m+1 in its high one. ``in`` must be a multiple of 32 (MPT's dimensions are
+multiples of 64); nothing is padded.
+
+int8 codes live in the same uint32 words as int4 (rather than an int8 tensor): one dequantize
+compute and one loader path serve both; the CPU GEMV vectorises over whole words (see
+``mpt_relax.kernels.cpu.gemv``). On the CPU, decoding with these weights is bound by the unpacking
+(shift, mask, convert, scale: about 7-8 G weights/s per core), not by memory bandwidth.
+
+By default only ``nn.Linear`` layers are quantized. The token embedding ``wte`` stays in the
+model dtype: MPT ties it to the LM head, and the logits over a 50k vocabulary are the matmul
+whose errors reach the sampled token most directly (a per-group int4 error of up to scale/2
+per weight shifts every logit), while the embedding is ~3% of MPT-7B's parameters (413 MB in
+float16, about a tenth of a q4f16_1 artifact). A separate ``lm_head`` (untied checkpoints) is
+an ``nn.Linear`` and is quantized like the other layers. ``get_quantization(name,
+embedding=True)`` (``--quantize-embedding``; MLC-LLM's q4f16_1 does the same) quantizes the
+embeddings too, with the same layout (``GroupQuantEmbedding``): for a small model, whose
+tied head is a large share of the bytes each decoded token reads, that is most of the speed
+and memory quantization can give.
+
+The loader side streams one tensor at a time: ``quantized_weight_names(model, q)`` names the
+weights (e.g. ``blocks.0.attn.Wqkv.weight``), and ``quantize_param`` maps one float parameter to
+the arrays the quantized module expects (``blocks.0.attn.Wqkv.q_weight`` / ``.q_scale``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.dpl import GlobalVarPattern, is_op, is_tuple, wildcard
+from tvm.relax.frontend import nn
+
+STORAGE_DTYPE = "uint32"
+_STORAGE_BITS = 32
+_BLOCK_ELEMENTS = 1 << 18  # elements per numpy (de)quantize block: ~1 MB of float32
+_DEQUANTIZE_PREFIX = "dequantize_"  # name of GroupQuantLinear's dequantize PrimFuncs
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """A weight quantization scheme.
+
+    ``kind`` is "none" (weights kept in ``model_dtype``; ``bits`` is that dtype's width and
+    ``group_size`` is 0) or "group" (symmetric ``bits``-bit codes packed in uint32 words, one
+    ``model_dtype`` scale per ``group_size`` consecutive input elements of a row).
+    """
+
+    name: str
+    kind: str
+    bits: int
+    group_size: int
+    model_dtype: str
+    embedding: bool = False  # also quantize the embeddings (the token embedding is the tied LM head)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "group"):
+            raise ValueError(f"{self.name}: kind must be 'none' or 'group', got {self.kind!r}")
+        if self.kind == "group" and (
+            self.bits not in (4, 8) or self.group_size % self.pack_factor or self.group_size & (self.group_size - 1)
+        ):
+            raise ValueError(
+                f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
+                f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
+            )
+        if self.embedding and self.kind != "group":
+            raise ValueError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+
+    @property
+    def tag(self) -> str:
+        """``name``, plus ``+embedding`` when the embeddings are quantized too."""
+        return self.name + ("+embedding" if self.embedding else "")
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether Linear weights are stored as packed codes + scales."""
+        return self.kind == "group"
+
+    @property
+    def pack_factor(self) -> int:
+        """Codes per uint32 word (8 for int4, 4 for int8)."""
+        return _STORAGE_BITS // self.bits
+
+    @property
+    def max_int(self) -> int:
+        """Largest code magnitude; also the offset added to store codes unsigned."""
+        return 2 ** (self.bits - 1) - 1
+
+    def check_linear_shape(self, out_features: int, in_features: int) -> None:
+        """Raise ValueError unless a [out_features, in_features] weight can be quantized."""
+        if not isinstance(in_features, int) or not isinstance(out_features, int):
+            raise ValueError(f"{self.name}: Linear shapes must be static ints, got [{out_features}, {in_features}]")
+        if in_features % self.group_size:
+            raise ValueError(
+                f"{self.name}: cannot quantize a [{out_features}, {in_features}] weight: in_features "
+                f"{in_features} is not a multiple of the group size {self.group_size}"
+            )
+
+    def q_weight_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of the packed codes of a [out, in] weight: [out, in / pack_factor]."""
+        return (out_features, in_features // self.pack_factor)
+
+    def q_scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of the scales of a [out, in] weight: [out, in / group_size]."""
+        return (out_features, in_features // self.group_size)
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", "none", 32, 0, "float32"),
+        Quantization("q0f16", "none", 16, 0, "float16"),
+        Quantization("q4f16_1", "group", 4, 32, "float16"),
+        Quantization("q8f16_1", "group", 8, 32, "float16"),
+    )
+}
+
+
+def get_quantization(name: str, embedding: bool = False) -> Quantization:
+    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
+    ValueError listing the valid names otherwise."""
+    try:
+        q = QUANTIZATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
+    return dataclasses.replace(q, embedding=True) if embedding else q
+
+
+def _require_group(q: Quantization) -> None:
+    if not q.is_quantized:
+        raise ValueError(f"{q.name} does not quantize weights (kind {q.kind!r})")
+
+
+# ---------------------------------------------------------------------------------- numpy
+def quantize_weight(w: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
+    """Quantize one Linear weight.
+
+    w: [out, in] float32 or float16. Returns ``q_weight`` uint32 [out, in / pack_factor] and
+    ``q_scale`` (``q.model_dtype``) [out, in / group_size], laid out as in the module docstring.
+    Rows are processed in blocks of about ``_BLOCK_ELEMENTS`` so that the float32
+    intermediates stay in cache instead of costing fresh multi-100-MB allocations.
+    """
+    _require_group(q)
+    if w.ndim != 2:
+        raise ValueError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
+    out_features, in_features = w.shape
+    q.check_linear_shape(out_features, in_features)
+    q_weight = np.empty(q.q_weight_shape(out_features, in_features), np.uint32)
+    q_scale = np.empty(q.q_scale_shape(out_features, in_features), q.model_dtype)
+    rows = max(1, _BLOCK_ELEMENTS // in_features)
+    for start in range(0, out_features, rows):
+        block = slice(start, start + rows)
+        q_weight[block], q_scale[block] = _quantize_rows(w[block], q)
+    return {"q_weight": q_weight, "q_scale": q_scale}
+
+
+def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """w: [rows, in] -> (uint32 codes [rows, in / pack_factor], scales [rows, in / group_size])."""
+    groups = w.astype(np.float32).reshape(w.shape[0], -1, q.group_size)
+    scale = (_last_axis_max(np.abs(groups)) / q.max_int).astype(q.model_dtype)
+    if not np.isfinite(scale).all():
+        raise ValueError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
+    divisor = scale.astype(np.float32)
+    divisor[divisor == 0] = 1.0  # all-zero (or underflowing) groups: every code is max_int, i.e. 0.0
+    codes = np.rint(groups / divisor[..., None])
+    np.clip(codes, -q.max_int, q.max_int, out=codes)
+    # int8 cast (fast, exact for |code| <= 127), then the +max_int offset in uint8 arithmetic,
+    # which wraps modulo 256 to exactly code + max_int in [0, 2 * max_int].
+    biased = codes.astype(np.int8).view(np.uint8) + np.uint8(q.max_int)
+    return _pack(biased.reshape(w.shape), q.bits), scale
+
+
+def _last_axis_max(x: np.ndarray) -> np.ndarray:
+    """[..., n] -> [...]: max over the last axis, n a power of two (a halving tree: numpy's
+    own reduction is slow over a short contiguous axis such as a 32-wide group)."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = np.maximum(x[..., :half], x[..., half:])
+    return x[..., 0]
+
+
+def dequantize_weight(
+    q_weight: np.ndarray, q_scale: np.ndarray, q: Quantization, shape: tuple[int, int]
+) -> np.ndarray:
+    """Inverse of ``quantize_weight``: codes + scales -> float32 [out, in] (``shape``)."""
+    _require_group(q)
+    out_features, in_features = shape
+    q.check_linear_shape(out_features, in_features)
+    if q_weight.shape != q.q_weight_shape(*shape) or q_scale.shape != q.q_scale_shape(*shape):
+        raise ValueError(
+            f"{q.name}: q_weight {q_weight.shape} / q_scale {q_scale.shape} do not describe a {tuple(shape)} weight"
+        )
+    w = np.empty(shape, np.float32)
+    rows = max(1, _BLOCK_ELEMENTS // in_features)
+    for start in range(0, out_features, rows):
+        block = slice(start, start + rows)
+        w[block] = _dequantize_rows(q_weight[block], q_scale[block], q)
+    return w
+
+
+def _dequantize_rows(q_weight: np.ndarray, q_scale: np.ndarray, q: Quantization) -> np.ndarray:
+    """uint32 [rows, in / pack_factor], scales [rows, in / group_size] -> float32 [rows, in]."""
+    codes = _unpack(q_weight, q.bits).view(np.int8) - np.int8(q.max_int)  # wraps back to [-max_int, max_int]
+    groups = codes.reshape(*q_scale.shape, q.group_size) * q_scale.astype(np.float32)[..., None]
+    return groups.reshape(codes.shape)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [out, in] (each < 2**bits) -> uint32 words [out, in * bits / 32]."""
+    per_byte = 8 // bits
+    codes = codes.reshape(codes.shape[0], -1, per_byte)
+    packed = codes[..., 0].copy()
+    for k in range(1, per_byte):
+        packed |= codes[..., k] << (bits * k)
+    return packed.view("<u4").astype(np.uint32, copy=False)
+
+
+def _unpack(words: np.ndarray, bits: int) -> np.ndarray:
+    """uint32 words [out, n] -> uint8 codes [out, n * 32 / bits]."""
+    data = np.ascontiguousarray(words, dtype="<u4").view(np.uint8)
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    codes = np.stack([(data >> (bits * k)) & mask for k in range(per_byte)], axis=-1)
+    return codes.reshape(words.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------- relax
+class GroupQuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W stored group-quantized (see the module docstring).
+
+    Parameters: ``q_weight`` uint32 [out, in / pack_factor], ``q_scale`` model dtype
+    [out, in / group_size], optional ``bias`` [out]. The forward pass dequantizes W to
+    [out, in] in the model dtype with an injective TE compute, then calls ``matmul(x, W^T)``
+    like ``nn.Linear``. Compile with ``fuse_dequantize_matmul()`` in the pipeline so that the
+    dequantize runs inside the matmul kernel instead of materializing W.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        q: Quantization,
+        bias: bool = True,
+        out_dtype: str | None = None,
+    ):
+        super().__init__()
+        _require_group(q)
+        q.check_linear_shape(out_features, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quantization = q
+        self.out_dtype = out_dtype
+        self.q_weight = nn.Parameter(q.q_weight_shape(out_features, in_features), STORAGE_DTYPE)
+        self.q_scale = nn.Parameter(q.q_scale_shape(out_features, in_features), q.model_dtype)
+        self.bias = nn.Parameter((out_features,), out_dtype or q.model_dtype) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, q: Quantization) -> GroupQuantLinear:
+        """A quantized layer with the same features, bias presence and out_dtype as ``linear``."""
+        return cls(linear.in_features, linear.out_features, q, linear.bias is not None, linear.out_dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set)."""
+        name = f"{_DEQUANTIZE_PREFIX}{self.quantization.name}"
+        w = nn.op.tensor_expr_op(self._dequantize, name, [self.q_weight, self.q_scale])
+        y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def _dequantize(self, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+        """TE: q_weight [out, in / pack] uint32, q_scale [out, in / group] -> W [out, in]."""
+        return te.compute(
+            (self.out_features, self.in_features),
+            lambda o, i: _dequantized(self.quantization, q_weight, q_scale, o, i),
+            name="dequantize",
+        )
+
+    def to(self, dtype: str | None = None) -> None:  # pylint: disable=invalid-name
+        """Like ``nn.Linear.to``: only the bias follows ``dtype``; codes and scales are fixed by the scheme."""
+        if self.bias is not None and self.out_dtype is None:
+            self.bias.to(dtype=dtype)
+
+
+def _dequantized(q: Quantization, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
+    """Element [row, col] of the dequantized weight, in ``q.model_dtype``."""
+    mask = tirx.const((1 << q.bits) - 1, STORAGE_DTYPE)
+    shift = (col % q.pack_factor * q.bits).astype(STORAGE_DTYPE)
+    code = (q_weight[row, col // q.pack_factor] >> shift) & mask
+    return (code.astype(q.model_dtype) - tirx.const(q.max_int, q.model_dtype)) * q_scale[row, col // q.group_size]
+
+
+class GroupQuantEmbedding(GroupQuantLinear):
+    """An embedding table [num, dim] stored group-quantized like a Linear weight [out=num, in=dim].
+
+    ``forward(ids)`` looks rows up (ids clipped to range, dequantizing only those rows);
+    :meth:`head` is the tied LM head, ``x @ table^T`` with fp32 logits, fused with its
+    dequantize like any GroupQuantLinear.
+    """
+
+    def __init__(self, num: int, dim: int, q: Quantization):
+        super().__init__(dim, num, q, bias=False, out_dtype="float32")
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, q: Quantization) -> GroupQuantEmbedding:
+        return cls(embedding.num, embedding.dim, q)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids [n] int32 -> rows [n, dim] in the model dtype."""
+        return nn.op.tensor_expr_op(self._lookup, f"take_{_DEQUANTIZE_PREFIX}{self.quantization.name}",
+                                    [ids, self.q_weight, self.q_scale])
+
+    def head(self, x: nn.Tensor) -> nn.Tensor:
+        """x [*B, dim] -> fp32 logits [*B, num]."""
+        return super().forward(x)
+
+    def _lookup(self, ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+        return te.compute(
+            (ids.shape[0], self.in_features),
+            lambda n, i: _dequantized(self.quantization, q_weight, q_scale, _clipped(ids[n], self.out_features), i),
+            name="take_dequantize",
+        )
+
+
+def _clipped(index: tirx.PrimExpr, size: int) -> tirx.PrimExpr:
+    """``index`` clipped to [0, size), like a take in clip mode."""
+    return tirx.max(tirx.min(index, size - 1), 0)
+
+
+class _QuantizableMutator(nn.Mutator):
+    """Replaces every nn.Linear / GroupQuantLinear (and, with ``embeddings``, every
+    nn.Embedding) with ``fn(path, layer)``."""
+
+    def __init__(self, fn: Callable[[str, nn.Module], nn.Module], embeddings: bool = False):
+        self.fn = fn
+        self.kinds = (nn.Linear, GroupQuantLinear, nn.Embedding) if embeddings else (nn.Linear, GroupQuantLinear)
+
+    def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+        if isinstance(node, self.kinds):
+            return self.fn(name, node)
+        return self.visit(name, node)
+
+
+def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` (recursively, ModuleLists included)
+    with a ``GroupQuantLinear`` under the same attribute name, and with ``q.embedding`` every
+    ``nn.Embedding`` with a ``GroupQuantEmbedding``; returns ``model``.
+
+    Parameter ``<path>.weight`` becomes ``<path>.q_weight`` + ``<path>.q_scale``; biases and
+    every other parameter (norms; the embeddings unless ``q.embedding``) are untouched. For
+    ``kind == "none"`` the model is returned as is: build it in ``q.model_dtype`` directly.
+    """
+    if not q.is_quantized:
+        return model
+
+    def replace(path: str, layer: nn.Module) -> nn.Module:
+        if isinstance(layer, GroupQuantLinear):
+            return layer
+        try:
+            if isinstance(layer, nn.Embedding):
+                return GroupQuantEmbedding.from_embedding(layer, q)
+            return GroupQuantLinear.from_linear(layer, q)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    return _QuantizableMutator(replace, q.embedding).visit("", model)
+
+
+def quantized_weight_names(model: nn.Module, q: Quantization) -> frozenset[str]:
+    """Float names (``<path>.weight``) of the layers that ``quantize_module(model, q)``
+    quantizes: the Linear layers, and the embeddings when ``q.embedding``.
+
+    Works on the model before or after ``quantize_module`` (GroupQuantLinear counts too), so
+    the loader can pair each float checkpoint tensor with ``quantize_param``.
+    """
+    names: set[str] = set()
+
+    def record(path: str, layer: nn.Module) -> nn.Module:
+        names.add(f"{path}.weight")
+        return layer
+
+    _QuantizableMutator(record, q.embedding).visit("", model)
+    return frozenset(names)
+
+
+def quantize_param(
+    name: str, array: np.ndarray, q: Quantization, linear_weights: Collection[str]
+) -> dict[str, np.ndarray]:
+    """Map one float parameter to the parameters of the quantized module.
+
+    ``name`` is a float Relax parameter name. If it is in ``linear_weights`` (from
+    ``quantized_weight_names``) and ``q`` quantizes, ``<path>.weight`` [out, in] becomes
+    ``{"<path>.q_weight": uint32, "<path>.q_scale": model dtype}``; otherwise the result is
+    ``{name: array cast to q.model_dtype}``.
+    """
+    if q.is_quantized and name in linear_weights:
+        prefix = name.removesuffix(".weight")
+        return {f"{prefix}.{key}": value for key, value in quantize_weight(array, q).items()}
+    return {name: array.astype(q.model_dtype, copy=False)}
+
+
+def fuse_dequantize_matmul() -> tvm.transform.Pass:
+    """Relax pass: fuse each GroupQuantLinear's dequantize into its matmul.
+
+    Relax's FuseOps never fuses an injective producer into a matmul (only elementwise
+    consumers into it), so without this pass the dequantized [out, in] weight (and its
+    transpose) is written to memory on every call. Steps:
+
+    1. ``FuseTransposeMatmul`` turns every ``matmul(x, permute_dims(w))`` into one ``NT_matmul``
+       TE kernel reading w untransposed (for float ``nn.Linear`` and a tied LM head too).
+    2. Each ``NT_matmul(x, dequantize_*(q_weight, q_scale))`` pair is grouped
+       (FuseOpsByPattern) and merged into one PrimFunc (FuseTIR).
+
+    Apply before LegalizeOps. The target's usual ``AnnotateTIROpPattern -> FuseOps -> FuseTIR``
+    then marks the merged kernels kOutEWiseFusable and fuse their epilogues (bias, GELU,
+    residual add) into them; dlight's GEMV rules inline the dequantize into the reduction.
+    """
+    dequantize = is_op("relax.call_tir")(GlobalVarPattern(""), wildcard())
+    matmul = is_op("relax.call_tir")(GlobalVarPattern(""), is_tuple([wildcard(), dequantize]))
+
+    def is_dequantize_matmul(ctx: relax.transform.PatternCheckContext) -> bool:
+        return ctx.annotated_expr["matmul"].args[0].name_hint.startswith("NT_matmul") and ctx.annotated_expr[
+            "dequantize"
+        ].args[0].name_hint.startswith(_DEQUANTIZE_PREFIX)
+
+    group = relax.transform.FuseOpsByPattern(
+        [("dequantize_matmul", matmul, {"matmul": matmul, "dequantize": dequantize}, is_dequantize_matmul)],
+        bind_constants=False,
+    )
+    return tvm.transform.Sequential(
+        [relax.transform.FuseTransposeMatmul(), group, relax.transform.FuseTIR()], name="FuseDequantizeMatmul"
+    )

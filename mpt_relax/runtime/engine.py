@@ -1,0 +1,370 @@
+"""Runtime: load a built artifact and run sequences through the paged KV cache.
+
+``Engine(artifact_dir, device)`` loads the library compiled for the device, the weights and
+``mpt-config.json``, and creates the KV cache once. Work is expressed per sequence:
+``add_sequence`` / ``fork_sequence`` start one, ``forward`` appends tokens to any set of
+sequences at once and returns the logits after each one's last new token, ``remove_sequence``
+frees its pages. A forward where every sequence gets exactly one token is one ``batch_decode``
+call; anything else is one ragged ``prefill`` call per chunk of at most ``prefill_chunk_size``
+tokens and ``max_batch_size`` sequences.
+
+KV memory. The cache is a pool of pages of ``page_size`` tokens (K and V of every layer).
+``kv_memory`` (bytes, or a string such as ``"2GB"`` / ``"512MiB"``) sets the pool's size; the
+default is enough pages for ``max_batch_size`` sequences of the full context window, capped at
+half of the device memory the weights leave free. A request that needs more pages than are free
+raises :class:`KVCacheCapacityError` before any work is done, and the cache stays usable.
+
+Text generation on top of the sequence calls lives in :mod:`.generation`; the Engine
+methods at the end delegate to it. The tokenizer (``tokenizer.json``) is loaded when present.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from mpt_relax.io import artifact
+from mpt_relax.compile import pipeline as compiler
+from mpt_relax.runtime import generation
+from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.runtime.kv_state import KVCacheCapacityError, PagedKVCacheRuntime, bytes_per_page, max_total_seq_len_for_pages, pages_for_budget, pages_to_append
+from mpt_relax.runtime.tokenizer import load_tokenizer
+from mpt_relax.errors import MPTRelaxError
+
+DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_PREFILL_CHUNK_SIZE = 2048
+KV_SHARE_OF_FREE_MEMORY = 0.5  # default cap: this share of the device memory the weights leave
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+AUTO_ORDER = ("cuda", "metal")  # device="auto": the first present that the artifact was built for, else cpu
+
+
+class EngineError(MPTRelaxError):
+    """Bad input to the engine (token ids, lengths, device); the message says what to do."""
+
+
+def parse_bytes(size: int | str) -> int:
+    """``2147483648``, ``"2GB"`` (10^9), ``"2GiB"`` (2^30), ``"512 MB"`` -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise EngineError(f"kv_memory {size!r} is not a size; give bytes (int) or a string like '2GB' or '512MiB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _tvm_device(device: str) -> tvm.runtime.Device:
+    dev = tvm.runtime.device(device, 0)
+    if not dev.exist:
+        raise EngineError(f"device {device!r} is not available on this machine; use device='cpu'")
+    return dev
+
+
+def _positive(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise EngineError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def auto_device(libraries: dict[str, str]) -> str:
+    """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
+    for device in AUTO_ORDER:
+        if DEVICE_TARGETS[device] in libraries and tvm.runtime.device(device, 0).exist:
+            return device
+    return "cpu"
+
+
+class Engine:
+    """A loaded artifact: ``Engine(dist/mpt-7b-instruct-q4f16_1, device="cuda")``.
+
+    ``max_batch_size``: sequences per compiled forward (a larger ``forward`` is split);
+    ``kv_memory``: bytes of KV cache (see the module docstring for the default);
+    ``prefill_chunk_size``: most tokens per compiled forward (default: the context window, at
+    most 2048); longer prompts are prefilled in chunks.
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        device: str = "auto",
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        kv_memory: int | str | None = None,
+        prefill_chunk_size: int | None = None,
+    ):
+        self.path = Path(artifact_dir)
+        self.meta = artifact.read_config(self.path)
+        self.config = MPTConfig.from_dict(self.meta["model_config"])
+        self.tokenizer = load_tokenizer(self.path)  # None: token-id prompts only
+        if device == "auto":
+            device = auto_device(self.meta["libraries"])
+        if "page_size" not in self.meta:
+            raise artifact.ArtifactError(
+                f"{self.path} was built by an older mpt_relax without the paged KV cache; rebuild it with force=True / --force"
+            )
+        self.page_size = int(self.meta["page_size"])
+        self.max_batch_size = _positive("max_batch_size", max_batch_size)
+        self.prefill_chunk_size = _positive(
+            "prefill_chunk_size", prefill_chunk_size or min(self.context_window, DEFAULT_PREFILL_CHUNK_SIZE)
+        )
+        self.device = _tvm_device(self._check_device(device))
+        self._check_cpu(device)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
+        self.params = self._load_params()
+        self.kv_pages = self._kv_pages(kv_memory)
+        self.kv_memory = self.kv_pages * self._page_bytes
+        self._kv = self._create_cache()
+        self._prefill = self.vm["prefill"]
+        self._decode = self.vm["batch_decode"]
+        self._sequences: set[int] = set()
+        self._next_seq = 0
+
+    # ------------------------------------------------------------ loading
+    def _check_device(self, device: str) -> str:
+        if device not in DEVICE_TARGETS:
+            raise EngineError(f"unknown device {device!r}; choose one of: auto, {', '.join(DEVICE_TARGETS)}")
+        if not self.meta.get("has_weights"):
+            raise EngineError(f"{self.path} was built without weights; rebuild it from a checkpoint directory")
+        return device
+
+    def _check_cpu(self, device: str) -> None:
+        """Refuse a library whose CPU code uses instructions this machine's CPU lacks (it would crash)."""
+        mcpu = self.meta.get("mcpu")
+        if device not in ("cpu", "cuda") or not mcpu:
+            return
+        missing = compiler.missing_isa_features(mcpu)
+        if missing:
+            raise EngineError(
+                f"{self.path} was compiled for CPU {mcpu!r}, whose instructions {', '.join(missing[:6])} this CPU "
+                f"({compiler.host_cpu()}) lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
+            )
+
+    def _library(self, device: str) -> str:
+        target = DEVICE_TARGETS[device]
+        lib = self.meta["libraries"].get(target)
+        if lib is None:
+            raise EngineError(
+                f"{self.path} has no library for device {device!r} (built: {', '.join(self.meta['libraries'])}); "
+                f"rebuild with --target {target}"
+            )
+        return lib
+
+    def _load_params(self) -> list[tvm.runtime.Tensor]:
+        names = self.meta["param_names"]
+        wanted = set(names)
+        loaded = {n: tvm.runtime.tensor(a, self.device) for n, a in artifact.read_params(self.path) if n in wanted}
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise artifact.ArtifactError(f"{self.path} lacks weights {missing[:3]}...; rebuild with --force")
+        return [loaded[n] for n in names]
+
+    @property
+    def _page_bytes(self) -> int:
+        return bytes_per_page(self.config, self.meta["model_dtype"], self.page_size)
+
+    def _kv_pages(self, kv_memory: int | str | None) -> int:
+        """Cache pages that fit in ``kv_memory`` (None: :meth:`_default_kv_memory`)."""
+        budget = parse_bytes(kv_memory) if kv_memory is not None else self._default_kv_memory()
+        try:
+            return pages_for_budget(self.config, self.meta["model_dtype"], self.page_size, budget)
+        except KVCacheCapacityError as err:
+            raise KVCacheCapacityError(f"Engine(kv_memory={budget}): {err}") from None
+
+    def _default_kv_memory(self) -> int:
+        """Pages for max_batch_size full context windows, capped at a share of the free device memory."""
+        pages_per_sequence = -(-self.context_window // self.page_size)
+        full = self.max_batch_size * pages_per_sequence * self._page_bytes
+        weights = sum(_nbytes(p) for p in self.params)
+        spare = int((self.device.total_global_memory - weights) * KV_SHARE_OF_FREE_MEMORY)
+        return max(min(full, spare), 0)
+
+    def _create_cache(self) -> PagedKVCacheRuntime:
+        sizes = (self.max_batch_size, max_total_seq_len_for_pages(self.kv_pages, self.page_size), self.prefill_chunk_size)
+        cache = self.vm["create_paged_kv_cache"](*(tvm.runtime.ShapeTuple([s]) for s in sizes))
+        return PagedKVCacheRuntime(cache, self.page_size)
+
+    # ------------------------------------------------------------ properties and checks
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_window(self) -> int:
+        return int(self.meta["context_window_size"])
+
+    def check_tokens(self, token_ids, extra: int = 0) -> np.ndarray:
+        """Token ids as int32 [n]; errors for empty input, ids outside the vocabulary, or a
+        sequence (plus ``extra`` tokens to come) longer than the context window."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise EngineError("empty prompt: give at least one token")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise EngineError(f"token ids must be in [0, {self.vocab_size}); got min {ids.min()} max {ids.max()}")
+        if ids.size + extra > self.context_window:
+            raise EngineError(
+                f"{ids.size} prompt tokens + {extra} new tokens exceed the context window of {self.context_window}; "
+                "shorten the prompt or rebuild with a larger --max-seq-len"
+            )
+        return ids.astype(np.int32)
+
+    def _check_capacity(self, lengths: list[tuple[int, int]]) -> None:
+        """Raise KVCacheCapacityError unless ``(tokens held, tokens to add)`` of every sequence fit in the free pages."""
+        needed = sum(pages_to_append(held, new, self.page_size) for held, new in lengths)
+        free = self._kv.available_pages()
+        if needed > free:
+            raise KVCacheCapacityError(
+                f"{sum(new for _, new in lengths)} new tokens need {needed} KV-cache pages of {self.page_size} tokens "
+                f"but only {free} of {self.kv_pages} are free (kv_memory={self.kv_memory} bytes); remove finished "
+                "sequences, shorten the request, or create the Engine with a larger kv_memory"
+            )
+
+    # ------------------------------------------------------------ sequences (the KV-cache contract)
+    def add_sequence(self) -> int:
+        """Start an empty sequence; returns its id."""
+        seq_id = self._new_id()
+        self._kv.add_sequence(seq_id)
+        self._sequences.add(seq_id)
+        return seq_id
+
+    def fork_sequence(self, parent: int, length: int | None = None) -> int:
+        """Start a sequence that shares the first ``length`` tokens (default: all) of ``parent``'s
+        cache, e.g. a common prompt prefix; returns its id. Shared pages are not copied."""
+        held = self.sequence_length(parent)
+        length = held if length is None else length
+        if not 0 < length <= held:
+            raise EngineError(f"fork length must be in [1, {held}] for sequence {parent}, got {length}")
+        self._check_capacity([(0, length % self.page_size)])  # a partly filled last page is copied
+        seq_id = self._new_id()
+        self._kv.fork_sequence(parent, seq_id, length)
+        self._sequences.add(seq_id)
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Drop a sequence and free the cache pages no other sequence shares."""
+        self._require(seq_id)
+        self._kv.remove_sequence(seq_id)
+        self._sequences.remove(seq_id)
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Tokens cached for ``seq_id``."""
+        self._require(seq_id)
+        return self._kv.sequence_length(seq_id)
+
+    def forward(self, seq_ids: list[int], tokens: list[list[int]]) -> np.ndarray:
+        """Append ``tokens[b]`` to sequence ``seq_ids[b]`` for every b; returns the float32 logits
+        after each sequence's last new token, [len(seq_ids), vocab]."""
+        seq_ids = list(seq_ids)
+        if not seq_ids or len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
+            raise EngineError("forward needs one token list per distinct sequence id (at least one)")
+        held = [self.sequence_length(s) for s in seq_ids]
+        ids = [self.check_tokens(t, extra=h) for t, h in zip(tokens, held)]
+        self._check_capacity([(h, len(x)) for h, x in zip(held, ids)])
+        if all(len(x) == 1 for x in ids):
+            return self._decode_batch(seq_ids, ids)
+        return self._prefill_last(seq_ids, ids)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Float32 logits [len(token_ids), vocab] of every position of one fresh sequence."""
+        ids = self.check_tokens(token_ids)
+        self._check_capacity([(0, len(ids))])
+        seq_id = self.add_sequence()
+        try:
+            step = self.prefill_chunk_size
+            chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+            return np.concatenate([self._run([seq_id], [c], np.arange(len(c), dtype=np.int32)) for c in chunks])
+        finally:
+            self.remove_sequence(seq_id)
+
+    # ------------------------------------------------------------ compiled calls
+    def _decode_batch(self, seq_ids: list[int], ids: list[np.ndarray]) -> np.ndarray:
+        """One token per sequence: batch_decode in groups of max_batch_size; logits [b, V]."""
+        size = self.max_batch_size
+        groups = range(0, len(ids), size)
+        return np.concatenate([self._run(seq_ids[g : g + size], ids[g : g + size]) for g in groups])
+
+    def _prefill_last(self, seq_ids: list[int], ids: list[np.ndarray]) -> np.ndarray:
+        """Ragged prefill in chunks; the logits [b, V] after each sequence's last token."""
+        last = [None] * len(ids)
+        for chunk in self._chunks([len(x) for x in ids]):
+            pieces = [ids[b][start:stop] for b, start, stop in chunk]
+            ends = np.cumsum([len(p) for p in pieces]).astype(np.int32)
+            logits = self._run([seq_ids[b] for b, _, _ in chunk], pieces, ends - 1)
+            for row, (b, _, stop) in zip(logits, chunk):
+                if stop == len(ids[b]):
+                    last[b] = row
+        return np.stack(last)
+
+    def _chunks(self, lengths: list[int]) -> list[list[tuple[int, int, int]]]:
+        """Split a ragged batch into forwards of at most prefill_chunk_size tokens and
+        max_batch_size sequences, in order: each a list of (sequence index, start, stop)."""
+        chunks, current, room = [], [], self.prefill_chunk_size
+        for b, length in enumerate(lengths):
+            start = 0
+            while start < length:
+                if room == 0 or len(current) == self.max_batch_size:
+                    chunks.append(current)
+                    current, room = [], self.prefill_chunk_size
+                stop = min(length, start + room)
+                current.append((b, start, stop))
+                room -= stop - start
+                start = stop
+        return chunks + [current]
+
+    def _run(self, seq_ids: list[int], pieces: list[np.ndarray], logit_positions: np.ndarray | None = None) -> np.ndarray:
+        """One compiled forward appending ``pieces[i]`` to ``seq_ids[i]``: ``prefill`` returning
+        the logits at rows ``logit_positions`` of the concatenated pieces, or ``batch_decode``
+        (one token each) when ``logit_positions`` is None. Returns float32 [rows, V]."""
+        self._kv.begin_forward(seq_ids, [len(p) for p in pieces])
+        try:
+            ids = tvm.runtime.tensor(np.concatenate(pieces), self.device)
+            if logit_positions is None:
+                out = self._decode(ids, self._kv.cache, self.params)
+            else:
+                positions = tvm.runtime.tensor(logit_positions, self.device)
+                out = self._prefill(ids, positions, self._kv.cache, self.params)
+            return out.numpy()
+        finally:
+            self._kv.end_forward()
+
+    def _new_id(self) -> int:
+        seq_id = self._next_seq
+        self._next_seq += 1
+        return seq_id
+
+    def _require(self, seq_id: int) -> None:
+        if seq_id not in self._sequences:
+            raise EngineError(f"unknown sequence id {seq_id}; call add_sequence() first")
+
+    # ------------------------------------------------------------ text generation (generation.py)
+    def generate(self, prompt, *, template: str | None = None, **sampling):
+        """Reply to a string, token ids, or a list of either (a batch -> list of results).
+
+        ``sampling``: max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+        repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False (see
+        :class:`generation.SamplingParams`); ``template``: "dolly" | "chatml" | "none",
+        default from the config. Returns :class:`generation.GenerationResult`.
+        """
+        return generation.generate(self, prompt, template, **sampling)
+
+    def stream(self, prompt, *, template: str | None = None, **sampling) -> generation.Stream:
+        """Like :meth:`generate` for one prompt; iterate for text pieces, then ``.result``."""
+        return generation.stream(self, prompt, template, **sampling)
+
+    def chat(self, messages, *, template: str | None = None, **sampling) -> generation.GenerationResult:
+        """The reply to a conversation ``[{"role": ..., "content": ...}, ...]``."""
+        return generation.chat(self, messages, template, **sampling)
+
+    def chat_session(self, system: str | None = None, *, template: str | None = None,
+                     **sampling) -> generation.ChatSession:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return generation.ChatSession(self, system, template, **sampling)
+
+
+def _nbytes(tensor: tvm.runtime.Tensor) -> int:
+    """Bytes of a runtime tensor."""
+    return int(np.prod(tensor.shape, dtype=np.int64)) * ((tvm.runtime.DataType(tensor.dtype).bits + 7) // 8)

@@ -1,0 +1,333 @@
+"""ALiBi attention over TVM's paged KV cache (mpt_relax.kernels.attention, mpt_relax.compile.kv_cache), on the LLVM target.
+
+Each test compiles a tiny Relax module that creates the cache and runs one attention call per
+layer through it, drives the runtime (add / fork / remove sequences, begin / end forward) and
+compares every output row against a dense fp64 numpy reference:
+scores = q.k * scale + slope_h * (j - i), causal, softmax, @ v.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.s_tir import dlight as dl
+
+from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.compile.kv_cache import ALiBiPagedKVCache
+from mpt_relax.runtime.kv_state import (
+    KVCacheCapacityError,
+    PagedKVCacheRuntime,
+    bytes_per_page,
+    max_total_seq_len_for_pages,
+    pages_for_budget,
+    pages_to_append,
+)
+
+PAGE = 16
+TARGET = tvm.target.Target("llvm")
+TOL = {"float32": 2e-5, "float16": 4e-3}
+
+MHA = MPTConfig(d_model=64, n_heads=4, n_layers=1)  # hd 16
+MQA_6 = MPTConfig(d_model=96, n_heads=6, n_layers=1, kv_n_heads=1)  # non-power-of-two heads
+GQA = MPTConfig(d_model=256, n_heads=8, n_layers=1, kv_n_heads=2)  # hd 32
+TWO_LAYERS = MPTConfig(d_model=64, n_heads=4, n_layers=2, kv_n_heads=2)
+NO_ALIBI = MPTConfig(d_model=64, n_heads=4, n_layers=1, kv_n_heads=2, alibi=False, softmax_scale=0.3)
+LONG = MPTConfig(d_model=64, n_heads=4, n_layers=1, kv_n_heads=1)
+
+
+class _AttentionModule(nn.Module):
+    """Creates the cache and exposes one attention call per layer (``attention_<layer>``, L <= 2)."""
+
+    def __init__(self, cfg: MPTConfig, dtype: str, target: tvm.target.Target = TARGET):
+        self.cfg, self.dtype, self.target = cfg, dtype, target
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size):
+        return ALiBiPagedKVCache.create(
+            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, PAGE
+        )
+
+    def spec(self) -> dict:
+        cfg, none = self.cfg, {"param_mode": "none", "effect_mode": "none"}
+        spec = {"create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "$": none}}
+        for layer in range(cfg.n_layers):
+            spec[f"attention_{layer}"] = {
+                "q": nn.spec.Tensor(["n", cfg.n_heads, cfg.head_dim], self.dtype),
+                "k": nn.spec.Tensor(["n", cfg.kv_n_heads, cfg.head_dim], self.dtype),
+                "v": nn.spec.Tensor(["n", cfg.kv_n_heads, cfg.head_dim], self.dtype),
+                "cache": nn.spec.Object(object_type=ALiBiPagedKVCache),
+                "$": none,
+            }
+        return spec
+
+    def attention_0(self, q, k, v, cache):
+        return cache.attention(0, q, k, v, self.cfg.attn_scale)
+
+    def attention_1(self, q, k, v, cache):
+        return cache.attention(1, q, k, v, self.cfg.attn_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _vm(cfg: MPTConfig, dtype: str) -> relax.VirtualMachine:
+    module = _AttentionModule(cfg, dtype)
+    mod, _ = module.export_tvm(module.spec())
+    return relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+
+
+def _shape(*values: int) -> list[tvm.runtime.ShapeTuple]:
+    return [tvm.runtime.ShapeTuple([v]) for v in values]
+
+
+class Harness:
+    """A cache plus the full K/V history of every sequence, for the dense reference."""
+
+    def __init__(self, cfg: MPTConfig, dtype: str, capacity: int = 4096, chunk: int = 512, seed: int = 0):
+        self.cfg, self.dtype = cfg, dtype
+        self.vm = _vm(cfg, dtype)
+        self.rt = PagedKVCacheRuntime(self.vm["create_paged_kv_cache"](*_shape(8, capacity, chunk)), PAGE)
+        self.rng = np.random.default_rng(seed)
+        self.k: dict[tuple[int, int], np.ndarray] = {}  # (seq, layer) -> [T, KV, hd]
+        self.v: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, seq: int) -> None:
+        self.rt.add_sequence(seq)
+        for layer in range(self.cfg.n_layers):
+            self.k[seq, layer] = self.v[seq, layer] = np.zeros((0, self.cfg.kv_n_heads, self.cfg.head_dim))
+
+    def fork(self, parent: int, child: int, pos: int) -> None:
+        self.rt.fork_sequence(parent, child, pos)
+        for layer in range(self.cfg.n_layers):
+            self.k[child, layer] = self.k[parent, layer][:pos]
+            self.v[child, layer] = self.v[parent, layer][:pos]
+
+    def remove(self, seq: int) -> None:
+        self.rt.remove_sequence(seq)
+        for layer in range(self.cfg.n_layers):
+            del self.k[seq, layer], self.v[seq, layer]
+
+    def _random(self, n: int, heads: int) -> np.ndarray:
+        """Values rounded to the cache dtype (the reference then sees what the kernel sees)."""
+        return self.rng.standard_normal((n, heads, self.cfg.head_dim)).astype(self.dtype).astype("float64")
+
+    def forward(self, batch: list[tuple[int, int]]) -> float:
+        """Run one forward of ``(seq, new tokens)`` pairs on every layer; return the max error."""
+        cfg = self.cfg
+        self.rt.begin_forward([s for s, _ in batch], [n for _, n in batch])
+        worst = 0.0
+        for layer in range(cfg.n_layers):
+            new = [(self._random(n, cfg.n_heads), self._random(n, cfg.kv_n_heads), self._random(n, cfg.kv_n_heads)) for _, n in batch]
+            q, k, v = (tvm.runtime.tensor(np.concatenate(x).astype(self.dtype)) for x in zip(*new))
+            out = self.vm[f"attention_{layer}"](q, k, v, self.rt.cache).numpy().astype("float64")
+            assert np.isfinite(out).all()
+            start = 0
+            for (seq, n), (q_new, k_new, v_new) in zip(batch, new):
+                self.k[seq, layer] = np.concatenate([self.k[seq, layer], k_new])
+                self.v[seq, layer] = np.concatenate([self.v[seq, layer], v_new])
+                expected = reference(cfg, q_new, self.k[seq, layer], self.v[seq, layer])
+                worst = max(worst, float(np.abs(out[start : start + n] - expected).max()))
+                start += n
+        self.rt.end_forward()
+        return worst
+
+    def check(self, batch: list[tuple[int, int]]) -> None:
+        assert self.forward(batch) < TOL[self.dtype]
+
+
+def reference(cfg: MPTConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Dense attention of the last n queries q [n, H, hd] over k/v [T, KV, hd] -> [n, H, hd].
+
+    Query r sits at position T - n + r; ``rows`` restricts the computation to those query rows.
+    """
+    n, total = q.shape[0], k.shape[0]
+    rows = np.arange(n) if rows is None else rows
+    group = cfg.n_heads // cfg.kv_n_heads
+    slopes = np.asarray(cfg.alibi_slopes()) if cfg.alibi else np.zeros(cfg.n_heads)
+    i = (total - n + rows)[:, None]
+    j = np.arange(total)[None, :]
+    out = np.empty((len(rows), cfg.n_heads, cfg.head_dim))
+    for h in range(cfg.n_heads):
+        scores = q[rows, h] @ k[:, h // group].T * cfg.attn_scale + slopes[h] * (j - i)
+        scores = np.where(j <= i, scores, -np.inf)
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    return out
+
+
+# ---------------------------------------------------------------------------- prefill
+
+
+@pytest.mark.parametrize(
+    "cfg, dtype",
+    [(MHA, "float32"), (MQA_6, "float32"), (GQA, "float32"), (MQA_6, "float16"), (GQA, "float16")],
+    ids=["mha-fp32", "mqa-6heads-fp32", "gqa-fp32", "mqa-6heads-fp16", "gqa-fp16"],
+)
+def test_ragged_prefill_and_cached_prefix(cfg, dtype):
+    """Fresh sequences across page boundaries, then more tokens on top of cached prefixes."""
+    h = Harness(cfg, dtype)
+    for seq in range(4):
+        h.add(seq)
+    h.check([(0, 15), (1, 16), (2, 17), (3, 33)])
+    h.check([(2, 16), (0, 1), (3, 31)])  # prefixes 17 / 15 / 33: page-crossing appends
+    h.add(4)
+    h.check([(1, 5), (4, 20)])  # a prefix-carrying and a fresh sequence in one ragged batch
+
+
+def test_decode_batch_of_different_lengths():
+    h = Harness(GQA, "float32")
+    for seq, n in enumerate([5, 16, 31, 1]):
+        h.add(seq)
+    h.check([(0, 5), (1, 16), (2, 31), (3, 1)])
+    for _ in range(3):
+        h.check([(0, 1), (1, 1), (2, 1), (3, 1)])
+
+
+def test_remove_and_add_sequences_mid_run():
+    h = Harness(MQA_6, "float32", capacity=256)
+    free = h.rt.available_pages()
+    h.add(0)
+    h.add(1)
+    h.check([(0, 40), (1, 9)])
+    h.check([(0, 1), (1, 1)])
+    h.remove(0)
+    assert h.rt.available_pages() == free - 1  # only sequence 1's page is still held
+    h.add(7)
+    h.check([(7, 18), (1, 1)])
+    h.check([(1, 1), (7, 1)])
+
+
+def test_forked_sequence_reads_the_shared_prefix_at_its_positions():
+    """A child forked mid-page attends over the parent's blocks (another depth) + its own."""
+    h = Harness(MHA, "float32")
+    h.add(0)
+    h.check([(0, 40)])
+    h.fork(0, 1, 21)
+    h.check([(1, 6), (0, 2)])
+    h.check([(1, 1), (0, 1)])
+
+
+def test_layers_keep_separate_caches():
+    h = Harness(TWO_LAYERS, "float32")
+    h.add(0)
+    h.add(1)
+    h.check([(0, 19), (1, 3)])
+    h.check([(0, 1), (1, 1)])
+
+
+def test_alibi_off_is_plain_causal_attention_with_the_config_scale():
+    h = Harness(NO_ALIBI, "float32")
+    h.add(0)
+    h.add(1)
+    h.check([(0, 17), (1, 33)])
+    h.check([(0, 1), (1, 1)])
+
+
+def test_long_context_fp16_at_sampled_rows():
+    """8192 tokens prefilled in chunks: sampled rows match the dense reference, no inf/NaN.
+
+    ALiBi reaches -2048 for head 0 here, where fp16 spacing is 2: the bias must stay fp32.
+    """
+    cfg, dtype, n, chunk = LONG, "float16", 8192, 2048
+    vm = _vm(cfg, dtype)
+    rt = PagedKVCacheRuntime(vm["create_paged_kv_cache"](*_shape(1, n + 16, chunk)), PAGE)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((n + 1, heads, cfg.head_dim)).astype(dtype) for heads in (4, 1, 1))
+    rt.add_sequence(0)
+    outputs = []
+    for start in range(0, n + 1, chunk):
+        stop = min(start + chunk, n + 1)  # the last "chunk" is a single decode step
+        rt.begin_forward([0], [stop - start])
+        args = (tvm.runtime.tensor(x[start:stop]) for x in (q, k, v))
+        outputs.append(vm["attention_0"](*args, rt.cache).numpy())
+        rt.end_forward()
+    out = np.concatenate(outputs).astype("float64")
+    assert np.isfinite(out).all()
+    rows = np.concatenate([rng.choice(n, 48, replace=False), [0, 2047, 2048, 8191, n]])
+    expected = reference(cfg, q.astype("float64"), k.astype("float64"), v.astype("float64"), rows)
+    np.testing.assert_allclose(out[rows], expected, atol=TOL[dtype], rtol=0)
+
+
+# ---------------------------------------------------------------------------- capacity
+
+
+def test_pages_are_taken_per_page_size_tokens_and_given_back():
+    h = Harness(MHA, "float32", capacity=10 * PAGE)
+    assert h.rt.available_pages() == 11  # ceil(capacity / page_size) + 1
+    h.add(0)
+    h.add(1)
+    h.check([(0, 33), (1, 16)])
+    assert h.rt.available_pages() == 11 - 3 - 1
+    h.check([(0, 1), (1, 1)])  # 34 still fits in 3 pages; 17 needs a second page
+    assert h.rt.available_pages() == 11 - 3 - 2
+    h.remove(0)
+    assert h.rt.available_pages() == 11 - 2
+
+
+def test_a_forward_that_cannot_fit_fails_clearly_and_leaves_the_cache_usable():
+    h = Harness(MHA, "float32", capacity=4 * PAGE)
+    h.add(0)
+    h.check([(0, 60)])
+    with pytest.raises(KVCacheCapacityError, match=r"needs 2 new KV pages .* only 1 are free"):
+        h.rt.begin_forward([0], [PAGE + 5])
+    assert h.rt.sequence_length(0) == 60
+    h.check([(0, 4)])
+
+
+def test_pages_to_append():
+    assert pages_to_append(0, 16, 16) == 1
+    assert pages_to_append(16, 1, 16) == 1
+    assert pages_to_append(15, 1, 16) == 0
+    assert pages_to_append(17, 32, 16) == 2
+
+
+def test_pages_for_budget_and_its_error():
+    mpt7b = MPTConfig(d_model=4096, n_heads=32, n_layers=32)
+    assert bytes_per_page(mpt7b, "float16", 16) == 2 * 32 * 16 * 32 * 128 * 2  # 8 MiB
+    assert pages_for_budget(mpt7b, "float16", 16, 10 * 2**30) == 1280
+    assert pages_for_budget(mpt7b, "float32", 16, 10 * 2**30) == 640
+    assert max_total_seq_len_for_pages(1280, 16) == 1279 * 16
+    with pytest.raises(KVCacheCapacityError, match="holds 1 page"):
+        pages_for_budget(mpt7b, "float16", 16, 12 * 2**20)
+
+
+# ---------------------------------------------------------------------------- GPU builds (no GPU here)
+
+
+def _gpu_build(cfg: MPTConfig, dtype: str, target: tvm.target.Target) -> tvm.runtime.Module:
+    """Compile the cache module for a GPU target; the kernels TVM ships unscheduled get dlight's fallback."""
+    module = _AttentionModule(cfg, dtype, target)
+    mod, _ = module.export_tvm(module.spec())
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(relax.transform.LegalizeOps()(mod))
+    return tvm.compile(mod, target)
+
+
+def _device_modules(module: tvm.runtime.Module, kind: str) -> list:
+    found = [module] if module.kind == kind else []
+    for imported in module.imports:
+        found += _device_modules(imported, kind)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["cuda", "metal"])
+def test_gpu_kernels_build(kind, tmp_path):
+    """GQA fp16 kernels generate for CUDA (sm_80) and Metal; with nvcc present the CUDA source
+    must also compile to a cubin (this wheel keeps CUDA as source until it is loaded on a GPU)."""
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"} if kind == "cuda" else {"kind": "metal"})
+    (device,) = _device_modules(_gpu_build(GQA, "float16", target).mod, kind)
+    source = device.inspect_source()
+    for kernel in ("alibi_prefill_ragged", "alibi_prefill_paged", "alibi_decode_paged"):
+        assert kernel in source
+    if kind != "cuda" or shutil.which("nvcc") is None:
+        return
+    (tmp_path / "kernels.cu").write_text(source)
+    result = subprocess.run(
+        ["nvcc", "-arch=sm_80", "-cubin", "-o", str(tmp_path / "kernels.cubin"), str(tmp_path / "kernels.cu")],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
