@@ -1,9 +1,10 @@
-"""``python -m mpt_relax``: generate, chat, bench, demo (the default).
+"""``python -m mpt_relax``: generate, chat, bench, perplexity, demo (the default).
 
     python -m mpt_relax demo                                     # tiny random model, built on first use
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
+    python -m mpt_relax perplexity --artifact DIR --text FILE [--context N --stride S] [--compare-hf] [--json]
 
 Errors print one line ``error: ...`` on stderr and exit with status 1 (130 on Ctrl-C); set
 MPT_RELAX_DEBUG=1 to get the traceback instead.
@@ -93,6 +94,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from mpt_relax.tools import perplexity
+
+    report = perplexity.run(args.artifact, args.text, context=args.context, stride=args.stride,
+                            compare_hf=args.compare_hf, hf_model=args.hf_model, device=args.device)
+    print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     art = demo.ensure_demo(args.dist)
     eng = Engine(art, args.device)
@@ -149,6 +159,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file (optionally HF's too)")
+    _add_engine(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--context", type=int, help="tokens per window (default: the artifact's context window)")
+    p.add_argument("--stride", type=int, help="tokens between window starts, 1..context (default: context / 2)")
+    p.add_argument("--compare-hf", action="store_true", help="also score with transformers' MptForCausalLM (fp32, CPU)")
+    p.add_argument("--hf-model", help="HF checkpoint for --compare-hf (default: the artifact's recorded source)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=cmd_perplexity)
 
     p = sub.add_parser("demo", help="build a tiny random-weight model (once) and generate from it")
     _add_engine(p, artifact=False)
