@@ -156,7 +156,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--short-steps", type=int, default=200,
+                    help="the first steps train on half-length sequences (same tokens per step, cheaper attention)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
     log(f"model: d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab}, "
         f"context {n}: {n_params} parameters (tied head); {n_seq} training sequences; "
         f"{args.steps} steps x {args.batch} x {n} = {args.steps * args.batch * n} tokens "
-        f"({args.steps * args.batch / n_seq:.2f} epochs)")
+        f"({args.steps * args.batch / n_seq:.2f} epochs); the first {args.short_steps} steps on {n // 2}-token halves")
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -247,6 +249,9 @@ def main(argv=None) -> int:
             order, pos = torch.randperm(n_seq, generator=gen), 0
         batch = seqs[order[pos:pos + args.batch]]
         pos += args.batch
+        if step < args.short_steps:  # sequence-length warm-up: each window as two halves
+            half = n // 2
+            batch = torch.cat([batch[:, :half + 1], batch[:, half:]])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         logits = model(input_ids=batch[:, :-1]).logits
