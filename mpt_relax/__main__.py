@@ -1,6 +1,8 @@
-"""``python -m mpt_relax``: generate, chat, bench, perplexity, demo (the default).
+"""``python -m mpt_relax``: build, convert, generate, chat, bench, perplexity, demo (the default).
 
-    python -m mpt_relax demo                                     # tiny random model, built on first use
+    python -m mpt_relax build --model mpt-7b-instruct --quantization q4f16_1   # = scripts/build.py
+    python -m mpt_relax convert --model mpt-7b-instruct          # bf16 -> fp16; = bfloat16_to_float16.py
+    python -m mpt_relax demo                                     # tiny model, built on first use
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
@@ -18,11 +20,13 @@ import os
 import sys
 from typing import Sequence
 
-from mpt_relax.tools import bench
-from mpt_relax.tools import demo
-from mpt_relax.runtime.engine import Engine
-from mpt_relax.runtime.generation import GenerationResult, SamplingParams
+from pathlib import Path
+
+from mpt_relax import defaults
 from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
+from mpt_relax.runtime.generation import GenerationResult, SamplingParams
+from mpt_relax.sizes import SizeError, parse_bytes
+from mpt_relax.targets import DEVICE_NAMES, TARGET_NAMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,8 +54,38 @@ def _print_stream(stream) -> None:
     print(flush=True)
 
 
+def _engine(args: argparse.Namespace):
+    from mpt_relax.runtime.engine import Engine
+
+    return Engine(args.artifact, args.device)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from mpt_relax.compile.builder import build
+
+    build(args.model, target=args.target, quantization=args.quantization, output=args.output,
+          quantize_embedding=args.quantize_embedding, max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch,
+          mcpu=args.mcpu, force=args.force, dist_root=args.dist, quiet=args.quiet)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import logging
+
+    from mpt_relax.tools.convert import convert_checkpoint  # torch only: no TVM on this path
+
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    src = Path(args.models_dir or Path(args.dist) / "models") / args.model if args.model else args.model_path
+    dst = args.output or src.with_name(src.name + "-float16")
+    report = convert_checkpoint(src, dst, strict=args.strict, force=args.force, verify=not args.no_verify,
+                                any_arch=args.any_arch, shard_size=args.shard_size,
+                                progress=False if args.quiet else None)
+    print(report.summary(details=not args.quiet))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    eng = Engine(args.artifact, args.device)
+    eng = _engine(args)
     stream = eng.stream(args.prompt, template=args.template, **_sampling(args))
     _print_stream(stream)
     print(_summary(stream.result), file=sys.stderr)
@@ -72,7 +106,7 @@ def _lines(interactive: bool):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    eng = Engine(args.artifact, args.device)
+    eng = _engine(args)
     sampling = _sampling(args)
     with eng.chat_session(args.system, template=args.template, **sampling) as session:
         single = not session.template.multi_turn
@@ -87,6 +121,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from mpt_relax.tools import bench
+
     report = bench.run(args.artifact, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                        runs=args.runs, compare_hf=args.compare_hf, hf_model=args.hf_model, threads=args.threads,
                        seed=args.seed)
@@ -104,6 +140,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mpt_relax.runtime.engine import Engine
+    from mpt_relax.tools import demo
+
     art = demo.ensure_demo(args.dist)
     eng = Engine(art, args.device)
     print(f"demo model (random weights) from {art} on {eng.device}; prompt: {args.prompt!r}", file=sys.stderr)
@@ -117,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_engine(p: argparse.ArgumentParser, artifact: bool = True) -> None:
     if artifact:
         p.add_argument("--artifact", required=True, help="artifact directory, e.g. dist/mpt-7b-instruct-q4f16_1")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "metal", "vulkan"])
+    p.add_argument("--device", default=defaults.DEVICE, choices=DEVICE_NAMES)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -132,9 +171,51 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
+def _size_arg(text: str) -> int:
+    try:
+        size = parse_bytes(text, "shard size")
+    except SizeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
 def parser() -> argparse.ArgumentParser:
-    root = _Parser(prog="python -m mpt_relax", description="Run MPT artifacts built by mpt_relax.")
+    root = _Parser(prog="python -m mpt_relax", description="Compile MPT checkpoints with TVM Relax and run them.")
     sub = root.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("build", help="compile a checkpoint (or a preset's shapes) into dist/<model>-<quant>/")
+    p.add_argument("--model", required=True, help="preset name (looked up under DIST/models/) or checkpoint directory")
+    p.add_argument("--target", nargs="+", default=[defaults.TARGET], choices=TARGET_NAMES, help="one library each")
+    p.add_argument("--quantization", default=defaults.QUANTIZATION,
+                   help=f"q0f32, q0f16, q4f16_1 or q8f16_1 (default {defaults.QUANTIZATION})")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="q4f16_1/q8f16_1: quantize the token embedding (the tied LM head) too (default: kept fp16)")
+    p.add_argument("--max-seq-len", type=int, help="context window to build for (ALiBi extrapolates)")
+    p.add_argument("--cuda-arch", help="e.g. sm_90 (default: the local GPU's, else sm_80)")
+    p.add_argument("--mcpu", help="CPU to compile CPU code for: native (default, this machine) or an LLVM name "
+                   "such as x86-64-v3 to run the artifact on other machines")
+    p.add_argument("--output", help="artifact directory (default DIST/<model>-<quantization>)")
+    p.add_argument("--dist", default=defaults.DIST, help="dist root (default ./dist)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("convert", help="bf16 -> fp16 checkpoint, streaming and verified")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint name under DIST/models (or --models-dir)")
+    source.add_argument("--model-path", type=Path, help="any checkpoint directory")
+    p.add_argument("--output", type=Path, help="destination directory (default: <source>-float16 beside it)")
+    p.add_argument("--dist", default=defaults.DIST, help="dist root whose models/ --model names (default ./dist)")
+    p.add_argument("--models-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--strict", action="store_true", help="fail instead of clamping values beyond +-65504")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--no-verify", action="store_true", help="skip re-reading and checking the output")
+    p.add_argument("--any-arch", action="store_true", help="convert checkpoints whose model_type is not mpt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-tensor/file details")
+    p.add_argument("--shard-size", type=_size_arg, default="2GiB", help="output shard bound (default 2GiB)")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("generate", help="stream a reply to one prompt")
     _add_engine(p)

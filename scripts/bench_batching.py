@@ -29,7 +29,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 import mpt_relax  # noqa: E402
-from mpt_relax.compile import pipeline as compiler  # noqa: E402
+from mpt_relax.compile import pipeline, targets  # noqa: E402
 from mpt_relax.compile.kv_cache import ALiBiPagedKVCache  # noqa: E402
 from mpt_relax.runtime.kv_state import PagedKVCacheRuntime  # noqa: E402
 
@@ -89,10 +89,10 @@ class AttentionLayer(nn.Module):
 def bench_attention(contexts: list[int], steps: int, chunk: int = 4096) -> dict[int, float]:
     """Median seconds of one decode-step attention call (one layer, batch 1) at each context."""
     cfg = mpt_relax.MPTConfig(**{**SHAPE, "n_layers": 1})
-    spec = compiler.llvm_target()
+    spec = targets.llvm_target()
     layer = AttentionLayer(cfg, spec.target)
     mod, _ = layer.export_tvm(layer.spec())
-    vm = relax.VirtualMachine(compiler.compile_module(mod, spec), tvm.cpu())
+    vm = relax.VirtualMachine(pipeline.compile_module(mod, spec), tvm.cpu())
     sizes = (1, max(contexts) + steps + 2 * PAGE_SIZE, chunk)
     rt = PagedKVCacheRuntime(vm["create_paged_kv_cache"](*(tvm.runtime.ShapeTuple([s]) for s in sizes)), PAGE_SIZE)
     rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (work / "ckpt" / "config.json").is_file():
             write_checkpoint(work / "ckpt", max_seq_len=2048)
-        art = mpt_relax.build(work / "ckpt", target="llvm", output=work / "art", quiet=True)
+        art = mpt_relax.build(work / "ckpt", target="llvm", output=work / "art", quantization="q0f32", quiet=True)
         print(f"model ready in {time.perf_counter() - t0:.0f}s (checkpoint + build)", flush=True)
         engine = mpt_relax.Engine(art, max_batch_size=max(batches), kv_memory="512MB")
         print(f"decode, ~125M fp32, prompt {args.prompt_len}, {args.steps} steps:")

@@ -5,7 +5,7 @@ For speed measurements at real sizes without downloading weights, e.g. a ~125M m
 
     python scripts/make_random_checkpoint.py --d-model 768 --n-layers 12 --n-heads 12 --vocab 50432 \\
         dist/models/mpt-125m-random
-    python -c "import mpt_relax; mpt_relax.build('dist/models/mpt-125m-random')"
+    python -c "import mpt_relax; mpt_relax.build('dist/models/mpt-125m-random', quantization='q0f32')"
     python -m mpt_relax bench --artifact dist/mpt-125m-random-q0f32 --prompt-len 128 --gen-len 128 --compare-hf
 
 The tokenizer is trained on mpt_relax.tools.demo's small built-in text, so it has far fewer ids

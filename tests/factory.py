@@ -50,7 +50,7 @@ def hf_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
 
 def raw_checkpoint(path: Path, config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Write config.json + model.safetensors for the remote-code config ``config``; returns the
-    fp32 state dict. Shapes follow shared/MPT.md for every option."""
+    fp32 state dict. Shapes follow docs/mpt.md for every option."""
     d, h, n_layers, vocab = config["d_model"], config["n_heads"], config["n_layers"], config["vocab_size"]
     attn = config.get("attn_config", {})
     hd = d // h

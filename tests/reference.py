@@ -1,4 +1,4 @@
-"""An independent MPT forward pass in torch (float64), written from shared/MPT.md.
+"""An independent MPT forward pass in torch (float64), written from docs/mpt.md.
 
 It reads the raw remote-code config dict (not ``mpt_relax.MPTConfig``) so that a parsing
 mistake in the library cannot hide in the oracle. Used for the options HF ignores.

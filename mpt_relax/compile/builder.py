@@ -20,12 +20,14 @@ import tvm
 from tqdm import tqdm
 
 from mpt_relax.io import artifact
-from mpt_relax.compile import pipeline as compiler
+from mpt_relax import defaults
+from mpt_relax.compile import pipeline, targets
 from mpt_relax.io.checkpoint import weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
-from mpt_relax.models.mpt.model import DEFAULT_PAGE_SIZE, MPTForCausalLM
-from mpt_relax.quantization import Quantization, get_quantization, quantize_module
-from mpt_relax.models.mpt.loader import stream_params, weight_rules
+from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
+from mpt_relax.models.mpt.model import MPTForCausalLM
+from mpt_relax.quantization import Quantization, get_quantization
+from mpt_relax.models.mpt.loader import WeightRule, stream_params, weight_rules
 
 VERSION = "0.1.0"
 
@@ -72,38 +74,36 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(name, cfg, path)
 
 
-def quantized_model(
-    config: MPTConfig,
-    q: Quantization,
-    target: str | tvm.target.Target = "llvm",
-    page_size: int = DEFAULT_PAGE_SIZE,
-) -> tuple[MPTForCausalLM, MPTForCausalLM]:
-    """(float model, model to export): the second has its Linear layers quantized by ``q`` and
-    its paged-attention kernels made for ``target`` with ``page_size`` tokens per page."""
-    float_model = MPTForCausalLM(config, q.model_dtype)
-    export = quantize_module(MPTForCausalLM(config, q.model_dtype, target=target, page_size=page_size), q)
-    return float_model, export
+def quantized_model(config: MPTConfig, q: Quantization) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
+    """The model to export (built once, its layers quantized by ``q``) and the weight rules of its
+    float parameters, named before the quantizer replaces them."""
+    model = MPTForCausalLM(config, q.model_dtype)
+    rules = weight_rules(model, q)
+    return q.quantize_model(model), rules
 
 
 def export_irmodule(
     config: MPTConfig | str,
     quantization: str | Quantization = "q0f32",
-    target: str | tvm.target.Target = "llvm",
+    target: str | tvm.target.Target | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
-):
-    """The model's IRModule for one target, no weights.
+) -> tvm.IRModule:
+    """The model's IRModule, no weights.
 
     Entry points: create_paged_kv_cache / prefill / batch_decode (see :mod:`mpt_relax.models.mpt.model`).
-    ``config`` is an :class:`MPTConfig` or a preset name; ``target`` a target name (as
-    :func:`build` takes) or a ``tvm.target.Target``: the paged-attention kernels differ
-    between the CPU and GPUs. ``page_size``: tokens per KV-cache page, baked into the kernels.
+    ``config`` is an :class:`MPTConfig` or a preset name. Without ``target`` the module is
+    target-free (its KV cache creation is generic); with one (a name as :func:`build` takes, or
+    a ``tvm.target.Target``) the cache gets that target's attention kernels for ``page_size``
+    tokens per page, as the target's pipeline would give it.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    tvm_target = compiler.resolve_target(target).target if isinstance(target, str) else target
     q = get_quantization(quantization) if isinstance(quantization, str) else quantization
-    _, model = quantized_model(cfg, q, tvm_target, page_size)
+    model, _ = quantized_model(cfg, q)
     mod, _ = model.export_tvm(spec=model.export_spec())
-    return mod
+    if target is None:
+        return mod
+    tvm_target = targets.resolve_target(target).target if isinstance(target, str) else target
+    return dispatch_kv_cache(tvm_target, page_size)(mod)
 
 
 def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
@@ -123,8 +123,8 @@ def _log(msg: str, quiet: bool) -> None:
 
 def build(
     model: str | Path,
-    target: str | Sequence[str] = "llvm",
-    quantization: str = "q0f32",
+    target: str | Sequence[str] = defaults.TARGET,
+    quantization: str = defaults.QUANTIZATION,
     output: str | Path | None = None,
     *,
     max_seq_len: int | None = None,
@@ -133,14 +133,15 @@ def build(
     quantize_embedding: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
-    dist_root: str | Path = "dist",
+    dist_root: str | Path = defaults.DIST,
     quiet: bool = False,
 ) -> Path:
     """Compile ``model`` for each target and write the artifact; returns its directory.
 
     ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
-    ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each.
-    ``quantization``: q0f32, q0f16, q4f16_1 or q8f16_1 (weights quantized while streaming);
+    ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each (default auto:
+    a CUDA GPU if present, else Metal on macOS, else the CPU).
+    ``quantization``: q0f32, q0f16, q4f16_1 (default) or q8f16_1 (weights quantized while streaming);
     ``quantize_embedding``: quantize the token embedding (the tied LM head) too, not only the
     Linear layers.
     ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``
@@ -151,11 +152,11 @@ def build(
     the targets' cuda arch and mcpu included)
     is returned as is unless ``force``.
     """
-    targets = [target] if isinstance(target, str) else list(target)
-    specs = [compiler.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in targets]  # fails before any work
+    target_names = [target] if isinstance(target, str) else list(target)
+    specs = [targets.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in target_names]  # fails before any work
     q = get_quantization(quantization, quantize_embedding)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
-    out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{quantization}"
+    out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{q.dir_tag}"
     fingerprint = _fingerprint(src, q.tag, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
@@ -166,8 +167,7 @@ def build(
     else:
         weight_files(src.weights_dir)  # fail early on a directory without weights
 
-    float_net, net = quantized_model(src.config, q)
-    rules = weight_rules(float_net, q)
+    net, rules = quantized_model(src.config, q)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
     with artifact.atomic_directory(out) as tmp:
         if src.weights_dir is not None:
@@ -179,13 +179,13 @@ def build(
                     extra=_quantization_records(rules, q),
                 )
             _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
+        with _stage("export the IRModule", quiet):  # once: each target's pipeline adds its attention kernels
+            mod, _ = net.export_tvm(spec=net.export_spec())
         libraries = {}
         for spec in specs:
             lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
-            with _stage(f"export the IRModule for {spec.name}", quiet):  # the attention kernels differ per target
-                mod = export_irmodule(src.config, q, spec.target, page_size)
             with _stage(f"compile {spec.name}", quiet):
-                executable = compiler.compile_module(mod, spec)
+                executable = pipeline.compile_module(mod, spec, page_size)
             with _stage(f"export {lib_name}", quiet):
                 executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name
@@ -193,7 +193,7 @@ def build(
             "model_name": src.name,
             "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "model_config": src.config.to_dict(),
-            "quantization": _quantization_info(q),
+            "quantization": q.info(),
             "model_dtype": q.model_dtype,
             "context_window_size": src.config.max_seq_len,
             "page_size": page_size,
@@ -202,7 +202,8 @@ def build(
             "param_names": param_names,
             "libraries": libraries,
             "library_targets": {spec.name: str(spec.target) for spec in specs},
-            "mcpu": compiler.host_cpu(mcpu),
+            "mcpu": targets.host_cpu(mcpu),
+            "library_isa_features": {spec.name: spec.isa_features for spec in specs if spec.isa_features},
             "has_weights": src.weights_dir is not None,
             "fingerprint": fingerprint,
             "mpt_relax_version": VERSION,
@@ -211,29 +212,14 @@ def build(
     return out
 
 
-def _quantization_info(q: Quantization) -> dict:
-    if q.embedding:
-        embedding = f"{q.name} group-quantized like the Linear weights (it is also the tied LM head)"
-    else:
-        embedding = (f"{q.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the sampled "
-                     "token directly (about 3% of MPT-7B's parameters)")
-    return {
-        "name": q.name, "tag": q.tag, "bits": q.bits, "group_size": q.group_size, "model_dtype": q.model_dtype,
-        "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)" if q.is_quantized else None,
-        "embedding_quantized": q.embedding,
-        "embedding": embedding,
-    }
-
-
 def _quantization_records(rules, q: Quantization) -> dict[str, dict]:
-    """tensor-cache.json fields for the packed tensors: scheme and the source tensor."""
+    """tensor-cache.json fields of the stored tensors the scheme made: scheme and source tensor."""
     records = {}
     for rule in rules.values():
-        if len(rule.outputs) > 1:
-            for out_name in rule.outputs:
-                records[out_name] = {"quantization": {"scheme": q.name, "source": rule.source,
-                                                      "source_shape": list(rule.shape),
-                                                      "role": out_name.rsplit(".", 1)[1]}}
+        for out_name in rule.outputs:
+            record = q.tensor_record(out_name, rule.source, rule.shape) if out_name != rule.source else None
+            if record is not None:
+                records[out_name] = {"quantization": record}
     return records
 
 
@@ -251,7 +237,7 @@ def _progress(items, total: int, quiet: bool):
     return tqdm(items, total=total, unit="tensor", disable=None, file=sys.stderr, leave=False)
 
 
-def _up_to_date(out: Path, fingerprint: str, specs: list[compiler.TargetSpec]) -> bool:
+def _up_to_date(out: Path, fingerprint: str, specs: list[targets.TargetSpec]) -> bool:
     try:
         meta = artifact.read_config(out)
     except (artifact.ArtifactError, json.JSONDecodeError):

@@ -17,6 +17,7 @@ import torch
 from mpt_relax.errors import MPTRelaxError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+FP16_MAX = 65504.0  # largest finite float16: bf16/fp32 values beyond it are clamped, never made inf
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 

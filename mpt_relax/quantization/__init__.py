@@ -1,29 +1,71 @@
-"""Weight quantization schemes, registered by name (see :mod:`.group` for the group schemes)."""
+"""Weight quantization schemes, one class per kind, registered by name (MLC-LLM's names).
 
+=========  =====  ====  =====  =========
+name       kind   bits  group  model
+=========  =====  ====  =====  =========
+q0f32      none   32    -      float32
+q0f16      none   16    -      float16
+q4f16_1    group  4     32     float16
+q8f16_1    group  8     32     float16
+=========  =====  ====  =====  =========
+
+A scheme is a :class:`~.base.Quantization`: it rewrites the float model for export, names the
+float weights it replaces and quantizes one checkpoint tensor at a time while the loader streams
+them. Adding a scheme is a class (or an instance of one) and one :func:`register` call; the
+build driver, the loader and the fusion pass only talk to that interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
+from mpt_relax.quantization.fuse import fuse_dequantize_matmul
 from mpt_relax.quantization.group import (
-    QUANTIZATIONS,
     GroupQuantEmbedding,
+    GroupQuantization,
     GroupQuantLinear,
-    Quantization,
     dequantize_weight,
-    fuse_dequantize_matmul,
-    get_quantization,
-    quantize_module,
-    quantize_param,
     quantize_weight,
-    quantized_weight_names,
 )
+from mpt_relax.quantization.none import Q0F16, Q0F32
+
+QUANTIZATIONS: dict[str, Quantization] = {}
+
+
+def register(q: Quantization) -> Quantization:
+    """Make ``q`` buildable by its name (``--quantization NAME``)."""
+    if q.name in QUANTIZATIONS:
+        raise QuantizationError(f"a quantization named {q.name!r} is already registered")
+    QUANTIZATIONS[q.name] = q
+    return q
+
+
+for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQuantization("q8f16_1", 8, "float16", 32)):
+    register(_q)
+
+
+def get_quantization(name: str, embedding: bool = False) -> Quantization:
+    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
+    :class:`QuantizationError` listing the valid names otherwise."""
+    try:
+        q = QUANTIZATIONS[name]
+    except (KeyError, TypeError):
+        raise QuantizationError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
+    return dataclasses.replace(q, embedding=True) if embedding else q
+
 
 __all__ = [
+    "DEQUANTIZE_PREFIX",
     "QUANTIZATIONS",
     "GroupQuantEmbedding",
     "GroupQuantLinear",
+    "GroupQuantization",
     "Quantization",
+    "QuantizationError",
     "dequantize_weight",
     "fuse_dequantize_matmul",
     "get_quantization",
-    "quantize_module",
-    "quantize_param",
     "quantize_weight",
-    "quantized_weight_names",
+    "register",
 ]

@@ -1,15 +1,7 @@
-"""Weight-only group quantization of the Linear layers (MLC-LLM scheme names).
+"""Weight-only group quantization of the Linear layers: q4f16_1 and q8f16_1 (MLC-LLM's names).
 
-Schemes (``QUANTIZATIONS``):
-
-=========  =====  ====  =====  =========  ==========================================
-name       kind   bits  group  model      what is stored for a Linear weight [out, in]
-=========  =====  ====  =====  =========  ==========================================
-q0f32      none   32    -      float32    ``weight`` float32 [out, in]
-q0f16      none   16    -      float16    ``weight`` float16 [out, in]
-q4f16_1    group  4     32     float16    ``q_weight`` uint32 [out, in/8], ``q_scale`` float16 [out, in/32]
-q8f16_1    group  8     32     float16    ``q_weight`` uint32 [out, in/4], ``q_scale`` float16 [out, in/32]
-=========  =====  ====  =====  =========  ==========================================
+What is stored for a Linear weight [out, in]: ``q_weight`` uint32 [out, in/8] (int4) or
+[out, in/4] (int8), and ``q_scale`` float16 [out, in/32].
 
 Group quantization (symmetric, round half to even via ``np.rint``), with
 ``max_int = 2**(bits-1) - 1`` (7 for int4, 127 for int8), ``group_size = 32``::
@@ -48,67 +40,45 @@ embeddings too, with the same layout (``GroupQuantEmbedding``): for a small mode
 tied head is a large share of the bytes each decoded token reads, that is most of the speed
 and memory quantization can give.
 
-The loader side streams one tensor at a time: ``quantized_weight_names(model, q)`` names the
-weights (e.g. ``blocks.0.attn.Wqkv.weight``), and ``quantize_param`` maps one float parameter to
-the arrays the quantized module expects (``blocks.0.attn.Wqkv.q_weight`` / ``.q_scale``).
+The loader side streams one tensor at a time: ``q.quantized_names(model)`` names the weights
+(e.g. ``blocks.0.attn.Wqkv.weight``), and ``q.quantize_param`` maps one float parameter to the
+arrays the quantized module expects (``blocks.0.attn.Wqkv.q_weight`` / ``.q_scale``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
-import tvm
-from tvm import relax, te, tirx
-from tvm.relax.dpl import GlobalVarPattern, is_op, is_tuple, wildcard
+from tvm import te, tirx
 from tvm.relax.frontend import nn
+
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
 
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
 _BLOCK_ELEMENTS = 1 << 18  # elements per numpy (de)quantize block: ~1 MB of float32
-_DEQUANTIZE_PREFIX = "dequantize_"  # name of GroupQuantLinear's dequantize PrimFuncs
 
 
 @dataclasses.dataclass(frozen=True)
-class Quantization:
-    """A weight quantization scheme.
+class GroupQuantization(Quantization):
+    """Symmetric ``bits``-bit codes packed in uint32 words, one ``model_dtype`` scale per
+    ``group_size`` consecutive input elements of a row."""
 
-    ``kind`` is "none" (weights kept in ``model_dtype``; ``bits`` is that dtype's width and
-    ``group_size`` is 0) or "group" (symmetric ``bits``-bit codes packed in uint32 words, one
-    ``model_dtype`` scale per ``group_size`` consecutive input elements of a row).
-    """
-
-    name: str
-    kind: str
-    bits: int
-    group_size: int
-    model_dtype: str
-    embedding: bool = False  # also quantize the embeddings (the token embedding is the tied LM head)
+    group_size: int = 32
+    kind: ClassVar[str] = "group"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "group"):
-            raise ValueError(f"{self.name}: kind must be 'none' or 'group', got {self.kind!r}")
-        if self.kind == "group" and (
-            self.bits not in (4, 8) or self.group_size % self.pack_factor or self.group_size & (self.group_size - 1)
-        ):
-            raise ValueError(
+        if self.bits not in (4, 8) or self.group_size % self.pack_factor or self.group_size & (self.group_size - 1):
+            raise QuantizationError(
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
-        if self.embedding and self.kind != "group":
-            raise ValueError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
-
-    @property
-    def tag(self) -> str:
-        """``name``, plus ``+embedding`` when the embeddings are quantized too."""
-        return self.name + ("+embedding" if self.embedding else "")
 
     @property
     def is_quantized(self) -> bool:
-        """Whether Linear weights are stored as packed codes + scales."""
-        return self.kind == "group"
+        return True
 
     @property
     def pack_factor(self) -> int:
@@ -121,11 +91,11 @@ class Quantization:
         return 2 ** (self.bits - 1) - 1
 
     def check_linear_shape(self, out_features: int, in_features: int) -> None:
-        """Raise ValueError unless a [out_features, in_features] weight can be quantized."""
+        """Raise QuantizationError unless a [out_features, in_features] weight can be quantized."""
         if not isinstance(in_features, int) or not isinstance(out_features, int):
-            raise ValueError(f"{self.name}: Linear shapes must be static ints, got [{out_features}, {in_features}]")
+            raise QuantizationError(f"{self.name}: Linear shapes must be static ints, got [{out_features}, {in_features}]")
         if in_features % self.group_size:
-            raise ValueError(
+            raise QuantizationError(
                 f"{self.name}: cannot quantize a [{out_features}, {in_features}] weight: in_features "
                 f"{in_features} is not a multiple of the group size {self.group_size}"
             )
@@ -138,35 +108,73 @@ class Quantization:
         """Shape of the scales of a [out, in] weight: [out, in / group_size]."""
         return (out_features, in_features // self.group_size)
 
+    def quantize_model(self, model: nn.Module) -> nn.Module:
+        """Replace, in place, every ``nn.Linear`` of ``model`` (recursively, ModuleLists included)
+        with a ``GroupQuantLinear`` under the same attribute name, and with ``embedding`` every
+        ``nn.Embedding`` with a ``GroupQuantEmbedding``; returns ``model``.
 
-QUANTIZATIONS: dict[str, Quantization] = {
-    q.name: q
-    for q in (
-        Quantization("q0f32", "none", 32, 0, "float32"),
-        Quantization("q0f16", "none", 16, 0, "float16"),
-        Quantization("q4f16_1", "group", 4, 32, "float16"),
-        Quantization("q8f16_1", "group", 8, 32, "float16"),
-    )
-}
+        Parameter ``<path>.weight`` becomes ``<path>.q_weight`` + ``<path>.q_scale``; biases and
+        every other parameter (norms; the embeddings unless ``embedding``) are untouched.
+        """
 
+        def replace(path: str, layer: nn.Module) -> nn.Module:
+            if isinstance(layer, GroupQuantLinear):
+                return layer
+            try:
+                if isinstance(layer, nn.Embedding):
+                    return GroupQuantEmbedding.from_embedding(layer, self)
+                return GroupQuantLinear.from_linear(layer, self)
+            except QuantizationError as err:
+                raise QuantizationError(f"{path}: {err}") from None
 
-def get_quantization(name: str, embedding: bool = False) -> Quantization:
-    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
-    ValueError listing the valid names otherwise."""
-    try:
-        q = QUANTIZATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
-    return dataclasses.replace(q, embedding=True) if embedding else q
+        return _QuantizableMutator(replace, self.embedding).visit("", model)
+
+    def quantized_names(self, model: nn.Module) -> frozenset[str]:
+        """Float names (``<path>.weight``) of the layers :meth:`quantize_model` quantizes: the
+        Linear layers, and the embeddings when ``embedding``. Works on the model before or after
+        :meth:`quantize_model` (GroupQuantLinear counts too)."""
+        names: set[str] = set()
+
+        def record(path: str, layer: nn.Module) -> nn.Module:
+            names.add(f"{path}.weight")
+            return layer
+
+        _QuantizableMutator(record, self.embedding).visit("", model)
+        return frozenset(names)
+
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        prefix = name.removesuffix(".weight")
+        return (f"{prefix}.q_weight", f"{prefix}.q_scale")
+
+    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
+        """``<path>.weight`` [out, in] in ``quantized`` -> ``{"<path>.q_weight": uint32,
+        "<path>.q_scale": model dtype}``; any other parameter -> ``{name: array in model dtype}``."""
+        if name in quantized:
+            packed = quantize_weight(array, self)
+            return dict(zip(self.stored_names(name), (packed["q_weight"], packed["q_scale"])))
+        return super().quantize_param(name, array, quantized)
+
+    def info(self) -> dict[str, Any]:
+        if self.embedding:
+            embedding = f"{self.name} group-quantized like the Linear weights (it is also the tied LM head)"
+        else:
+            embedding = (f"{self.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the "
+                         "sampled token directly (about 3% of MPT-7B's parameters)")
+        return {**super().info(), "group_size": self.group_size, "embedding_quantized": self.embedding,
+                "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)", "embedding": embedding}
+
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
+        return {"scheme": self.name, "source": source, "source_shape": list(source_shape),
+                "role": output.rsplit(".", 1)[1]}
 
 
 def _require_group(q: Quantization) -> None:
-    if not q.is_quantized:
-        raise ValueError(f"{q.name} does not quantize weights (kind {q.kind!r})")
+    if not isinstance(q, GroupQuantization):
+        raise QuantizationError(f"{q.name} does not quantize weights (kind {q.kind!r})")
 
 
 # ---------------------------------------------------------------------------------- numpy
-def quantize_weight(w: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
+def quantize_weight(w: np.ndarray, q: GroupQuantization) -> dict[str, np.ndarray]:
     """Quantize one Linear weight.
 
     w: [out, in] float32 or float16. Returns ``q_weight`` uint32 [out, in / pack_factor] and
@@ -176,7 +184,7 @@ def quantize_weight(w: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
     """
     _require_group(q)
     if w.ndim != 2:
-        raise ValueError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
+        raise QuantizationError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
     out_features, in_features = w.shape
     q.check_linear_shape(out_features, in_features)
     q_weight = np.empty(q.q_weight_shape(out_features, in_features), np.uint32)
@@ -188,12 +196,12 @@ def quantize_weight(w: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
     return {"q_weight": q_weight, "q_scale": q_scale}
 
 
-def _quantize_rows(w: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_rows(w: np.ndarray, q: GroupQuantization) -> tuple[np.ndarray, np.ndarray]:
     """w: [rows, in] -> (uint32 codes [rows, in / pack_factor], scales [rows, in / group_size])."""
     groups = w.astype(np.float32).reshape(w.shape[0], -1, q.group_size)
     scale = (_last_axis_max(np.abs(groups)) / q.max_int).astype(q.model_dtype)
     if not np.isfinite(scale).all():
-        raise ValueError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
+        raise QuantizationError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
     divisor = scale.astype(np.float32)
     divisor[divisor == 0] = 1.0  # all-zero (or underflowing) groups: every code is max_int, i.e. 0.0
     codes = np.rint(groups / divisor[..., None])
@@ -214,14 +222,14 @@ def _last_axis_max(x: np.ndarray) -> np.ndarray:
 
 
 def dequantize_weight(
-    q_weight: np.ndarray, q_scale: np.ndarray, q: Quantization, shape: tuple[int, int]
+    q_weight: np.ndarray, q_scale: np.ndarray, q: GroupQuantization, shape: tuple[int, int]
 ) -> np.ndarray:
     """Inverse of ``quantize_weight``: codes + scales -> float32 [out, in] (``shape``)."""
     _require_group(q)
     out_features, in_features = shape
     q.check_linear_shape(out_features, in_features)
     if q_weight.shape != q.q_weight_shape(*shape) or q_scale.shape != q.q_scale_shape(*shape):
-        raise ValueError(
+        raise QuantizationError(
             f"{q.name}: q_weight {q_weight.shape} / q_scale {q_scale.shape} do not describe a {tuple(shape)} weight"
         )
     w = np.empty(shape, np.float32)
@@ -232,7 +240,7 @@ def dequantize_weight(
     return w
 
 
-def _dequantize_rows(q_weight: np.ndarray, q_scale: np.ndarray, q: Quantization) -> np.ndarray:
+def _dequantize_rows(q_weight: np.ndarray, q_scale: np.ndarray, q: GroupQuantization) -> np.ndarray:
     """uint32 [rows, in / pack_factor], scales [rows, in / group_size] -> float32 [rows, in]."""
     codes = _unpack(q_weight, q.bits).view(np.int8) - np.int8(q.max_int)  # wraps back to [-max_int, max_int]
     groups = codes.reshape(*q_scale.shape, q.group_size) * q_scale.astype(np.float32)[..., None]
@@ -273,7 +281,7 @@ class GroupQuantLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        q: Quantization,
+        q: GroupQuantization,
         bias: bool = True,
         out_dtype: str | None = None,
     ):
@@ -289,13 +297,13 @@ class GroupQuantLinear(nn.Module):
         self.bias = nn.Parameter((out_features,), out_dtype or q.model_dtype) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, q: Quantization) -> GroupQuantLinear:
+    def from_linear(cls, linear: nn.Linear, q: GroupQuantization) -> GroupQuantLinear:
         """A quantized layer with the same features, bias presence and out_dtype as ``linear``."""
         return cls(linear.in_features, linear.out_features, q, linear.bias is not None, linear.out_dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set)."""
-        name = f"{_DEQUANTIZE_PREFIX}{self.quantization.name}"
+        name = f"{DEQUANTIZE_PREFIX}{self.quantization.name}"
         w = nn.op.tensor_expr_op(self._dequantize, name, [self.q_weight, self.q_scale])
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
         return y + self.bias if self.bias is not None else y
@@ -314,7 +322,7 @@ class GroupQuantLinear(nn.Module):
             self.bias.to(dtype=dtype)
 
 
-def _dequantized(q: Quantization, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
+def _dequantized(q: GroupQuantization, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
     """Element [row, col] of the dequantized weight, in ``q.model_dtype``."""
     mask = tirx.const((1 << q.bits) - 1, STORAGE_DTYPE)
     shift = (col % q.pack_factor * q.bits).astype(STORAGE_DTYPE)
@@ -330,16 +338,16 @@ class GroupQuantEmbedding(GroupQuantLinear):
     dequantize like any GroupQuantLinear.
     """
 
-    def __init__(self, num: int, dim: int, q: Quantization):
+    def __init__(self, num: int, dim: int, q: GroupQuantization):
         super().__init__(dim, num, q, bias=False, out_dtype="float32")
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, q: Quantization) -> GroupQuantEmbedding:
+    def from_embedding(cls, embedding: nn.Embedding, q: GroupQuantization) -> GroupQuantEmbedding:
         return cls(embedding.num, embedding.dim, q)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         """ids [n] int32 -> rows [n, dim] in the model dtype."""
-        return nn.op.tensor_expr_op(self._lookup, f"take_{_DEQUANTIZE_PREFIX}{self.quantization.name}",
+        return nn.op.tensor_expr_op(self._lookup, f"take_{DEQUANTIZE_PREFIX}{self.quantization.name}",
                                     [ids, self.q_weight, self.q_scale])
 
     def head(self, x: nn.Tensor) -> nn.Tensor:
@@ -371,94 +379,3 @@ class _QuantizableMutator(nn.Mutator):
         if isinstance(node, self.kinds):
             return self.fn(name, node)
         return self.visit(name, node)
-
-
-def quantize_module(model: nn.Module, q: Quantization) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` (recursively, ModuleLists included)
-    with a ``GroupQuantLinear`` under the same attribute name, and with ``q.embedding`` every
-    ``nn.Embedding`` with a ``GroupQuantEmbedding``; returns ``model``.
-
-    Parameter ``<path>.weight`` becomes ``<path>.q_weight`` + ``<path>.q_scale``; biases and
-    every other parameter (norms; the embeddings unless ``q.embedding``) are untouched. For
-    ``kind == "none"`` the model is returned as is: build it in ``q.model_dtype`` directly.
-    """
-    if not q.is_quantized:
-        return model
-
-    def replace(path: str, layer: nn.Module) -> nn.Module:
-        if isinstance(layer, GroupQuantLinear):
-            return layer
-        try:
-            if isinstance(layer, nn.Embedding):
-                return GroupQuantEmbedding.from_embedding(layer, q)
-            return GroupQuantLinear.from_linear(layer, q)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    return _QuantizableMutator(replace, q.embedding).visit("", model)
-
-
-def quantized_weight_names(model: nn.Module, q: Quantization) -> frozenset[str]:
-    """Float names (``<path>.weight``) of the layers that ``quantize_module(model, q)``
-    quantizes: the Linear layers, and the embeddings when ``q.embedding``.
-
-    Works on the model before or after ``quantize_module`` (GroupQuantLinear counts too), so
-    the loader can pair each float checkpoint tensor with ``quantize_param``.
-    """
-    names: set[str] = set()
-
-    def record(path: str, layer: nn.Module) -> nn.Module:
-        names.add(f"{path}.weight")
-        return layer
-
-    _QuantizableMutator(record, q.embedding).visit("", model)
-    return frozenset(names)
-
-
-def quantize_param(
-    name: str, array: np.ndarray, q: Quantization, linear_weights: Collection[str]
-) -> dict[str, np.ndarray]:
-    """Map one float parameter to the parameters of the quantized module.
-
-    ``name`` is a float Relax parameter name. If it is in ``linear_weights`` (from
-    ``quantized_weight_names``) and ``q`` quantizes, ``<path>.weight`` [out, in] becomes
-    ``{"<path>.q_weight": uint32, "<path>.q_scale": model dtype}``; otherwise the result is
-    ``{name: array cast to q.model_dtype}``.
-    """
-    if q.is_quantized and name in linear_weights:
-        prefix = name.removesuffix(".weight")
-        return {f"{prefix}.{key}": value for key, value in quantize_weight(array, q).items()}
-    return {name: array.astype(q.model_dtype, copy=False)}
-
-
-def fuse_dequantize_matmul() -> tvm.transform.Pass:
-    """Relax pass: fuse each GroupQuantLinear's dequantize into its matmul.
-
-    Relax's FuseOps never fuses an injective producer into a matmul (only elementwise
-    consumers into it), so without this pass the dequantized [out, in] weight (and its
-    transpose) is written to memory on every call. Steps:
-
-    1. ``FuseTransposeMatmul`` turns every ``matmul(x, permute_dims(w))`` into one ``NT_matmul``
-       TE kernel reading w untransposed (for float ``nn.Linear`` and a tied LM head too).
-    2. Each ``NT_matmul(x, dequantize_*(q_weight, q_scale))`` pair is grouped
-       (FuseOpsByPattern) and merged into one PrimFunc (FuseTIR).
-
-    Apply before LegalizeOps. The target's usual ``AnnotateTIROpPattern -> FuseOps -> FuseTIR``
-    then marks the merged kernels kOutEWiseFusable and fuse their epilogues (bias, GELU,
-    residual add) into them; dlight's GEMV rules inline the dequantize into the reduction.
-    """
-    dequantize = is_op("relax.call_tir")(GlobalVarPattern(""), wildcard())
-    matmul = is_op("relax.call_tir")(GlobalVarPattern(""), is_tuple([wildcard(), dequantize]))
-
-    def is_dequantize_matmul(ctx: relax.transform.PatternCheckContext) -> bool:
-        return ctx.annotated_expr["matmul"].args[0].name_hint.startswith("NT_matmul") and ctx.annotated_expr[
-            "dequantize"
-        ].args[0].name_hint.startswith(_DEQUANTIZE_PREFIX)
-
-    group = relax.transform.FuseOpsByPattern(
-        [("dequantize_matmul", matmul, {"matmul": matmul, "dequantize": dequantize}, is_dequantize_matmul)],
-        bind_constants=False,
-    )
-    return tvm.transform.Sequential(
-        [relax.transform.FuseTransposeMatmul(), group, relax.transform.FuseTIR()], name="FuseDequantizeMatmul"
-    )

@@ -20,42 +20,36 @@ methods at the end delegate to it. The tokenizer (``tokenizer.json``) is loaded 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine
 
-from mpt_relax.io import artifact
-from mpt_relax.compile import pipeline as compiler
-from mpt_relax.runtime import generation
-from mpt_relax.models.mpt.config import MPTConfig
-from mpt_relax.runtime.kv_state import KVCacheCapacityError, PagedKVCacheRuntime, bytes_per_page, max_total_seq_len_for_pages, pages_for_budget, pages_to_append
-from mpt_relax.runtime.tokenizer import load_tokenizer
 from mpt_relax.errors import MPTRelaxError
+from mpt_relax.io import artifact
+from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.runtime import cpu_features, generation
+from mpt_relax.runtime.kv_state import (
+    KVCacheCapacityError,
+    PagedKVCacheRuntime,
+    bytes_per_page,
+    dtype_bytes,
+    max_total_seq_len_for_pages,
+    pages_for_budget,
+    pages_to_append,
+)
+from mpt_relax.runtime.tokenizer import load_tokenizer
+from mpt_relax.sizes import parse_bytes
+from mpt_relax.targets import AUTO_DEVICE_ORDER, BY_DEVICE, DEVICE_NAMES
 
-DEVICE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "metal": "metal", "vulkan": "vulkan"}
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_PREFILL_CHUNK_SIZE = 2048
 KV_SHARE_OF_FREE_MEMORY = 0.5  # default cap: this share of the device memory the weights leave
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-AUTO_ORDER = ("cuda", "metal")  # device="auto": the first present that the artifact was built for, else cpu
 
 
 class EngineError(MPTRelaxError):
     """Bad input to the engine (token ids, lengths, device); the message says what to do."""
-
-
-def parse_bytes(size: int | str) -> int:
-    """``2147483648``, ``"2GB"`` (10^9), ``"2GiB"`` (2^30), ``"512 MB"`` -> bytes."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-    if match is None or match.group(2).upper() not in _UNITS:
-        raise EngineError(f"kv_memory {size!r} is not a size; give bytes (int) or a string like '2GB' or '512MiB'")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def _tvm_device(device: str) -> tvm.runtime.Device:
@@ -73,8 +67,8 @@ def _positive(name: str, value) -> int:
 
 def auto_device(libraries: dict[str, str]) -> str:
     """The device for ``device="auto"``: cuda, else metal, if present here and built; else cpu."""
-    for device in AUTO_ORDER:
-        if DEVICE_TARGETS[device] in libraries and tvm.runtime.device(device, 0).exist:
+    for device in AUTO_DEVICE_ORDER:
+        if BY_DEVICE[device].name in libraries and tvm.runtime.device(device, 0).exist:
             return device
     return "cpu"
 
@@ -114,7 +108,7 @@ class Engine:
         )
         self.device = _tvm_device(self._check_device(device))
         self._check_cpu(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self._library(device))), self.device)
         self.params = self._load_params()
         self.kv_pages = self._kv_pages(kv_memory)
         self.kv_memory = self.kv_pages * self._page_bytes
@@ -126,26 +120,24 @@ class Engine:
 
     # ------------------------------------------------------------ loading
     def _check_device(self, device: str) -> str:
-        if device not in DEVICE_TARGETS:
-            raise EngineError(f"unknown device {device!r}; choose one of: auto, {', '.join(DEVICE_TARGETS)}")
+        if device not in BY_DEVICE:
+            raise EngineError(f"unknown device {device!r}; choose one of: {', '.join(DEVICE_NAMES)}")
         if not self.meta.get("has_weights"):
             raise EngineError(f"{self.path} was built without weights; rebuild it from a checkpoint directory")
         return device
 
     def _check_cpu(self, device: str) -> None:
         """Refuse a library whose CPU code uses instructions this machine's CPU lacks (it would crash)."""
-        mcpu = self.meta.get("mcpu")
-        if device not in ("cpu", "cuda") or not mcpu:
-            return
-        missing = compiler.missing_isa_features(mcpu)
+        required = self.meta.get("library_isa_features", {}).get(BY_DEVICE[device].name, [])
+        missing = cpu_features.missing_features(required)
         if missing:
             raise EngineError(
-                f"{self.path} was compiled for CPU {mcpu!r}, whose instructions {', '.join(missing[:6])} this CPU "
-                f"({compiler.host_cpu()}) lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
+                f"{self.path} was compiled for CPU {self.meta.get('mcpu')!r}, whose instructions {', '.join(missing[:6])} "
+                "this CPU lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
             )
 
     def _library(self, device: str) -> str:
-        target = DEVICE_TARGETS[device]
+        target = BY_DEVICE[device].name
         lib = self.meta["libraries"].get(target)
         if lib is None:
             raise EngineError(
@@ -169,7 +161,7 @@ class Engine:
 
     def _kv_pages(self, kv_memory: int | str | None) -> int:
         """Cache pages that fit in ``kv_memory`` (None: :meth:`_default_kv_memory`)."""
-        budget = parse_bytes(kv_memory) if kv_memory is not None else self._default_kv_memory()
+        budget = parse_bytes(kv_memory, "kv_memory") if kv_memory is not None else self._default_kv_memory()
         try:
             return pages_for_budget(self.config, self.meta["model_dtype"], self.page_size, budget)
         except KVCacheCapacityError as err:
@@ -319,7 +311,7 @@ class Engine:
         """One compiled forward appending ``pieces[i]`` to ``seq_ids[i]``: ``prefill`` returning
         the logits at rows ``logit_positions`` of the concatenated pieces, or ``batch_decode``
         (one token each) when ``logit_positions`` is None. Returns float32 [rows, V]."""
-        self._kv.begin_forward(seq_ids, [len(p) for p in pieces])
+        self._kv.begin_forward(seq_ids, [len(p) for p in pieces], check=False)  # forward() checked the request
         try:
             ids = tvm.runtime.tensor(np.concatenate(pieces), self.device)
             if logit_positions is None:
@@ -346,7 +338,8 @@ class Engine:
 
         ``sampling``: max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
         repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False (see
-        :class:`generation.SamplingParams`); ``template``: "dolly" | "chatml" | "none",
+        :class:`generation.SamplingParams`), and/or ``sampling=SamplingParams(...)`` whose
+        fields the keywords override; ``template``: "dolly" | "chatml" | "none",
         default from the config. Returns :class:`generation.GenerationResult`.
         """
         return generation.generate(self, prompt, template, **sampling)
@@ -367,4 +360,4 @@ class Engine:
 
 def _nbytes(tensor: tvm.runtime.Tensor) -> int:
     """Bytes of a runtime tensor."""
-    return int(np.prod(tensor.shape, dtype=np.int64)) * ((tvm.runtime.DataType(tensor.dtype).bits + 7) // 8)
+    return int(np.prod(tensor.shape, dtype=np.int64)) * dtype_bytes(str(tensor.dtype))

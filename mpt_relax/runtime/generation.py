@@ -59,12 +59,15 @@ class SamplingParams:
             raise GenerationError("invalid generation parameters: " + "; ".join(problems))
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
+    def from_kwargs(cls, sampling: "SamplingParams | None" = None, **kwargs: Any) -> "SamplingParams":
+        """``sampling`` (or the defaults) with the fields in ``kwargs`` replaced."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise GenerationError(f"unknown generation option(s) {', '.join(unknown)}; options are: {', '.join(names)}")
-        return cls(**kwargs)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise GenerationError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        return dataclasses.replace(sampling, **kwargs) if sampling is not None else cls(**kwargs)
 
 
 def _is_int(x: Any) -> bool:

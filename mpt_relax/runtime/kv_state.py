@@ -15,9 +15,14 @@ class KVCacheCapacityError(MPTRelaxError):
     """A KV cache budget or a forward request that does not fit in the cache's pages."""
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes one element of ``dtype`` takes (sub-byte types round up)."""
+    return (tvm.runtime.DataType(dtype).bits + 7) // 8
+
+
 def bytes_per_page(cfg: MPTConfig, dtype: str, page_size: int) -> int:
     """Bytes one page takes across all layers: 2 (K and V) * L * page_size * KV * hd * itemsize."""
-    itemsize = (tvm.runtime.DataType(dtype).bits + 7) // 8
+    itemsize = dtype_bytes(dtype)
     return 2 * cfg.n_layers * page_size * cfg.kv_n_heads * cfg.head_dim * itemsize
 
 
@@ -92,11 +97,17 @@ class PagedKVCacheRuntime:
     def sequence_length(self, seq_id: int) -> int:
         return int(self._length(self.cache, seq_id))
 
-    def begin_forward(self, seq_ids: list[int], append_lengths: list[int]) -> None:
+    def begin_forward(self, seq_ids: list[int], append_lengths: list[int], *, check: bool = True) -> None:
         """Declare the next forward: ``append_lengths[i]`` new tokens for ``seq_ids[i]``.
 
-        The entry point that follows takes their tokens concatenated in this order.
+        The entry point that follows takes their tokens concatenated in this order. ``check=False``
+        skips the page check, for a caller that has checked a whole multi-forward request already.
         """
+        if check:
+            self._check_pages(seq_ids, append_lengths)
+        self._begin(self.cache, tvm.runtime.ShapeTuple(seq_ids), tvm.runtime.ShapeTuple(append_lengths), None)
+
+    def _check_pages(self, seq_ids: list[int], append_lengths: list[int]) -> None:
         needed = [pages_to_append(self.sequence_length(s), n, self.page_size) for s, n in zip(seq_ids, append_lengths)]
         available = self.available_pages()
         if sum(needed) > available:
@@ -106,7 +117,6 @@ class PagedKVCacheRuntime:
                 "finish or remove sequences, shorten the request, or build the cache with a larger "
                 "max_total_seq_len (see pages_for_budget)"
             )
-        self._begin(self.cache, tvm.runtime.ShapeTuple(seq_ids), tvm.runtime.ShapeTuple(append_lengths), None)
 
     def end_forward(self) -> None:
         self._end(self.cache)

@@ -35,10 +35,11 @@ from mpt_relax.tools import bandwidth
 from mpt_relax.io.artifact import param_records, read_config
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.runtime.engine import Engine, EngineError, auto_device
+from mpt_relax.runtime.kv_state import dtype_bytes
+from mpt_relax.targets import BY_DEVICE
 
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
 RATIO_KEYS = (*FIGURES, "peak_rss_mb", "bytes_per_token")
-HF_DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
 
 
 def prompt_ids(vocab_size: int, length: int, seed: int = 0) -> list[int]:
@@ -133,10 +134,6 @@ def measure_bandwidth(device: str, threads: int | None) -> float:
     return bandwidth.device_copy_bandwidth(tvm.runtime.device(device, 0))
 
 
-def _dtype_bytes(dtype: str) -> int:
-    return np.dtype(dtype).itemsize
-
-
 def _with_bound(config: MPTConfig, prompt_len: int, gen_len: int, bytes_per_s: float, figures: dict[str, Any],
                 tensors, kv_dtype_bytes: int) -> dict[str, Any]:
     """``figures`` plus bytes per decode token, the bandwidth bound and decode's fraction of it."""
@@ -165,7 +162,7 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         if not hf_model or not (Path(hf_model) / "config.json").is_file():
             raise EngineError(f"--compare-hf needs the HF checkpoint: {hf_model or 'no source recorded'} is not one; "
                               "pass --hf-model DIR")
-        if device not in HF_DEVICES:
+        if device not in BY_DEVICE or BY_DEVICE[device].hf_device is None:
             raise EngineError(f"--compare-hf: transformers cannot run on {device!r}")
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -179,15 +176,15 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         "copy_bandwidth_gb_s": bytes_per_s / 1e9,
         "mpt_relax": bound(_in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
                            [(r["name"], r["shape"], r["nbytes"]) for _, r in param_records(Path(artifact))],
-                           _dtype_bytes(meta["model_dtype"])),
+                           dtype_bytes(meta["model_dtype"])),
         "hf": None, "ratios": None, "same_tokens": None,
     }
     if compare_hf:
         hf_dtype = hf_baseline_dtype(device, meta["model_dtype"])
         report["hf_dtype"] = hf_dtype
-        hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, HF_DEVICES[device], ids, gen_len, runs)
+        hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, BY_DEVICE[device].hf_device, ids, gen_len, runs)
         ours = report["mpt_relax"]
-        report["hf"] = hf = bound(hf, hf.pop("tensors"), _dtype_bytes(hf_dtype))
+        report["hf"] = hf = bound(hf, hf.pop("tensors"), dtype_bytes(hf_dtype))
         report["ratios"] = {k: ours[k] / hf[k] for k in RATIO_KEYS}
         report["same_tokens"] = ours["token_ids"] == hf["token_ids"]
     return report

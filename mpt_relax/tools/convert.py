@@ -38,10 +38,9 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from mpt_relax.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
+from mpt_relax.io.checkpoint import FP16_MAX, BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
 from mpt_relax.errors import MPTRelaxError
 
-FP16_MAX = 65504.0
 CONVERTED_DTYPES = (torch.bfloat16, torch.float32)
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB fp32 temporaries; larger chunks measured slower, smaller no faster
 OUTPUT_INDEX = "model.safetensors.index.json"

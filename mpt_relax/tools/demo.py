@@ -79,8 +79,9 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: w.astype(np.float32) for k, w in weights.items()}
 
 
-def write_checkpoint(out_dir: Path, cfg: dict = DEMO_CONFIG, seed: int = 0) -> Path:
+def write_checkpoint(out_dir: str | Path, cfg: dict = DEMO_CONFIG, seed: int = 0) -> Path:
     """An HF-layout checkpoint (config.json, model.safetensors, tokenizer) of random weights."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({
         "model_type": "mpt", "architectures": ["MPTForCausalLM"], **cfg, "no_bias": True,

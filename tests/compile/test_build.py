@@ -13,7 +13,7 @@ import torch
 
 import mpt_relax
 from factory import hf_checkpoint
-from mpt_relax.compile import pipeline as compiler
+from mpt_relax.compile import targets
 from mpt_relax.io.artifact import read_params
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
 
@@ -101,38 +101,38 @@ def test_artifact_layout_and_reload(ckpt, tmp_path):
 def test_up_to_date_skip_and_force(ckpt, tmp_path):
     path, _ = ckpt
     out = tmp_path / "a"
-    mpt_relax.build(path, output=out, quiet=True)
+    mpt_relax.build(path, output=out, quantization="q0f32", quiet=True)
     lib = out / "tiny-q0f32-llvm.so"
     stamp = lib.stat().st_mtime_ns
-    mpt_relax.build(path, output=out, quiet=True)
+    mpt_relax.build(path, output=out, quantization="q0f32", quiet=True)
     assert lib.stat().st_mtime_ns == stamp, "an up-to-date artifact must not be rebuilt"
-    mpt_relax.build(path, output=out, force=True, quiet=True)
+    mpt_relax.build(path, output=out, force=True, quantization="q0f32", quiet=True)
     assert lib.stat().st_mtime_ns != stamp, "--force rebuilds"
-    mpt_relax.build(path, output=out, max_seq_len=64, quiet=True)  # a changed config rebuilds
+    mpt_relax.build(path, output=out, max_seq_len=64, quantization="q0f32", quiet=True)  # a changed config rebuilds
     assert json.loads((out / "mpt-config.json").read_text())["context_window_size"] == 64
 
 
 def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
     path, _ = ckpt
-    native = mpt_relax.build(path, output=tmp_path / "native", quiet=True)
-    portable = mpt_relax.build(path, output=tmp_path / "v3", mcpu="x86-64-v3", quiet=True)
+    native = mpt_relax.build(path, output=tmp_path / "native", quantization="q0f32", quiet=True)
+    portable = mpt_relax.build(path, output=tmp_path / "v3", mcpu="x86-64-v3", quantization="q0f32", quiet=True)
     meta = json.loads((portable / "mpt-config.json").read_text())
     assert meta["mcpu"] == "x86-64-v3" and '"mcpu":"x86-64-v3"' in meta["library_targets"]["llvm"]
     np.testing.assert_allclose(mpt_relax.Engine(portable).logits(IDS), mpt_relax.Engine(native).logits(IDS),
                                rtol=0, atol=1e-5)
     # an artifact for a CPU with instructions this one lacks is refused with what to do, not run
-    newer = next(c for c in ("graniterapids", "znver5", "diamondrapids") if compiler.missing_isa_features(c))
-    meta["mcpu"] = newer
+    newer = next(c for c in ("graniterapids", "znver5", "diamondrapids") if targets.missing_isa_features(c))
+    meta["mcpu"], meta["library_isa_features"]["llvm"] = newer, targets.isa_features(newer)
     (portable / "mpt-config.json").write_text(json.dumps(meta))
     with pytest.raises(mpt_relax.EngineError, match=f"compiled for CPU '{newer}'.*rebuild it here"):
         mpt_relax.Engine(portable)
     # a different mcpu is a different artifact: not skipped as up to date
     lib = native / "tiny-q0f32-llvm.so"
     stamp = lib.stat().st_mtime_ns
-    mpt_relax.build(path, output=native, mcpu="x86-64-v3", quiet=True)
+    mpt_relax.build(path, output=native, mcpu="x86-64-v3", quantization="q0f32", quiet=True)
     assert lib.stat().st_mtime_ns != stamp
     with pytest.raises(mpt_relax.TargetError, match="--mcpu 'pentium9' is not a CPU LLVM knows"):
-        mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quiet=True)
+        mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quantization="q0f32", quiet=True)
 
 
 def test_gpu_targets_compile_here(ckpt, tmp_path):
@@ -149,7 +149,7 @@ def test_gpu_targets_compile_here(ckpt, tmp_path):
 def test_vulkan_is_refused_before_any_work(ckpt, tmp_path):
     path, _ = ckpt
     with pytest.raises(mpt_relax.TargetError, match="no Vulkan codegen.*USE_VULKAN=ON"):
-        mpt_relax.build(path, target=["llvm", "vulkan"], output=tmp_path / "v", quiet=True)
+        mpt_relax.build(path, target=["llvm", "vulkan"], output=tmp_path / "v", quantization="q0f32", quiet=True)
     assert not (tmp_path / "v").exists() and list(tmp_path.iterdir()) == []
 
 

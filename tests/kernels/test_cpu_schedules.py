@@ -17,7 +17,7 @@ import tvm  # noqa: E402
 from tvm import relax, te, tirx  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
-from mpt_relax.compile import pipeline as compiler  # noqa: E402
+from mpt_relax.compile import pipeline, targets  # noqa: E402
 from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.kernels.cpu import Matmul  # noqa: E402
 from mpt_relax.kernels.cpu.base import vector_bits as _vector_bits  # noqa: E402
@@ -38,7 +38,7 @@ def _scheduled_module(mod, spec):
                 seen["mod"] = m
 
     with tvm.transform.PassContext(instruments=[Capture()]):
-        compiler.pipeline(spec)(mod)
+        pipeline.pipeline(spec)(mod)
     return seen["mod"]
 
 
@@ -47,7 +47,7 @@ def test_every_heavy_primfunc_is_scheduled():
     for dtype in ("float32", "float16"):
         model = MPTForCausalLM(MPTConfig(**TINY), dtype)
         mod, _ = model.export_tvm(spec=model.export_spec())
-        out = _scheduled_module(mod, compiler.llvm_target())
+        out = _scheduled_module(mod, targets.llvm_target())
         unscheduled = [
             gv.name_hint
             for gv, f in out.functions_items()
@@ -90,7 +90,7 @@ def test_dequantize_matmul_primfunc(rows):
     """A fused dequantize + NT matmul (the quantized Linear) is scheduled and stays exact."""
     n = tirx.Var("n", "int64") if rows > 1 else 1
     func = _dequant_matmul(n, 128, 96)
-    spec = compiler.llvm_target()
+    spec = targets.llvm_target()
     mod = tvm.IRModule({"main": func})
     with spec.target:
         scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": func}))
@@ -126,7 +126,7 @@ def _add_one(n):
                                              (_add_one, lambda x: x + 1)], ids=["row-reduction", "injective"])
 def test_small_dynamic_work_runs_serially(make, reference):
     """Over a dynamic row count, one row (decode) takes a serial branch, many rows a parallel one."""
-    spec = compiler.llvm_target()
+    spec = targets.llvm_target()
     with spec.target:
         scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": make(tirx.Var("n", "int64"))}))
     script = scheduled["main"].script()
@@ -172,7 +172,7 @@ def test_group_quant_gemv(bits, rows, k_dim, n_out):
     m = abs(rows)
     n = tirx.Var("n", "int64") if rows < 0 else m
     func = _group_quant_matmul(n, k_dim, n_out, bits)
-    spec = compiler.llvm_target()
+    spec = targets.llvm_target()
     with spec.target:
         scheduled = dl.ApplyDefaultSchedule(*spec.schedules())(tvm.IRModule({"main": func}))
     assert "tirx.is_scheduled" in scheduled["main"].attrs
@@ -223,7 +223,7 @@ def test_matmul_fp16_operands(weight, rows):
     k_dim, n_out = 128, 96
     n = rows if rows == 48 else tirx.Var("n", "int64")
     func = _fp16_matmul(n, k_dim, n_out, weight)
-    spec = compiler.llvm_target()
+    spec = targets.llvm_target()
     with spec.target:
         sch = Matmul().apply(func, spec.target, False)
     assert sch is not None

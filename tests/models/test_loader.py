@@ -92,7 +92,7 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     (bad / "config.json").write_text(model.config.to_json_string())
     save_file(state, str(bad / "model.safetensors"))
     with pytest.raises(mpt_relax.WeightMapError) as err:
-        mpt_relax.build(bad, output=tmp_path / "out", quiet=True)
+        mpt_relax.build(bad, output=tmp_path / "out", quantization="q0f32", quiet=True)
     msg = str(err.value)
     assert "missing: transformer.blocks.1.norm_2.weight" in msg
     assert "unexpected: transformer.extra.weight" in msg
@@ -107,4 +107,4 @@ def test_index_naming_a_missing_shard(bf16_model, tmp_path):
     write_bin_shards(tmp_path / "ck", model)
     (tmp_path / "ck" / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(mpt_relax.CheckpointError, match="missing shard"):
-        mpt_relax.build(tmp_path / "ck", output=tmp_path / "out", quiet=True)
+        mpt_relax.build(tmp_path / "ck", output=tmp_path / "out", quantization="q0f32", quiet=True)

@@ -1,4 +1,4 @@
-"""Prompt templates render the documented formats byte for byte (shared/MPT.md)."""
+"""Prompt templates render the documented formats byte for byte (docs/mpt.md)."""
 
 from __future__ import annotations
 

@@ -10,14 +10,11 @@ from mpt_relax.quantization import (
     QUANTIZATIONS,
     GroupQuantEmbedding,
     GroupQuantLinear,
-    Quantization,
+    GroupQuantization,
     dequantize_weight,
     fuse_dequantize_matmul,
     get_quantization,
-    quantize_module,
-    quantize_param,
     quantize_weight,
-    quantized_weight_names,
 )
 
 Q4 = QUANTIZATIONS["q4f16_1"]
@@ -36,7 +33,7 @@ def unpack_codes(q_weight: np.ndarray, bits: int) -> np.ndarray:
     return codes
 
 
-def reference_dequantize(q_weight: np.ndarray, q_scale: np.ndarray, q: Quantization) -> np.ndarray:
+def reference_dequantize(q_weight: np.ndarray, q_scale: np.ndarray, q: GroupQuantization) -> np.ndarray:
     codes = unpack_codes(q_weight, q.bits)
     scale = np.repeat(q_scale.astype(np.float32), q.group_size, axis=1)
     return (codes - q.max_int).astype(np.float32) * scale
@@ -71,9 +68,9 @@ def test_unknown_name_lists_valid_names():
 @pytest.mark.parametrize("bits, group_size", [(3, 32), (4, 4), (4, 48)])
 def test_invalid_scheme(bits, group_size):
     with pytest.raises(ValueError):
-        Quantization("bad", "group", bits, group_size, "float16")
+        GroupQuantization("bad", bits, "float16", group_size)
     with pytest.raises(ValueError):
-        Quantization("bad", "sparse", 4, 32, "float16")
+        get_quantization("sparse")
 
 
 # ------------------------------------------------------------------------------ numpy
@@ -228,8 +225,8 @@ def test_quantize_module_with_embeddings():
     q = get_quantization("q4f16_1", embedding=True)
     assert q.tag == "q4f16_1+embedding" and Q4.tag == "q4f16_1"
     model = TinyModel()
-    assert quantized_weight_names(model, q) == {f"{p}.weight" for p in LINEAR_PATHS + ["wte"]}
-    quantize_module(model, q)
+    assert q.quantized_names(model) == {f"{p}.weight" for p in LINEAR_PATHS + ["wte"]}
+    q.quantize_model(model)
     assert isinstance(model.wte, GroupQuantEmbedding)
     assert {"wte.q_weight", "wte.q_scale"} <= {name for name, _ in model.named_parameters()}
     with pytest.raises(ValueError, match="cannot quantize the embedding"):
@@ -290,8 +287,8 @@ LINEAR_PATHS = [
 def test_quantize_module_replaces_linears_only():
     model = TinyModel(bias=True, untied=True)
     float_names = {name for name, _ in model.named_parameters()}
-    assert quantized_weight_names(model, Q4) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
-    assert quantize_module(model, Q4) is model
+    assert Q4.quantized_names(model) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
+    assert Q4.quantize_model(model) is model
     assert isinstance(model.blocks[1].attn.Wqkv, GroupQuantLinear)
     assert isinstance(model.blocks[0].ffn.down_proj, GroupQuantLinear) and isinstance(model.lm_head, GroupQuantLinear)
     assert isinstance(model.wte, nn.Embedding) and isinstance(model.blocks[0].norm_1, nn.LayerNorm)
@@ -305,23 +302,23 @@ def test_quantize_module_replaces_linears_only():
     assert params["blocks.0.attn.Wqkv.q_scale"].shape == [192, 2]
     assert params["blocks.0.attn.Wqkv.bias"].dtype == "float16"
     assert params["wte.weight"].dtype == "float16" and params["wte.weight"].shape == [80, 64]
-    assert quantized_weight_names(model, Q4) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
+    assert Q4.quantized_names(model) == {f"{p}.weight" for p in LINEAR_PATHS + ["lm_head"]}
 
 
 def test_quantize_module_without_quantization_and_errors():
     model = TinyModel()
     names = [name for name, _ in model.named_parameters()]
-    assert quantize_module(model, get_quantization("q0f16")) is model
+    assert get_quantization("q0f16").quantize_model(model) is model
     assert [name for name, _ in model.named_parameters()] == names
     assert isinstance(model.blocks[0].attn.Wqkv, nn.Linear)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.Wqkv: .*multiple of the group size"):
-        quantize_module(TinyModel(d=48), Q4)
+        Q4.quantize_model(TinyModel(d=48))
 
 
 def test_quantize_param_names_and_dtypes():
-    linears = quantized_weight_names(TinyModel(bias=True), Q4)
+    linears = Q4.quantized_names(TinyModel(bias=True))
     w = random_weight((192, 64), np.float32)
-    out = quantize_param("blocks.0.attn.Wqkv.weight", w, Q4, linears)
+    out = Q4.quantize_param("blocks.0.attn.Wqkv.weight", w, linears)
     assert set(out) == {"blocks.0.attn.Wqkv.q_weight", "blocks.0.attn.Wqkv.q_scale"}
     assert out["blocks.0.attn.Wqkv.q_weight"].dtype == np.uint32
     assert out["blocks.0.attn.Wqkv.q_weight"].shape == (192, 8)
@@ -329,9 +326,9 @@ def test_quantize_param_names_and_dtypes():
     assert out["blocks.0.attn.Wqkv.q_scale"].shape == (192, 2)
     others = {"wte.weight": (80, 64), "blocks.1.norm_1.weight": (64,), "blocks.0.attn.Wqkv.bias": (192,)}
     for name, shape in others.items():
-        kept = quantize_param(name, np.ones(shape, np.float32), Q8, linears)
+        kept = Q8.quantize_param(name, np.ones(shape, np.float32), linears)
         assert list(kept) == [name] and kept[name].dtype == np.float16 and kept[name].shape == shape
-    plain = quantize_param("blocks.0.attn.Wqkv.weight", w, get_quantization("q0f32"), linears)
+    plain = get_quantization("q0f32").quantize_param("blocks.0.attn.Wqkv.weight", w, linears)
     assert list(plain) == ["blocks.0.attn.Wqkv.weight"] and plain["blocks.0.attn.Wqkv.weight"].dtype == np.float32
 
 
@@ -366,11 +363,11 @@ def test_quantized_model_end_to_end(q):
         (name, random_weight(p.shape, np.float32, std=0.05, seed=i))
         for i, (name, p) in enumerate(model.named_parameters())
     ]
-    linears = quantized_weight_names(model, q)
+    linears = q.quantized_names(model)
     arrays = {}
     for name, array in float_params:
-        arrays.update(quantize_param(name, array, q, linears))
-    mod, params = quantize_module(model, q).export_tvm(spec={"forward": {"x": nn.spec.Tensor([n, d], "float16")}})
+        arrays.update(q.quantize_param(name, array, linears))
+    mod, params = q.quantize_model(model).export_tvm(spec={"forward": {"x": nn.spec.Tensor([n, d], "float16")}})
     assert [name for name, _ in params] == list(arrays)
 
     kernels = fused_kernel_names(mod)

@@ -19,7 +19,7 @@ PROMPTS = [[5, 17, 99], list(range(40, 57)), [7], list(range(100, 133))]  # 3, 1
 def artifact(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batching")
     hf_checkpoint(tmp / "ckpt", seed=7, d_model=64, n_heads=4, n_layers=2, max_seq_len=128)
-    return mpt_relax.build(tmp / "ckpt", target="llvm", output=tmp / "art", quiet=True)
+    return mpt_relax.build(tmp / "ckpt", target="llvm", output=tmp / "art", quantization="q0f32", quiet=True)
 
 
 @pytest.fixture(scope="module")

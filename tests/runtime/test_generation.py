@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("gen-ckpt")
     model = hf_checkpoint(ckpt, seed=3, vocab_size=VOCAB, max_seq_len=WINDOW)
     write_tokenizer(train_tokenizer(CORPUS, VOCAB), ckpt, max_length=WINDOW)
-    art = mpt_relax.build(ckpt, target="llvm", output=tmp_path_factory.mktemp("gen") / "art", quiet=True)
+    art = mpt_relax.build(ckpt, target="llvm", output=tmp_path_factory.mktemp("gen") / "art", quantization="q0f32", quiet=True)
     return model, mpt_relax.Engine(art, device="cpu"), art, ckpt
 
 
@@ -123,6 +123,9 @@ def test_seeded_sampling_is_reproducible(eng):
     c = eng.generate("The quick brown", seed=8, **kw)
     assert a.token_ids == b.token_ids and a.text == b.text
     assert a.token_ids != c.token_ids
+    params = mpt_relax.SamplingParams(seed=8, **kw)  # the same request as a SamplingParams; keywords override it
+    assert eng.generate("The quick brown", sampling=params).token_ids == c.token_ids
+    assert eng.generate("The quick brown", sampling=params, seed=7).token_ids == a.token_ids
     greedy = eng.generate("The quick brown", max_new_tokens=24)
     assert a.token_ids != greedy.token_ids
     assert eng.generate("The quick brown", max_new_tokens=24, temperature=1.5, top_k=1, seed=3).token_ids == \

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mpt_relax.sizes import parse_bytes
 from mpt_relax.tools import convert as convert_module
 from mpt_relax.io.checkpoint import CheckpointError
 from mpt_relax.tools.convert import ConversionError, convert_checkpoint
@@ -329,7 +330,7 @@ def load_cli():
 
 def test_cli_in_process(tmp_path, monkeypatch, capsys):
     cli = load_cli()
-    assert cli.parse_size("2GB") == 2 * 10**9 and cli.parse_size("1.5GiB") == 3 * 2**29 and cli.parse_size("64") == 64
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes("64") == 64
     make_checkpoint(tmp_path / "mpt-tiny", "bin")
     monkeypatch.setattr(cli, "MODELS_DIR", tmp_path)
     assert cli.main(["--model", "mpt-tiny", "--quiet", "--shard-size", "100B"]) == 0

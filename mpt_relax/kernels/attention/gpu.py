@@ -361,7 +361,7 @@ def _gpu_decode_config(spec: AttentionSpec, target: Target):
     bdy query heads of one kv group share each loaded key; bdz thread groups take different
     keys and merge their softmax states at the end; gdz blocks cover groups larger than bdy.
     """
-    itemsize = (tvm.runtime.DataType(spec.dtype).bits + 7) // 8
+    itemsize = tvm.runtime.DataType(spec.dtype).bits // 8
     vec = min(max(8 // itemsize, spec.head_dim // 32), 4)
     bdx = spec.head_dim // vec
     thread_limit = min(get_max_num_threads_per_block(target), 512)

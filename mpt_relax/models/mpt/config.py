@@ -27,7 +27,7 @@ _SUPPORTED_FFN = ("mptmlp",)
 
 @dataclasses.dataclass(frozen=True)
 class MPTConfig:
-    """Every hyper-parameter the compiled MPT decoder depends on (see shared/MPT.md)."""
+    """Every hyper-parameter the compiled MPT decoder depends on (see docs/mpt.md)."""
 
     d_model: int
     n_heads: int

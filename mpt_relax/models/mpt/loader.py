@@ -16,10 +16,8 @@ import numpy as np
 import torch
 from tvm.relax.frontend import nn
 
-from mpt_relax.io.checkpoint import CheckpointError, iter_tensors, tensor_shapes
-from mpt_relax.quantization import Quantization, quantize_param, quantized_weight_names
-
-FP16_MAX = 65504.0
+from mpt_relax.io.checkpoint import FP16_MAX, CheckpointError, iter_tensors, tensor_shapes
+from mpt_relax.quantization import Quantization
 
 Transform = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
@@ -54,23 +52,22 @@ def cast_rule(name: str, param: nn.Parameter) -> WeightRule:
     return WeightRule(name, shape, (name,), lambda t: {name: to_numpy(t, param.dtype)})
 
 
-def quantize_rule(name: str, param: nn.Parameter, q: Quantization, linear_weights: frozenset[str]) -> WeightRule:
-    """A Linear weight [out, in] -> ``<path>.q_weight`` + ``<path>.q_scale``, quantized from fp32."""
+def quantize_rule(name: str, param: nn.Parameter, q: Quantization, quantized: frozenset[str]) -> WeightRule:
+    """A weight ``q`` replaces -> its stored parameters (``q.quantize_param``), quantized from fp32."""
     shape = tuple(int(s) for s in param.shape)
-    prefix = name.removesuffix(".weight")
     return WeightRule(
-        name, shape, (f"{prefix}.q_weight", f"{prefix}.q_scale"),
-        lambda t: quantize_param(name, to_numpy(t, "float32"), q, linear_weights),
+        name, shape, q.stored_names(name),
+        lambda t: q.quantize_param(name, to_numpy(t, "float32"), quantized),
     )
 
 
 def weight_rules(model: nn.Module, q: Quantization | None = None) -> dict[str, WeightRule]:
     """Checkpoint name -> rule for every parameter of the float ``model`` (before
-    ``quantize_module``); with a quantizing ``q`` the weights it quantizes (Linear layers, and
-    embeddings with ``q.embedding``) get :func:`quantize_rule`."""
-    linear = quantized_weight_names(model, q) if q is not None and q.is_quantized else frozenset()
+    ``q.quantize_model``); the weights ``q`` replaces (Linear layers, and embeddings with
+    ``q.embedding``) get :func:`quantize_rule`."""
+    quantized = q.quantized_names(model) if q is not None else frozenset()
     return {
-        name: quantize_rule(name, p, q, linear) if name in linear else cast_rule(name, p)
+        name: quantize_rule(name, p, q, quantized) if name in quantized else cast_rule(name, p)
         for name, p in model.named_parameters()
     }
 

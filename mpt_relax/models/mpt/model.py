@@ -29,9 +29,6 @@ from tvm.relax.frontend.nn import op
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.compile.kv_cache import ALiBiPagedKVCache
 
-DEFAULT_PAGE_SIZE = 16
-
-
 def _norm(x: nn.Tensor, weight: nn.Parameter, eps: float) -> nn.Tensor:
     """Low-precision LayerNorm of x [n, d] (no bias): statistics in fp32, output rounded to
     x's dtype. One kernel, the fp32 casts of x and the weight included (Relax's layer_norm on
@@ -63,7 +60,7 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype: str) -> nn.L
 
 class Embedding(nn.Embedding):
     """A table [num, dim]: ``forward(ids)`` looks rows up (ids clipped to range), :meth:`head` is
-    the tied LM head. ``quantize_module`` swaps it for a GroupQuantEmbedding, which has the same two."""
+    the tied LM head. ``GroupQuantization.quantize_model`` swaps it for a GroupQuantEmbedding, which has the same two."""
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         """ids [n] -> rows [n, dim]."""
@@ -167,22 +164,13 @@ class MPTTransformer(nn.Module):
 class MPTForCausalLM(nn.Module):
     """The whole model with its entry points (see :meth:`export_spec`).
 
-    ``target`` (a ``tvm.target.Target`` or a plain kind such as ``"llvm"``) picks the paged
-    attention kernels; ``page_size`` is the number of tokens per KV-cache page they bake in.
+    Target-free: the KV cache it creates is generic, and each target's pipeline hands it that
+    target's attention kernels (:func:`mpt_relax.compile.kv_cache.dispatch_kv_cache`).
     """
 
-    def __init__(
-        self,
-        cfg: MPTConfig,
-        dtype: str = "float32",
-        *,
-        target: tvm.target.Target | str = "llvm",
-        page_size: int = DEFAULT_PAGE_SIZE,
-    ):
+    def __init__(self, cfg: MPTConfig, dtype: str = "float32"):
         self.cfg = cfg
         self.dtype = dtype
-        self.target = tvm.target.Target(target) if isinstance(target, str) else target
-        self.page_size = page_size
         self.transformer = MPTTransformer(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.d_model, cfg.vocab_size, False, dtype)
@@ -201,9 +189,7 @@ class MPTForCausalLM(nn.Module):
     ) -> ALiBiPagedKVCache:
         """The KV cache of all layers: at most ``max_batch_size`` sequences and
         ``prefill_chunk_size`` tokens per forward, ``max_total_seq_len`` tokens in all."""
-        return ALiBiPagedKVCache.create(
-            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, self.page_size
-        )
+        return ALiBiPagedKVCache.create_generic(self.cfg, self.dtype, max_batch_size, max_total_seq_len, prefill_chunk_size)
 
     def prefill(self, ids: nn.Tensor, logit_positions: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
         """ids [n] (new tokens of a ragged batch), logit_positions [b] (rows of ids) -> fp32 logits [b, V].

@@ -1,4 +1,4 @@
-"""Prompt templates of the MPT fine-tunes (see shared/MPT.md).
+"""Prompt templates of the MPT fine-tunes (see docs/mpt.md).
 
 - ``dolly``: mpt-7b-instruct / mpt-30b-instruct; one instruction per prompt.
 - ``chatml``: mpt-7b-chat / mpt-30b-chat; system / user / assistant turns, stops on

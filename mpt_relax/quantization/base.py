@@ -1,0 +1,79 @@
+"""The interface every quantization scheme implements, and the name its dequantize kernels carry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+from tvm.relax.frontend import nn
+
+from mpt_relax.errors import MPTRelaxError
+
+DEQUANTIZE_PREFIX = "dequantize_"  # PrimFuncs named so are fused into their matmul (see .fuse)
+
+
+class QuantizationError(MPTRelaxError):
+    """An unknown scheme, an invalid one, or a weight a scheme cannot store."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """A weight quantization scheme, registered by ``name`` (see :mod:`mpt_relax.quantization`).
+
+    A scheme rewrites the float model (:meth:`quantize_model`), names the float parameters it
+    replaces (:meth:`quantized_names`) and turns each float checkpoint tensor into the stored
+    parameters (:meth:`quantize_param`), one tensor at a time. The base class stores everything
+    in ``model_dtype`` (the "none" kind: q0f32, q0f16).
+    """
+
+    name: str
+    bits: int  # bits per stored weight
+    model_dtype: str  # activations, norms and unquantized weights
+    embedding: bool = dataclasses.field(default=False, kw_only=True)  # also quantize the embeddings (the tied head)
+    kind: ClassVar[str] = "none"
+
+    def __post_init__(self) -> None:
+        if self.embedding and not self.is_quantized:
+            raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+
+    @property
+    def tag(self) -> str:
+        """``name``, plus ``+embedding`` when the embeddings are quantized too."""
+        return self.name + ("+embedding" if self.embedding else "")
+
+    @property
+    def dir_tag(self) -> str:
+        """The tag as it appears in a default artifact directory name (``q4f16_1-emb``)."""
+        return self.name + ("-emb" if self.embedding else "")
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether weights are stored other than as ``model_dtype`` floats."""
+        return False
+
+    def quantize_model(self, model: nn.Module) -> nn.Module:
+        """The model to export, built in ``model_dtype`` (returned as is here)."""
+        return model
+
+    def quantized_names(self, model: nn.Module) -> frozenset[str]:
+        """Float parameter names (``<path>.weight``) that :meth:`quantize_param` replaces."""
+        return frozenset()
+
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        """The stored parameters a replaced float parameter ``name`` becomes."""
+        return (name,)
+
+    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
+        """One float parameter -> the stored parameters (here: the same name in ``model_dtype``)."""
+        return {name: array.astype(self.model_dtype, copy=False)}
+
+    def info(self) -> dict[str, Any]:
+        """What ``mpt-config.json`` records about the scheme."""
+        return {"name": self.name, "tag": self.tag, "kind": self.kind, "bits": self.bits,
+                "model_dtype": self.model_dtype, "quantized": None, "embedding_quantized": False,
+                "embedding": f"{self.model_dtype}, like every weight"}
+
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
+        """The ``quantization`` field of one stored tensor's ``tensor-cache.json`` record, if any."""
+        return None
