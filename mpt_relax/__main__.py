@@ -2,7 +2,7 @@
 
     python -m mpt_relax build --model mpt-7b-instruct --quantization q4f16_1   # = scripts/build.py
     python -m mpt_relax convert --model mpt-7b-instruct          # bf16 -> fp16; = bfloat16_to_float16.py
-    python -m mpt_relax demo                                     # tiny model, built on first use
+    python -m mpt_relax demo                                     # the bundled trained tiny MPT, built on first use
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
@@ -27,6 +27,9 @@ from mpt_relax.models.mpt.templates import NAMES as TEMPLATE_NAMES
 from mpt_relax.runtime.generation import GenerationResult, SamplingParams
 from mpt_relax.sizes import SizeError, parse_bytes
 from mpt_relax.targets import DEVICE_NAMES, TARGET_NAMES
+
+
+DEMO_PROMPT = 'def read_config(path):\n    """'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,10 +146,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mpt_relax.runtime.engine import Engine
     from mpt_relax.tools import demo
 
-    art = demo.ensure_demo(args.dist)
+    art = demo.ensure_trained(args.dist)
     eng = Engine(art, args.device)
-    print(f"demo model (random weights) from {art} on {eng.device}; prompt: {args.prompt!r}", file=sys.stderr)
-    stream = eng.stream(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=0.8, top_k=40)
+    print(f"demo: {demo.TRAINED_DESCRIPTION}, so it writes Python-like code and licence text "
+          f"({art} on {eng.device}); prompt: {args.prompt!r}", file=sys.stderr)
+    stream = eng.stream(args.prompt, template="none", max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        temperature=args.temperature, top_k=40)
     print(args.prompt, end="")
     _print_stream(stream)
     print(_summary(stream.result), file=sys.stderr)
@@ -251,11 +256,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_perplexity)
 
-    p = sub.add_parser("demo", help="build a tiny random-weight model (once) and generate from it")
+    p = sub.add_parser("demo", help="build the bundled trained tiny MPT (once) and generate from it")
     _add_engine(p, artifact=False)
-    p.add_argument("--dist", default="dist", help="where dist/models/demo and dist/demo-q0f32 go")
-    p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--dist", default="dist", help="where the artifact dist/tiny-mpt-q0f32 goes")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
     return root
