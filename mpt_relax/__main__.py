@@ -1,12 +1,13 @@
-"""``python -m mpt_relax``: build, convert, generate, chat, serve, bench, demo (the default).
+"""``python -m mpt_relax``: build, convert, generate, chat, serve, bench, perplexity, demo (the default).
 
     python -m mpt_relax build --model mpt-7b-instruct --quantization q4f16_1   # = scripts/build.py
     python -m mpt_relax convert --model mpt-7b-instruct          # bf16 -> fp16; = bfloat16_to_float16.py
-    python -m mpt_relax demo                                     # tiny model, built on first use
+    python -m mpt_relax demo                                     # the bundled trained tiny MPT, built on first use
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax serve --artifact DIR [--port 8000]       # OpenAI-compatible HTTP server
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
+    python -m mpt_relax perplexity --artifact DIR --text FILE [--context N --stride S] [--compare-hf] [--json]
 
 Errors print one line ``error: ...`` on stderr and exit with status 1 (2 for a usage mistake,
 130 on Ctrl-C, 143 on SIGTERM); ``--verbose`` or MPT_RELAX_DEBUG=1 also prints the traceback
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 _Parser = cli.Parser
 WRITING_COMMANDS = ("build", "convert")  # an interruption says that nothing was written
+DEMO_PROMPT = 'def read_config(path):\n    """'
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -168,13 +170,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    with cli.deferred_interrupts():
+        from mpt_relax.tools import perplexity
+
+    report = perplexity.run(args.artifact, args.text, context=args.context, stride=args.stride,
+                            compare_hf=args.compare_hf, hf_model=args.hf_model, device=args.device)
+    print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     with cli.deferred_interrupts():
         from mpt_relax.tools import demo
-    art = demo.ensure_demo(args.dist)
+    art = demo.ensure_trained(args.dist)
     eng = _engine(args, art)
-    print(f"demo model (random weights) from {art} on {eng.device}; prompt: {args.prompt!r}", file=sys.stderr)
-    stream = eng.stream(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=0.8, top_k=40)
+    print(f"demo: {demo.TRAINED_DESCRIPTION}, so it writes Python-like code and licence text "
+          f"({art} on {eng.device}); prompt: {args.prompt!r}", file=sys.stderr)
+    stream = eng.stream(args.prompt, template="none", max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        temperature=args.temperature, top_k=40)
     print(args.prompt, end="")
     _print_stream(stream)
     print(_summary(stream.result), file=sys.stderr)
@@ -300,11 +314,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("demo", help="build a tiny random-weight model (once) and generate from it")
+    p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file (optionally HF's too)")
+    _add_engine(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--context", type=int, help="tokens per window (default: the artifact's context window)")
+    p.add_argument("--stride", type=int, help="tokens between window starts, 1..context (default: context / 2)")
+    p.add_argument("--compare-hf", action="store_true", help="also score with transformers' MptForCausalLM (fp32, CPU)")
+    p.add_argument("--hf-model", help="HF checkpoint for --compare-hf (default: the artifact's recorded source)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=cmd_perplexity)
+
+    p = sub.add_parser("demo", help="build the bundled trained tiny MPT (once) and generate from it")
     _add_engine(p, artifact=False)
-    p.add_argument("--dist", default="dist", help="where dist/models/demo and dist/demo-q0f32 go")
-    p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
+    p.add_argument("--dist", default="dist", help="where the artifact dist/tiny-mpt-q0f32 goes")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.set_defaults(run=cmd_demo)
     return root

@@ -1,9 +1,13 @@
-"""A built-in tiny MPT with random weights and a small byte-level BPE tokenizer.
+"""The demo models: the bundled trained tiny MPT, and a tiny random one for odd shapes.
 
-Everything is made deterministically in code (no downloads), so ``python -m mpt_relax demo``
-runs anywhere: it writes the checkpoint to ``dist/models/demo``, builds it into
-``dist/demo-q0f32`` once, then generates from a prompt. The text is gibberish: the weights
-are random. ``train_tokenizer`` / ``write_tokenizer`` also serve the tests.
+``python -m mpt_relax demo`` builds the checkpoint in ``mpt_relax/data/tiny-mpt`` (4.2M
+parameters, trained by ``scripts/train_tiny_mpt.py`` on Python standard-library modules and
+licence texts) into ``dist/tiny-mpt-q0f32`` once, then generates from a prompt: the output
+reads like Python code and licence text, which is all it has seen.
+
+The random model (``write_checkpoint`` / ``ensure_demo``) is made deterministically in code:
+tests use it where they need shapes the trained model lacks. ``train_tokenizer`` /
+``write_tokenizer`` also serve the tests.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from mpt_relax.io.artifact import CONFIG_FILE
 from mpt_relax.compile.builder import build
 
+TRAINED_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-mpt"  # package data
+TRAINED_DESCRIPTION = "a 4.2M-parameter MPT trained on Python standard-library sources and licence texts"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|padding|>")  # ids 0 and 1, as in GPT-NeoX
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # added after training, as the chat fine-tunes do
 DEMO_CONFIG = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=384, max_seq_len=256, expansion_ratio=4)
@@ -100,3 +106,10 @@ def ensure_demo(dist_root: str | Path = "dist", quiet: bool = False) -> Path:
         ckpt = write_checkpoint(dist_root / "models" / "demo")
         build(ckpt, target="llvm", quantization="q0f32", output=out, quiet=quiet)
     return out
+
+
+def ensure_trained(dist_root: str | Path = "dist", quantization: str = "q0f32", quiet: bool = False) -> Path:
+    """``<dist_root>/tiny-mpt-<quantization>``: the bundled trained model built for the CPU
+    (a no-op when the artifact is up to date)."""
+    out = Path(dist_root) / f"{TRAINED_MODEL.name}-{quantization}"
+    return build(TRAINED_MODEL, target="llvm", quantization=quantization, output=out, quiet=quiet)

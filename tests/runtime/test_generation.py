@@ -386,12 +386,3 @@ def test_cli_bench_compares_with_hf(tiny):
     table = bench.format_table(report)
     for row in ("decode (tokens/s)", "peak RSS (MB)", "decode bound (tokens/s)", "decode / bound", "same greedy tokens: yes"):
         assert row in table
-
-
-def test_cli_demo_builds_once_and_generates(tmp_path):
-    proc = cli("demo", "--dist", str(tmp_path), "--max-new-tokens", "5")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("Once upon a time") and "5 tokens" in proc.stderr
-    assert (tmp_path / "demo-q0f32" / "mpt-config.json").is_file()
-    again = cli("demo", "--dist", str(tmp_path), "--max-new-tokens", "5")
-    assert again.returncode == 0 and again.stdout == proc.stdout and "compiled" not in again.stderr
