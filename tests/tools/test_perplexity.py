@@ -35,7 +35,7 @@ def heldout_sample(chars: int = 1500) -> str:
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppl")
     return {q: mpt_relax.build(TRAINED, target="llvm", quantization=q, output=root / f"tiny-{q}", quiet=True)
-            for q in ("q0f32", "q0f16")}
+            for q in ("q0f32", "q0f16", "q8f16_1", "q4f16_1")}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,16 @@ def test_perplexity_equals_hf(artifacts, text_file, quantization, rel):
     assert abs(report["relative_difference"]) < rel, report
     assert 1 < ours["perplexity"] < 1000  # trained: far below the 4096-token vocabulary (random weights: ~4096)
     assert ours["tokens_per_s"] > 0 and report["bytes_per_weight"] == (4.0 if quantization == "q0f32" else 2.0)
+
+
+@pytest.mark.parametrize("quantization,most", [("q8f16_1", 0.005), ("q4f16_1", 0.05)])
+def test_quantized_perplexity_on_the_trained_model(artifacts, text_file, quantization, most):
+    """Quantization accuracy where the weights are realistic (the trained model, held-out text):
+    q8 within +0.5 % of fp16's perplexity, q4 within +5 % (the targets of the quantization table)."""
+    base = perplexity.run(artifacts["q0f16"], text_file, context=128, stride=64, device="cpu")["mpt_relax"]
+    got = perplexity.run(artifacts[quantization], text_file, context=128, stride=64, device="cpu")["mpt_relax"]
+    assert got["scored_tokens"] == base["scored_tokens"]
+    assert got["perplexity"] / base["perplexity"] - 1 < most, (got, base)
 
 
 def test_cli_json(artifacts, text_file, capsys):
