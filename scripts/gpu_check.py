@@ -646,7 +646,10 @@ def dlpack_engine(art: Path, tensors: dict, **kw):
     import mpt_relax
 
     class _SharedWeightsEngine(mpt_relax.Engine):
-        def _load_params(self):
+        def _weight_bytes(self, root):
+            return sum(tensors[name].numel() * tensors[name].element_size() for name in self.meta["param_names"])
+
+        def _load_params(self, root):
             self._torch_weights = tensors  # keep the memory alive as long as the engine
             return [tvm.runtime.from_dlpack(tensors[name]) for name in self.meta["param_names"]]
 

@@ -174,8 +174,7 @@ class Engine:
         if kv_memory is None:
             return None
         budget = parse_bytes(kv_memory, "kv_memory")
-        wanted = set(self.meta["param_names"])
-        weights = sum(rec["nbytes"] for _, rec in artifact.param_records(root) if rec["name"] in wanted)
+        weights = self._weight_bytes(root)
         total = self.device.total_global_memory
         if total and budget + weights > total:
             raise KVCacheCapacityError(
@@ -183,6 +182,11 @@ class Engine:
                 f"{total / 1e9:.2f} GB of memory of {self.device}; give a smaller kv_memory"
             )
         return budget
+
+    def _weight_bytes(self, root: Path) -> int:
+        """Bytes of the weights :meth:`_load_params` will place on the device (from their records)."""
+        wanted = set(self.meta["param_names"])
+        return sum(rec["nbytes"] for _, rec in artifact.param_records(root) if rec["name"] in wanted)
 
     def _check_device(self, device: str) -> str:
         if device not in BY_DEVICE:
