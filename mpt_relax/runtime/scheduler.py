@@ -289,13 +289,22 @@ class Scheduler:
         return r.pages_needed <= self.engine.free_kv_pages() - outstanding
 
     def _prefill_chunk(self) -> list[tuple[Request, list[int]]]:
-        chunk, room = [], self.prefill_chunk_size
+        """This step's prefill: for each prefilling request (in order) its next piece up to the next
+        multiple of ``prefill_chunk_size`` of its own prompt, if the whole piece fits the room left.
+
+        Pieces never straddle a request's own chunk boundaries, so a prompt is cut where a run of
+        it alone cuts it and its attention sums (cached prefix + this chunk) are the same: batching
+        does not change its tokens. The first prefilling request always fits an empty chunk.
+        """
+        chunk, room, size = [], self.prefill_chunk_size, self.prefill_chunk_size
         for r in self.running:
-            if r.state != PREFILL or room == 0:
+            if r.state != PREFILL:
                 continue
-            piece = r.seq.feed[r.prefilled : r.prefilled + room]
-            chunk.append((r, piece))
-            room -= len(piece)
+            n = min(len(r.seq.feed) - r.prefilled, size - r.prefilled % size)
+            if n > room:
+                continue
+            chunk.append((r, r.seq.feed[r.prefilled : r.prefilled + n]))
+            room -= n
         return chunk
 
     def _forward(self, reqs: list[Request], tokens: list[list[int]], events: list[Event], decode: bool) -> None:
