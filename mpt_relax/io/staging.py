@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -134,8 +135,17 @@ def publish_directory(
             if durable:
                 _fsync_dir(final.parent)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
+
+
+def _remove(tmp: Path, tries: int = 20) -> None:
+    """Delete a staging directory, again while something still writes into it (an interrupted
+    build's linker child may finish its file after a first delete)."""
+    for _ in range(tries):
+        if not tmp.exists():
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.1)
 
 
 def _swap(tmp: Path, final: Path) -> None:
