@@ -199,6 +199,7 @@ def build(
                 executable.export_library(str(tmp / lib_name))
             libraries[spec.name] = lib_name
         artifact.write_config(tmp, {
+            "model_type": "mpt",  # the model family: a second family is a new value, not a new format
             "model_name": src.name,
             "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
             "model_config": src.config.to_dict(),

@@ -163,6 +163,9 @@ class Engine:
 
     # ------------------------------------------------------------ loading
     def _model_config(self) -> MPTConfig:
+        family = self.meta.get("model_type", "mpt")  # artifacts before the field are MPT
+        if family != "mpt":
+            raise artifact.ArtifactError(f"{self.path} holds a {family!r} model; this mpt_relax runs 'mpt' artifacts")
         try:
             return MPTConfig.from_dict(self.meta["model_config"])
         except ConfigError as err:

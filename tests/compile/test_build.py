@@ -78,6 +78,7 @@ def test_artifact_layout_and_reload(ckpt, tmp_path):
     art = mpt_relax.build(path, quantization="q4f16_1", output=tmp_path / "a", quiet=True)
     meta = json.loads((art / "mpt-config.json").read_text())
     assert meta["quantization"]["name"] == "q4f16_1" and meta["model_dtype"] == "float16"
+    assert meta["model_type"] == "mpt"
     assert meta["libraries"] == {"llvm": "tiny-q4f16_1-llvm.so"}
     cache = json.loads((art / "tensor-cache.json").read_text())
     records = {r["name"]: r for shard in cache["records"] for r in shard["records"]}
