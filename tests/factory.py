@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import MptConfig, MptForCausalLM
@@ -85,3 +86,32 @@ def raw_checkpoint(path: Path, config: dict, seed: int = 0) -> dict[str, torch.T
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({"model_type": "mpt", "architectures": ["MPTForCausalLM"], **config}))
     return state
+
+
+# ------------------------------------------------------------------ comparisons shared by the parity tests
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids, steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def our_greedy(eng, ids, steps: int) -> list[int]:
+    seq = eng.add_sequence()
+    logits = eng.forward([seq], [list(ids)])[0]
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        if len(tokens) < steps:
+            logits = eng.forward([seq], [[tokens[-1]]])[0]
+    eng.remove_sequence(seq)
+    return tokens

@@ -4,43 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from factory import hf_checkpoint
+from factory import hf_checkpoint, hf_greedy, hf_logits, our_greedy, rel_err
 
 SHAPES = {
     "mha-d64-h4": dict(d_model=64, n_heads=4, n_layers=2),
     "h6-non-pow2-clip": dict(d_model=96, n_heads=6, n_layers=2, attn_config={"clip_qkv": 0.5}),
     "d128-h8-l3-softmax-scale": dict(d_model=128, n_heads=8, n_layers=3, attn_config={"softmax_scale": 0.2}),
 }
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def hf_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
-
-
-def hf_greedy(model, ids, steps: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
-                             pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
-
-
-def our_greedy(eng, ids, steps: int) -> list[int]:
-    seq = eng.add_sequence()
-    logits = eng.forward([seq], [list(ids)])[0]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(np.argmax(logits)))
-        if len(tokens) < steps:
-            logits = eng.forward([seq], [[tokens[-1]]])[0]
-    eng.remove_sequence(seq)
-    return tokens
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

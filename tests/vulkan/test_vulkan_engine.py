@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reference
-from factory import hf_checkpoint, raw_checkpoint
+from factory import hf_checkpoint, hf_greedy, hf_logits, our_greedy, raw_checkpoint, rel_err
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
 
 pytestmark = pytest.mark.vulkan
@@ -26,34 +26,6 @@ HF_SHAPES = {
 }
 GQA = dict(d_model=96, n_heads=6, n_layers=2, vocab_size=256, max_seq_len=96,
            attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2})
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def hf_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
-
-
-def hf_greedy(model, ids, steps: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
-
-
-def greedy(eng, ids, steps: int) -> list[int]:
-    seq = eng.add_sequence()
-    logits = eng.forward([seq], [list(ids)])[0]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(np.argmax(logits)))
-        if len(tokens) < steps:
-            logits = eng.forward([seq], [[tokens[-1]]])[0]
-    eng.remove_sequence(seq)
-    return tokens
 
 
 def dequantized_copy(model, scheme: str):
@@ -156,7 +128,7 @@ def test_greedy_32_tokens_match_hf_generate(name, hf_case, vulkan_engine):
     path, model = hf_case[name]
     eng = vulkan_engine(path)
     prompt = [5, 17, 99, 3]
-    ours = greedy(eng, prompt, 32)
+    ours = our_greedy(eng, prompt, 32)
     assert len(set(ours)) > 4, "degenerate random model: greedy output should vary"
     assert ours == hf_greedy(model, prompt, 32)
 
@@ -191,7 +163,7 @@ def test_sampling_and_batched_generate_on_the_device(hf_case, vulkan_engine):
     again = [r.token_ids for r in eng.generate(prompts, **kw)]
     assert first == again and all(len(t) == 12 for t in first)
     greedy_batch = [r.token_ids for r in eng.generate(prompts, max_new_tokens=12, ignore_eos=True, template="none")]
-    assert greedy_batch == [greedy(eng, p, 12) for p in prompts]
+    assert greedy_batch == [our_greedy(eng, p, 12) for p in prompts]
 
 
 def test_2k_token_fp16_context_is_finite_and_close_to_hf(hf_case, vulkan_engine):
