@@ -5,7 +5,7 @@ parameters, trained by ``scripts/train_tiny_mpt.py`` on Python standard-library 
 licence texts) into ``dist/tiny-mpt-q0f32`` once, then generates from a prompt: the output
 reads like Python code and licence text, which is all it has seen.
 
-The random model (``write_checkpoint`` / ``ensure_demo``) is made deterministically in code:
+The random model (``write_checkpoint``) is made deterministically in code:
 tests use it where they need shapes the trained model lacks. ``train_tokenizer`` /
 ``write_tokenizer`` also serve the tests.
 """
@@ -20,7 +20,6 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mpt_relax.io.artifact import CONFIG_FILE
 from mpt_relax.compile.builder import build
 
 TRAINED_MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-mpt"  # package data
@@ -96,16 +95,6 @@ def write_checkpoint(out_dir: str | Path, cfg: dict = DEMO_CONFIG, seed: int = 0
     save_file(random_weights(cfg, seed), str(out_dir / "model.safetensors"))
     write_tokenizer(train_tokenizer([CORPUS] * 4, cfg["vocab_size"]), out_dir, cfg["max_seq_len"])
     return out_dir
-
-
-def ensure_demo(dist_root: str | Path = "dist", quiet: bool = False) -> Path:
-    """``<dist_root>/demo-q0f32``, built (for the CPU) from ``<dist_root>/models/demo`` if missing."""
-    dist_root = Path(dist_root)
-    out = dist_root / "demo-q0f32"
-    if not (out / CONFIG_FILE).is_file():
-        ckpt = write_checkpoint(dist_root / "models" / "demo")
-        build(ckpt, target="llvm", quantization="q0f32", output=out, quiet=quiet)
-    return out
 
 
 def ensure_trained(dist_root: str | Path = "dist", quantization: str = "q0f32", quiet: bool = False) -> Path:
