@@ -11,6 +11,12 @@ surface inside a native callback and abort the process (``terminate called ...``
 :func:`deferred_interrupts` records a Ctrl-C during such a block and raises it once the block
 has finished, from plain Python.
 
+An exception raised from a signal handler can also be lost or rewritten on its way out of
+native code (a Rust or C++ extension that swallows it, or wraps it in its own error type). So
+every stop signal is also *recorded*: :func:`raise_if_stopped` re-raises a recorded one (the
+staging directory calls it before it publishes anything), and :func:`stop_requested` lets an
+error guard report "interrupted" rather than the wrapped error.
+
 This module imports nothing but the standard library.
 """
 
@@ -40,8 +46,29 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + (interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
+_requested: list[int] = []  # stop signals received inside terminate_as_interrupt, first first
+
+
+def _interrupt_for(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated(signum)
+    _requested.append(signum)
+    raise _interrupt_for(signum)
+
+
+def stop_requested() -> KeyboardInterrupt | None:
+    """The interrupt for the first stop signal recorded since the outermost
+    :func:`terminate_as_interrupt` began, or None."""
+    return _interrupt_for(_requested[0]) if _requested else None
+
+
+def raise_if_stopped() -> None:
+    """Raise the recorded stop signal's interrupt, in case native code swallowed the first raise."""
+    interrupt = stop_requested()
+    if interrupt is not None:
+        raise interrupt
 
 
 def _main_thread() -> bool:
@@ -50,16 +77,21 @@ def _main_thread() -> bool:
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM / SIGHUP raise :class:`Terminated` in the main thread.
+    """Within the block, SIGTERM / SIGHUP raise :class:`Terminated` in the main thread, and every
+    stop signal (Ctrl-C too) is recorded for :func:`stop_requested`.
 
     Only signals still at their default disposition are taken over (a program that installed
-    its own handler keeps it); the previous handlers come back on exit. Outside the main
-    thread Python cannot install handlers, and the block runs unchanged.
+    its own handler keeps it); the previous handlers come back on exit. The outermost block
+    starts with no signal recorded. Outside the main thread Python cannot install handlers,
+    and the block runs unchanged.
     """
     previous = {}
     if _main_thread():
-        for sig in STOP_SIGNALS:
-            if signal.getsignal(sig) is signal.SIG_DFL:
+        defaults = {signal.SIGINT: signal.default_int_handler, **{sig: signal.SIG_DFL for sig in STOP_SIGNALS}}
+        if not any(signal.getsignal(sig) is _raise_terminated for sig in defaults):
+            _requested.clear()  # the outermost block
+        for sig, default in defaults.items():
+            if signal.getsignal(sig) is default:
                 previous[sig] = signal.signal(sig, _raise_terminated)
     try:
         yield

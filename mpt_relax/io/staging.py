@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mpt_relax.errors import MPTRelaxError
-from mpt_relax.interrupts import terminate_as_interrupt
+from mpt_relax.interrupts import raise_if_stopped, terminate_as_interrupt
 
 
 class OutputError(MPTRelaxError):
@@ -128,6 +128,7 @@ def publish_directory(
         tmp.mkdir()  # the umask's mode, not mkdtemp's 0700
         try:
             yield tmp
+            raise_if_stopped()  # a signal whose exception native code swallowed publishes nothing
             check_output(final, is_ours, what, protect)  # it may have changed while we worked
             if durable:
                 _fsync_tree(tmp)

@@ -21,7 +21,8 @@ import traceback
 from typing import Callable, Sequence
 
 from mpt_relax.errors import MPTRelaxError
-from mpt_relax.interrupts import StartupHold, Terminated, deferred_interrupts, exit_status, terminate_as_interrupt
+from mpt_relax.interrupts import StartupHold, Terminated, deferred_interrupts, exit_status, stop_requested, \
+    terminate_as_interrupt
 
 DEBUG_ENV = "MPT_RELAX_DEBUG"
 
@@ -81,6 +82,12 @@ def one_line(err: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
+def _report_interrupt(err: KeyboardInterrupt, interrupted: str) -> int:
+    what = str(err) if isinstance(err, Terminated) else "interrupted"
+    print(f"error: {what}" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+    return exit_status(err)
+
+
 def run(body: Callable[[], int], argv: Sequence[str] | None = None, *, interrupted: str = "",
         hold: StartupHold | None = None) -> int:
     """Run a command's ``body`` under the contract above; returns the exit status.
@@ -95,12 +102,13 @@ def run(body: Callable[[], int], argv: Sequence[str] | None = None, *, interrupt
         with terminate_as_interrupt():
             return body()
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP as Terminated
-        what = str(err) if isinstance(err, Terminated) else "interrupted"
-        print(f"error: {what}" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
-        return exit_status(err)
+        return _report_interrupt(err, interrupted)
     except SystemExit as err:  # argparse: --help (0) or a usage error (2, its line already printed)
         return err.code if isinstance(err.code, int) else int(err.code is not None)
     except Exception as err:  # noqa: BLE001 - the contract: one line, whatever went wrong
+        stopped = stop_requested()  # a signal's exception that native code re-raised as its own error
+        if stopped is not None:
+            return _report_interrupt(stopped, interrupted)
         if verbose:
             traceback.print_exc()
         hint = "" if isinstance(err, MPTRelaxError) or verbose else f" (--verbose or {DEBUG_ENV}=1 shows the traceback)"

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from mpt_relax.errors import MPTRelaxError
+from mpt_relax.interrupts import raise_if_stopped
 from mpt_relax.io import staging
 from mpt_relax.io.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, load_shard, read_index, weight_files
 from mpt_relax.tools.convert_report import ConversionReport, TensorReport
@@ -361,6 +362,7 @@ def _write_checkpoint(
         for shard, group in itertools.groupby(tensors, key=lambda t: t.shard):
             state = load_shard(shard)
             for t in group:
+                raise_if_stopped()
                 report = _write_tensor(t, state[t.name], *placement[t.name], bar)
                 if strict and report.clamped:
                     raise ConversionError(
@@ -437,6 +439,7 @@ def _verify(tmp: Path, tensors: list[_Tensor], show: bool) -> int:
         for shard, group in itertools.groupby(tensors, key=lambda t: t.shard):
             state = load_shard(shard)
             for t in group:
+                raise_if_stopped()
                 with safe_open(tmp / weight_map[t.name], framework="pt") as f:
                     written = f.get_tensor(t.name)
                 _check_tensor(t.name, state[t.name], written, bar)

@@ -25,7 +25,7 @@ def test_build_interrupted_leaves_nothing(tiny_ckpt, tmp_path, sig):
     proc = start([BUILD, "--model", tiny_ckpt, "--output", out, *BUILD_ARGS])
     wait_for(lambda: staging_dirs(tmp_path, "art"), 120, proc)
     rc, err = signal_and_wait(proc, sig)
-    assert rc == SIGNAL_RC[sig]
+    assert rc == SIGNAL_RC[sig], err
     assert_one_line(err, "interrupted" if sig == signal.SIGINT else "SIGTERM", "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -64,7 +64,7 @@ def test_converter_interrupted_leaves_nothing(bf16_ckpt, tmp_path, sig):
     wait_for(lambda: staging_dirs(tmp_path, "out") and any((tmp_path / staging_dirs(tmp_path, "out")[0]).iterdir()),
              120, proc)
     rc, err = signal_and_wait(proc, sig)
-    assert rc == SIGNAL_RC[sig]
+    assert rc == SIGNAL_RC[sig], err
     assert_one_line(err, "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == [] and tree_hash(bf16_ckpt) == before
 

@@ -1,0 +1,54 @@
+"""A stop signal whose exception native code swallowed or re-wrapped still stops the command
+cleanly: the staging directory publishes nothing and the error line says which signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from mpt_relax.interrupts import Terminated, stop_requested, terminate_as_interrupt
+from mpt_relax.io.staging import publish_directory
+from mpt_relax.tools import cli
+
+
+def _signal_swallowed(sig: int) -> None:
+    """Deliver ``sig`` to this process and swallow its exception, as some native code does."""
+    try:
+        os.kill(os.getpid(), sig)
+        for _ in range(1000):  # the handler runs at a bytecode boundary
+            pass
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the signal's handler did not raise")
+
+
+@pytest.mark.parametrize("sig, rc, word", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_rewrapped_as_another_error_reports_the_signal(capsys, sig, rc, word):
+    def body():
+        _signal_swallowed(sig)
+        raise RuntimeError("SafetensorError: something a native library made of the interrupt")
+
+    assert cli.run(body, [], interrupted="nothing was written") == rc
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and word in err and "nothing was written" in err and "Safetensor" not in err
+
+
+def test_a_swallowed_signal_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Terminated):
+        with publish_directory(out, is_ours=lambda p: True, what="a test output") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            _signal_swallowed(signal.SIGTERM)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_record_starts_empty_in_each_outermost_block():
+    with terminate_as_interrupt():
+        _signal_swallowed(signal.SIGTERM)
+        assert isinstance(stop_requested(), Terminated)
+    with terminate_as_interrupt():
+        assert stop_requested() is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
