@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mpt_relax.io import artifact, staging
 from mpt_relax import defaults
-from mpt_relax.compile import cuda_kernels, pipeline, targets
+from mpt_relax.compile import cuda_kernels, int8_kernels, pipeline, targets
 from mpt_relax.io.checkpoint import CheckpointError, weight_files
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
@@ -131,6 +131,7 @@ def build(
     cuda_arch: str | None = None,
     mcpu: str | None = None,
     quantize_embedding: bool = False,
+    int8_activations: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = defaults.DIST,
@@ -144,6 +145,9 @@ def build(
     ``quantization``: q0f32, q0f16, q4f16_1 (default) or q8f16_1 (weights quantized while streaming);
     ``quantize_embedding``: quantize the token embedding (the tied LM head) too, not only the
     Linear layers.
+    ``int8_activations``: with q4f16_1 / q8f16_1 on the CPU, decode on activations quantized to
+    int8 per group of 32 with integer dot products (VNNI; :mod:`mpt_relax.kernels.cpu.int8_gemv`);
+    prefill stays exact.
     ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``
     to run on other machines; default ``native``, the build machine's own.
     ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
@@ -154,7 +158,8 @@ def build(
     """
     target_names = [target] if isinstance(target, str) else list(target)
     specs = [targets.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in target_names]  # fails before any work
-    q = get_quantization(quantization, quantize_embedding)
+    q = get_quantization(quantization, quantize_embedding, int8_activations)
+    int8_kernels.check_targets(q, specs)
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{q.dir_tag}"
     # Refused before any work: a file, a link or a foreign directory at the output, or an output

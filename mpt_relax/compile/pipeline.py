@@ -12,6 +12,7 @@ from tvm.s_tir import dlight as dl
 
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
 from mpt_relax.compile import vulkan as vulkan_config
+from mpt_relax.compile.int8_kernels import select_int8_kernels
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.quantization import fuse_dequantize_matmul
 
@@ -21,6 +22,7 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
     fuse, schedule with dlight, plan memory and lower for the VM."""
     passes = [
         dispatch_kv_cache(spec.target, page_size),
+        select_int8_kernels(spec),  # int8-activation GEMVs: the target's VNNI kernel (CPU only)
         relax.transform.DecomposeOpsForInference(),
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         relax.transform.LegalizeOps(),

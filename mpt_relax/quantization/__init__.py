@@ -45,14 +45,18 @@ for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQu
     register(_q)
 
 
-def get_quantization(name: str, embedding: bool = False) -> Quantization:
-    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too);
-    :class:`QuantizationError` listing the valid names otherwise."""
+def get_quantization(name: str, embedding: bool = False, int8_activations: bool = False) -> Quantization:
+    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too;
+    with ``int8_activations``: decoding on int8 activations); :class:`QuantizationError` listing
+    the valid names otherwise."""
     try:
         q = QUANTIZATIONS[name]
     except (KeyError, TypeError):
         raise QuantizationError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
-    return dataclasses.replace(q, embedding=True) if embedding else q
+    if embedding or int8_activations:
+        q = dataclasses.replace(q, embedding=embedding or q.embedding,
+                                int8_activations=int8_activations or q.int8_activations)
+    return q
 
 
 __all__ = [

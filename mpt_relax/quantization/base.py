@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 from tvm.relax.frontend import nn
@@ -11,6 +13,23 @@ from tvm.relax.frontend import nn
 from mpt_relax.errors import MPTRelaxError
 
 DEQUANTIZE_PREFIX = "dequantize_"  # PrimFuncs named so are fused into their matmul (see .fuse)
+_DECODING = contextvars.ContextVar("mpt_relax_decoding", default=False)
+
+
+@contextlib.contextmanager
+def decoding() -> Iterator[None]:
+    """While a model traces its decode step (one token per sequence): layers whose scheme has
+    ``int8_activations`` emit the int8 GEMV instead of the exact path."""
+    token = _DECODING.set(True)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def is_decoding() -> bool:
+    """Whether the trace is inside :func:`decoding`."""
+    return _DECODING.get()
 
 
 class QuantizationError(MPTRelaxError):
@@ -31,21 +50,25 @@ class Quantization:
     bits: int  # bits per stored weight
     model_dtype: str  # activations, norms and unquantized weights
     embedding: bool = dataclasses.field(default=False, kw_only=True)  # also quantize the embeddings (the tied head)
+    # decode GEMVs quantize x to int8 per group and sum in integers (mpt_relax.kernels.cpu.int8_gemv)
+    int8_activations: bool = dataclasses.field(default=False, kw_only=True)
     kind: ClassVar[str] = "none"
 
     def __post_init__(self) -> None:
         if self.embedding and not self.is_quantized:
             raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+        if self.int8_activations and not self.is_quantized:
+            raise QuantizationError(f"{self.name} keeps float weights; int8 activations need q4f16_1 or q8f16_1")
 
     @property
     def tag(self) -> str:
-        """``name``, plus ``+embedding`` when the embeddings are quantized too."""
-        return self.name + ("+embedding" if self.embedding else "")
+        """``name``, plus ``+embedding`` / ``+a8`` when the embeddings / the activations are quantized too."""
+        return self.name + ("+embedding" if self.embedding else "") + ("+a8" if self.int8_activations else "")
 
     @property
     def dir_tag(self) -> str:
-        """The tag as it appears in a default artifact directory name (``q4f16_1-emb``)."""
-        return self.name + ("-emb" if self.embedding else "")
+        """The tag as it appears in a default artifact directory name (``q4f16_1-emb-a8``)."""
+        return self.name + ("-emb" if self.embedding else "") + ("-a8" if self.int8_activations else "")
 
     @property
     def is_quantized(self) -> bool:
@@ -72,6 +95,7 @@ class Quantization:
         """What ``mpt-config.json`` records about the scheme."""
         return {"name": self.name, "tag": self.tag, "kind": self.kind, "bits": self.bits,
                 "model_dtype": self.model_dtype, "quantized": None, "embedding_quantized": False,
+                "activations": "int8 per group of 32 in the decode GEMVs" if self.int8_activations else self.model_dtype,
                 "embedding": f"{self.model_dtype}, like every weight"}
 
     def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:

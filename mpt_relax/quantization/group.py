@@ -54,7 +54,8 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
+from mpt_relax.kernels.cpu import int8_gemv
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
 
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
@@ -75,6 +76,9 @@ class GroupQuantization(Quantization):
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
+        if self.int8_activations and self.group_size != int8_gemv.GROUP:
+            raise QuantizationError(f"{self.name}: int8 activations need groups of {int8_gemv.GROUP}, "
+                                    f"not {self.group_size}")
 
     @property
     def is_quantized(self) -> bool:
@@ -303,9 +307,28 @@ class GroupQuantLinear(nn.Module):
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set)."""
+        if self.quantization.int8_activations and is_decoding():
+            return self._int8_forward(x)
         name = f"{DEQUANTIZE_PREFIX}{self.quantization.name}"
         w = nn.op.tensor_expr_op(self._dequantize, name, [self.q_weight, self.q_scale])
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def _int8_forward(self, x: nn.Tensor) -> nn.Tensor:
+        """Decode (one token per row of x): x quantized to int8 per group, integer dot products
+        (:mod:`mpt_relax.kernels.cpu.int8_gemv`; the target's fastest kernel is chosen when compiling)."""
+        q, k, n = self.quantization, self.in_features, self.out_features
+        rows = nn.op.reshape(x, (-1, k))
+        m = rows.shape[0]
+        groups = k // int8_gemv.GROUP
+        xq, xs, xc = nn.op.tensor_ir_op(
+            int8_gemv.quantize_activation(k, q.bits, x.dtype), "quantize_activation_int8", [rows],
+            [nn.Tensor.placeholder((m, k), "int8"), nn.Tensor.placeholder((m, groups), "float32"),
+             nn.Tensor.placeholder((m, groups), "float32")])
+        out_dtype = self.out_dtype or q.model_dtype
+        y = nn.op.tensor_ir_op(int8_gemv.int8_gemv(n, k, q.bits, out_dtype, q.model_dtype), f"int8_gemv_{q.name}",
+                               [xq, xs, xc, self.q_weight, self.q_scale], nn.Tensor.placeholder((m, n), out_dtype))
+        y = nn.op.reshape(y, (*x.shape[:-1], n))
         return y + self.bias if self.bias is not None else y
 
     def _dequantize(self, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:

@@ -28,6 +28,7 @@ from tvm.relax.frontend.nn import op
 
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.compile.kv_cache import ALiBiPagedKVCache
+from mpt_relax.quantization.base import decoding
 
 def _norm(x: nn.Tensor, weight: nn.Parameter, eps: float) -> nn.Tensor:
     """Low-precision LayerNorm of x [n, d] (no bias): statistics in fp32, output rounded to
@@ -202,7 +203,8 @@ class MPTForCausalLM(nn.Module):
 
     def batch_decode(self, ids: nn.Tensor, cache: ALiBiPagedKVCache) -> nn.Tensor:
         """ids [b], one new token for each of b sequences -> fp32 logits [b, V]."""
-        return self._logits(self.transformer(ids, cache))
+        with decoding():  # a scheme with int8 activations uses its decode kernels here
+            return self._logits(self.transformer(ids, cache))
 
     def export_spec(self) -> dict:
         """The ``export_tvm`` spec of the entry points create_paged_kv_cache, prefill, batch_decode."""

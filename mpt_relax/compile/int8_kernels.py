@@ -1,0 +1,63 @@
+"""Choose, per target, the kernel behind each int8-activation GEMV the model emitted.
+
+The model (:mod:`mpt_relax.quantization.group`, schemes built with ``int8_activations``) emits
+the portable ``generic`` kernel of :mod:`mpt_relax.kernels.cpu.int8_gemv`; this pass replaces
+it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bit
+``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
+numbers more slowly (e.g. ``--mcpu x86-64-v3``). The kernels are CPU code: a GPU target is
+refused with one line.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.target.codegen import target_has_features
+
+from mpt_relax.compile.targets import TargetError, TargetSpec
+from mpt_relax.kernels.cpu import int8_gemv
+from mpt_relax.quantization import Quantization
+
+
+def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
+    """Raise TargetError if ``q`` decodes on int8 activations and a target is not the CPU."""
+    gpus = [s.name for s in specs if s.name != "llvm"]
+    if q.int8_activations and gpus:
+        raise TargetError(f"int8 activations ({q.tag}) are CPU kernels; build {', '.join(gpus)} without "
+                          "--int8-activations (or target llvm only)")
+
+
+def best_isa(target: tvm.target.Target) -> str:
+    """The int8 GEMV kernel for ``target``: avx512vnni, avxvnni or generic."""
+    try:
+        if target_has_features(["avx512vnni", "avx512bw"], target):
+            return "avx512vnni"
+        if target_has_features("avxvnni", target):
+            return "avxvnni"
+    except Exception:  # pylint: disable=broad-except  # a non-x86 triple has neither
+        pass
+    return "generic"
+
+
+def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
+    """Module pass: every int8 GEMV gets :func:`best_isa`'s kernel for ``spec``'s target."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SelectInt8Kernels")
+    def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        isa = None
+        for gvar, func in list(mod.functions.items()):
+            info = func.attrs.get(int8_gemv.KERNEL_ATTR) if func.attrs is not None else None
+            if info is None:
+                continue
+            if spec.name != "llvm":
+                raise TargetError(f"{gvar.name_hint} is an int8-activation CPU kernel; target {spec.name} cannot run it "
+                                  "(build without --int8-activations)")
+            isa = isa or best_isa(spec.target)
+            kernel = int8_gemv.int8_gemv(int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
+                                         str(info["scale_dtype"]), isa)
+            for key, value in func.attrs.items():
+                if key != int8_gemv.KERNEL_ATTR:
+                    kernel = kernel.with_attr(key, value)
+            mod[gvar] = kernel
+        return mod
+
+    return _run

@@ -1,0 +1,198 @@
+"""Decode GEMV on int8 activations: ``y = x @ W^T`` with W group-quantized (q4f16_1, q8f16_1)
+and x quantized to int8 per group of 32 once per token, the products summed in integers.
+
+The math (``off`` = the codes' offset: 7 for int4, 127 for int8; ``g`` a group of 32 inputs)::
+
+    xs[m, g]   = max_k |x[m, k]| / 127                    (k in g; 0 for an all-zero group)
+    xq[m, k]   = clip(rint(x[m, k] / xs[m, g]), -127, 127)  int8
+    xc[m, g]   = xs[m, g] * off * sum_k xq[m, k]           the codes' offset, folded once per token
+    y[m, n]    = sum_g ws[n, g] * (xs[m, g] * sum_k code[n, k] * xq[m, k] - xc[m, g])
+
+``code`` is the stored unsigned code (``w / ws + off``), so ``code * xq`` is exactly the
+unsigned-by-signed byte product that ``vpdpbusd`` (AVX512-VNNI, AVX-VNNI) sums four at a time
+into int32 lanes: one instruction per 64 (or 32) weights, and one fp32 multiply-add per pair of
+groups. The only rounding beyond the exact path is x's: at most ``xs / 2`` per input.
+
+Two PrimFuncs per layer shape, both already scheduled (``tirx.is_scheduled``):
+
+- :func:`quantize_activation`: x [M, K] -> xq int8 [M, K], xs, xc float32 [M, K / 32]. For int4
+  weights each group's 32 values are stored evens first, then odds: the order in which a
+  vector of 16 code bytes yields its low nibbles, then its high ones.
+- :func:`int8_gemv`: (xq, xs, xc, q_weight, q_scale) -> y [M, N]. ``isa`` picks the kernel:
+  ``avx512vnni`` (512-bit vpdpbusd, two groups per instruction), ``avxvnni`` (256-bit, one
+  group) or ``generic`` (plain integer loops: the same numbers on any CPU, slower). The model
+  emits ``generic``; :func:`mpt_relax.compile.int8_kernels.select_int8_kernels` swaps in the
+  fastest the target has.
+
+Rows of W are processed ``ROWS`` at a time (independent accumulator chains, x loaded once per
+block), all M rows of x per block of W (so a weight byte is read once per call), blocks in
+parallel.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+GROUP = 32
+ROWS = 4
+KERNEL_ATTR = "mpt_relax.int8_gemv"  # func attr: {"bits", "in", "out", "isa"}; see compile.int8_kernels
+ISAS = ("avx512vnni", "avxvnni", "generic")
+# LLVM emits the 256-bit form as AVX-VNNI's VEX encoding where the target has no AVX512-VL
+_DOT = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
+_LANES = {"avx512vnni": 16, "avxvnni": 8}  # int32 lanes of one vpdpbusd
+
+
+def code_offset(bits: int) -> int:
+    """The offset stored codes carry: 7 (int4), 127 (int8)."""
+    return 2 ** (bits - 1) - 1
+
+
+def _position(i, bits: int):
+    """Where element ``i`` (0..31) of a group is stored in xq: int4 puts evens first, then odds."""
+    return i if bits == 8 else (i % 2) * 16 + i // 2
+
+
+def quantize_activation(in_features: int, bits: int, x_dtype: str) -> tirx.PrimFunc:
+    """PrimFunc (x [M, K] ``x_dtype``) -> (xq int8 [M, K], xs f32 [M, K/32], xc f32 [M, K/32])."""
+    K, G, off = in_features, in_features // GROUP, float(code_offset(bits))
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_h: T.handle, xq_h: T.handle, xs_h: T.handle, xc_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        x = T.match_buffer(x_h, (M, K), x_dtype)
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, G), "float32")
+        xc = T.match_buffer(xc_h, (M, G), "float32")
+        with T.sblock("root"):
+            amax = T.alloc_buffer((M, G), "float32")
+            total = T.alloc_buffer((M, G), "int32")
+            for m, g in T.grid(M, G):
+                amax[m, g] = T.float32(0)
+                for i in range(GROUP):
+                    amax[m, g] = T.max(amax[m, g], T.fabs(T.Cast("float32", x[m, g * GROUP + i])))
+                total[m, g] = 0
+                for i in range(GROUP):
+                    q = T.max(T.min(T.nearbyint(T.Cast("float32", x[m, g * GROUP + i])
+                                                * T.if_then_else(amax[m, g] > T.float32(0), T.float32(127) / amax[m, g],
+                                                                 T.float32(0))), T.float32(127)), T.float32(-127))
+                    xq[m, g * GROUP + _position(i, bits)] = T.Cast("int8", q)
+                    total[m, g] = total[m, g] + T.Cast("int32", q)
+                xs[m, g] = amax[m, g] / T.float32(127)
+                xc[m, g] = xs[m, g] * T.float32(off) * T.Cast("float32", total[m, g])
+
+    return func
+
+
+def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, scale_dtype: str = "float16",
+              isa: str = "generic") -> tirx.PrimFunc:
+    """PrimFunc (xq, xs, xc as :func:`quantize_activation` gives them, q_weight uint32 [N, K*bits/32],
+    q_scale ``scale_dtype`` [N, K/32]) -> y [M, N] ``out_dtype``; see the module docstring."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown int8 GEMV kernel {isa!r}; one of {ISAS}")
+    N, K = out_features, in_features
+    G, words = K // GROUP, K * bits // 32
+    rows = ROWS if N % ROWS == 0 else 1
+    if isa == "generic":
+        func = _generic(N, K, G, words, bits, rows, out_dtype, scale_dtype)
+    else:
+        lanes = _LANES[isa] if G % 2 == 0 else 8  # two groups per 512-bit vector need an even count
+        func = _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, _DOT[lanes])
+    return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": K, "out": N, "out_dtype": out_dtype,
+                                        "scale_dtype": scale_dtype, "isa": isa})
+
+
+def _generic(N, K, G, words, bits, rows, out_dtype, scale_dtype):
+    per_word, mask = 32 // bits, (1 << bits) - 1
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, xc_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, G), "float32")
+        xc = T.match_buffer(xc_h, (M, G), "float32")
+        qw = T.match_buffer(qw_h, (N, words), "uint32")
+        qs = T.match_buffer(qs_h, (N, G), scale_dtype)
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            dot = T.alloc_buffer((N,), "int32")
+            acc = T.alloc_buffer((N,), "float32")
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n] = T.float32(0)
+                    for g in range(G):
+                        dot[n] = 0
+                        for i in range(GROUP):
+                            k = g * GROUP + i
+                            code = (qw[n, k // per_word] >> T.Cast("uint32", k % per_word * bits)) & T.uint32(mask)
+                            dot[n] = dot[n] + T.Cast("int32", code) * T.Cast("int32", xq[m, g * GROUP + _position(i, bits)])
+                        acc[n] = acc[n] + T.Cast("float32", qs[n, g]) * (xs[m, g] * T.Cast("float32", dot[n]) - xc[m, g])
+                    y[m, n] = T.Cast(out_dtype, acc[n])
+
+    return func
+
+
+def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
+    """vpdpbusd over ``lanes`` int32 lanes = ``lanes // 8`` groups per instruction."""
+    gpv = lanes // 8  # groups per vector
+    steps = G // gpv
+    wpv = gpv * 32 * bits // 32  # uint32 words of codes per vector
+    i8, i32, f32 = f"int8x{4 * lanes}", f"int32x{lanes}", f"float32x{lanes}"
+    all_lanes = list(range(lanes))
+    nib = T.uint32(0x0F0F0F0F)
+    # int4: [lo nibbles of group 0 | hi of group 0 | lo of group 1 | hi of group 1] as words
+    half = wpv // gpv  # words per group (4)
+    q4_order = [w for grp in range(gpv) for w in
+                [*range(grp * half, grp * half + half), *range(wpv + grp * half, wpv + grp * half + half)]]
+
+    def codes(qw, n, c):
+        if bits == 8:
+            return T.reinterpret(qw[n, T.ramp(c * wpv, 1, wpv)], dtype=i8)
+        packed = qw[n, T.ramp(c * wpv, 1, wpv)]
+        lo, hi = packed & T.broadcast(nib, wpv), (packed >> T.broadcast(T.uint32(4), wpv)) & T.broadcast(nib, wpv)
+        return T.reinterpret(T.Shuffle([lo, hi], q4_order), dtype=i8)
+
+    def scales(qs, xs, n, m, c):
+        first = T.Cast("float32", qs[n, c * gpv]) * xs[m, c * gpv]
+        if gpv == 1:
+            return T.broadcast(first, lanes)
+        second = T.Cast("float32", qs[n, c * gpv + 1]) * xs[m, c * gpv + 1]
+        return T.Shuffle([T.broadcast(first, 8), T.broadcast(second, 8)], all_lanes)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, xc_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, G), "float32")
+        xc = T.match_buffer(xc_h, (M, G), "float32")
+        qw = T.match_buffer(qw_h, (N, words), "uint32")
+        qs = T.match_buffer(qs_h, (N, G), scale_dtype)
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            acc = T.alloc_buffer((N, lanes), "float32")
+            cor = T.alloc_buffer((N,), "float32")
+            for nb in T.parallel(N // rows):
+                for m in range(M):
+                    for r in T.unroll(rows):
+                        acc[nb * rows + r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        cor[nb * rows + r] = T.float32(0)
+                    for c in range(steps):
+                        for r in T.unroll(rows):
+                            dot = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(intrinsic), T.broadcast(T.int32(0), lanes),
+                                codes(qw, nb * rows + r, c), T.reinterpret(xq[m, T.ramp(c * lanes * 4, 1, lanes * 4)], dtype=i8),
+                                dtype=i32)
+                            acc[nb * rows + r, T.ramp(0, 1, lanes)] = (acc[nb * rows + r, T.ramp(0, 1, lanes)]
+                                                                       + T.Cast(f32, dot) * scales(qs, xs, nb * rows + r, m, c))
+                            for h in range(gpv):
+                                cor[nb * rows + r] = (cor[nb * rows + r]
+                                                      + T.Cast("float32", qs[nb * rows + r, c * gpv + h]) * xc[m, c * gpv + h])
+                    for r in T.unroll(rows):
+                        for lane in range(lanes):
+                            cor[nb * rows + r] = cor[nb * rows + r] - acc[nb * rows + r, lane]
+                        y[m, nb * rows + r] = T.Cast(out_dtype, T.float32(0) - cor[nb * rows + r])
+
+    return func
