@@ -7,7 +7,7 @@
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax serve --artifact DIR [--port 8000]       # OpenAI-compatible HTTP server
     python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
-    python -m mpt_relax perplexity --artifact DIR --text FILE [--context N --stride S] [--compare-hf] [--json]
+    python -m mpt_relax perplexity --artifact DIR --text FILE [--context N --stride S] [--decode] [--compare-hf] [--json]
 
 Errors print one line ``error: ...`` on stderr and exit with status 1 (2 for a usage mistake,
 130 on Ctrl-C, 143 on SIGTERM); ``--verbose`` or MPT_RELAX_DEBUG=1 also prints the traceback
@@ -176,7 +176,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         from mpt_relax.tools import perplexity
 
     report = perplexity.run(args.artifact, args.text, context=args.context, stride=args.stride,
-                            compare_hf=args.compare_hf, hf_model=args.hf_model, device=args.device)
+                            compare_hf=args.compare_hf, hf_model=args.hf_model, device=args.device,
+                            decode=args.decode)
     print(json.dumps(report, indent=2) if args.json else perplexity.format_report(report))
     return 0
 
@@ -325,6 +326,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tokens between window starts, 1..context (default: context / 2)")
     p.add_argument("--compare-hf", action="store_true", help="also score with transformers' MptForCausalLM (fp32, CPU)")
     p.add_argument("--hf-model", help="HF checkpoint for --compare-hf (default: the artifact's recorded source)")
+    p.add_argument("--decode", action="store_true",
+                   help="score each token from a one-token decode step after prefilling the history "
+                        "(measures the decode kernels, e.g. --int8-activations; default: one prefill per window)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_perplexity)
 

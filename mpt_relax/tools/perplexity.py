@@ -12,6 +12,10 @@ more history per token at more compute. Perplexity is ``exp(mean negative log-li
 over the scored tokens, with the log-softmax taken in float64 on the host from each runtime's
 float32 logits.
 
+``--decode`` scores each window the way generation computes logits: the unscored history is
+prefilled, then every scored token comes from a one-token decode step (teacher-forced). This
+measures the decode kernels, e.g. a build with ``--int8-activations``, whose prefill is exact.
+
 ``--compare-hf`` loads transformers' ``MptForCausalLM`` from the checkpoint the artifact was
 built from (``source`` in mpt-config.json, or ``--hf-model``) in fp32 on the CPU and scores the
 same windows of the same token ids in the same run.
@@ -34,7 +38,7 @@ from mpt_relax.errors import MPTRelaxError
 from mpt_relax.io.artifact import param_records, read_config
 from mpt_relax.runtime.engine import Engine
 
-LogitsFn = Callable[[list[int]], np.ndarray]
+LogitsFn = Callable[[list[int], int], np.ndarray]  # (window ids, scored) -> logits [len(window), vocab]
 
 
 class PerplexityError(MPTRelaxError):
@@ -68,7 +72,8 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def score(logits_fn: LogitsFn, ids: list[int], context: int, stride: int) -> dict[str, Any]:
-    """Sliding-window perplexity of ``ids`` with ``logits_fn(window_ids) -> float32 [n, vocab]``."""
+    """Sliding-window perplexity of ``ids`` with ``logits_fn(window_ids, scored) -> float32 [n, vocab]``
+    (only the rows before the last ``scored`` tokens are read)."""
     if len(ids) < 2:
         raise PerplexityError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     total, scored, forwarded = 0.0, 0, 0
@@ -76,7 +81,7 @@ def score(logits_fn: LogitsFn, ids: list[int], context: int, stride: int) -> dic
     t0 = time.perf_counter()
     for start, end, new in plan:
         window = ids[start:end]
-        logits = np.asarray(logits_fn(window))
+        logits = np.asarray(logits_fn(window, new))
         nll = token_nll(logits[-new - 1:-1], np.asarray(window[-new:]))
         total += float(nll.sum())
         scored += new
@@ -109,9 +114,32 @@ def hf_logits_fn(hf_dir: str | Path) -> LogitsFn:
 
     model = MptForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
-    def fn(ids: list[int]) -> np.ndarray:
+    def fn(ids: list[int], scored: int) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+    return fn
+
+
+def prefill_logits_fn(eng: Engine) -> LogitsFn:
+    """Logits of every position from one prefill of the window (a fresh sequence per call)."""
+    return lambda ids, scored: eng.logits(ids)
+
+
+def decode_logits_fn(eng: Engine) -> LogitsFn:
+    """The history prefilled, then each scored token's logits from a one-token decode step."""
+
+    def fn(ids: list[int], scored: int) -> np.ndarray:
+        history = len(ids) - scored
+        out = np.full((len(ids), eng.vocab_size), np.nan, np.float32)
+        seq = eng.add_sequence()
+        try:
+            out[history - 1] = eng.forward([seq], [ids[:history]])[0]
+            for pos in range(history, len(ids) - 1):
+                out[pos] = eng.forward([seq], [ids[pos : pos + 1]])[0]
+        finally:
+            eng.remove_sequence(seq)
+        return out
 
     return fn
 
@@ -127,8 +155,10 @@ def read_text(path: str | Path) -> str:
 
 
 def run(artifact: str | Path, text_file: str | Path, *, context: int | None = None, stride: int | None = None,
-        compare_hf: bool = False, hf_model: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
+        compare_hf: bool = False, hf_model: str | Path | None = None, device: str = "auto",
+        decode: bool = False) -> dict[str, Any]:
     """Score ``text_file`` with the artifact (and HF with ``compare_hf``); the report as a dict.
+    ``decode``: the scored tokens' logits come from decode steps (see the module docstring).
 
     ``context`` defaults to the artifact's context window, ``stride`` to half the context.
     """
@@ -154,8 +184,9 @@ def run(artifact: str | Path, text_file: str | Path, *, context: int | None = No
         "artifact": str(artifact), "model": meta["model_name"],
         "quantization": meta["quantization"].get("tag", meta["quantization"]["name"]),
         "device": str(eng.device), "text": str(text_file), "characters": len(text), "tokens": len(ids),
-        "context": context, "stride": stride, **weight_bytes(artifact),
-        "mpt_relax": score(eng.logits, ids, context, stride), "hf": None, "relative_difference": None,
+        "context": context, "stride": stride, "logits_from": "decode" if decode else "prefill", **weight_bytes(artifact),
+        "mpt_relax": score((decode_logits_fn if decode else prefill_logits_fn)(eng), ids, context, stride),
+        "hf": None, "relative_difference": None,
     }
     if compare_hf:
         report["hf_model"] = str(hf_model)
@@ -168,7 +199,8 @@ def format_report(report: dict[str, Any]) -> str:
     ours, hf = report["mpt_relax"], report["hf"]
     lines = [f"{report['model']} ({report['quantization']}, {report['bytes_per_weight']:.3f} bytes/weight) on "
              f"{report['device']}: {report['text']}, {report['tokens']} tokens, context {report['context']}, "
-             f"stride {report['stride']}, {ours['scored_tokens']} scored in {ours['windows']} windows",
+             f"stride {report['stride']}, {ours['scored_tokens']} scored in {ours['windows']} windows "
+             f"(logits from {report['logits_from']})",
              f"mpt_relax perplexity {ours['perplexity']:.4f} ({ours['tokens_per_s']:.0f} tokens/s)"]
     if hf:
         lines.append(f"HF fp32    perplexity {hf['perplexity']:.4f} ({hf['tokens_per_s']:.0f} tokens/s); "

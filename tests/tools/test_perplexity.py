@@ -63,7 +63,7 @@ def test_score_matches_a_direct_computation():
     rng = np.random.default_rng(0)
     table = rng.standard_normal((50, 50)).astype(np.float32)  # a bigram "model": logits depend on the last id
     ids = rng.integers(0, 50, 300).tolist()
-    out = score(lambda w: table[np.asarray(w)], ids, context=64, stride=16)
+    out = score(lambda w, scored: table[np.asarray(w)], ids, context=64, stride=16)
     logp = table - np.log(np.exp(table.astype(np.float64)).sum(1, keepdims=True))
     expected = -np.mean([logp[a, b] for a, b in zip(ids[:-1], ids[1:])])
     assert out["scored_tokens"] == 299 and out["mean_nll"] == pytest.approx(expected, rel=1e-12)
@@ -121,3 +121,18 @@ def test_errors_derive_from_the_package_base():
     assert issubclass(PerplexityError, MPTRelaxError)
     with pytest.raises(PerplexityError):
         windows(10, 1, 1)
+
+
+def test_decode_scoring_and_int8_activations(artifacts, text_file, tmp_path):
+    """--decode scores each token from a decode step: the same perplexity as one prefill per
+    window on the exact path; int8 activations (decode only) within +1 % of it."""
+    exact = artifacts["q4f16_1"]
+    a8 = mpt_relax.build(TRAINED, target="llvm", quantization="q4f16_1", int8_activations=True,
+                         output=tmp_path / "a8", quiet=True)
+    prefilled = perplexity.run(exact, text_file, context=128, stride=64, device="cpu")["mpt_relax"]["perplexity"]
+    decoded = perplexity.run(exact, text_file, context=128, stride=64, device="cpu", decode=True)
+    assert decoded["logits_from"] == "decode"
+    assert decoded["mpt_relax"]["perplexity"] == pytest.approx(prefilled, rel=1e-4)
+    int8 = perplexity.run(a8, text_file, context=128, stride=64, device="cpu", decode=True)
+    assert int8["quantization"] == "q4f16_1+a8"
+    assert 0 < abs(int8["mpt_relax"]["perplexity"] / prefilled - 1) < 0.01, int8
