@@ -43,14 +43,17 @@ class GGUFQuantization(Quantization):
     def is_quantized(self) -> bool:
         return True
 
-    def bind(self, types: dict[str, str], sizes: dict[str, int]) -> GGUFQuantization:
+    def bind(self, types: dict[str, str], sizes: dict[str, int], sources: dict[str, str] | None = None
+             ) -> GGUFQuantization:
         """The scheme for one file: ``types`` float parameter name -> GGML type of each 2-D
-        weight, ``sizes`` name -> element count (for the mean bits per weight)."""
+        weight, ``sizes`` name -> element count (for the mean bits per weight), ``sources``
+        name -> the file's tensor name (for the error naming an unsupported type)."""
         for name, type_name in types.items():
             if type_name not in BLOCK_TYPES:
                 raise QuantizationError(
-                    f"tensor {name} has GGML type {type_name}, which the gguf scheme cannot keep (supported: "
-                    f"{', '.join(BLOCK_TYPES)}); build with --quantization q4f16_1 / q0f16 if gguf can dequantize it")
+                    f"tensor {(sources or {}).get(name, name)} has GGML type {type_name}, which the gguf scheme "
+                    f"cannot keep (supported: "
+                    f"{', '.join(BLOCK_TYPES)}); or build with --quantization q4f16_1 / q0f16 (dequantized on load)")
         total = sum(sizes[n] for n in types) or 1
         bits = sum(BLOCK_TYPES[t].bits_per_weight * sizes[n] for n, t in types.items()) / total
         return dataclasses.replace(self, bits=round(bits), types=tuple(sorted(types.items())))

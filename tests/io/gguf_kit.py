@@ -47,7 +47,11 @@ def encode(values: np.ndarray, type_name: str, seed: int = 0) -> np.ndarray:
         return values.astype(np.float16)
     if type_name in _K_SCALES:
         return _random_k_blocks(values, type_name, seed)
-    return gguf.quants.quantize(values, T[type_name])
+    try:
+        return gguf.quants.quantize(values, T[type_name])
+    except NotImplementedError:  # a type the package cannot encode: all-zero blocks
+        block, size = gguf.GGML_QUANT_SIZES[T[type_name]]
+        return np.zeros((values.shape[0], values.shape[1] // block * size), np.uint8)
 
 
 def _random_k_blocks(values: np.ndarray, type_name: str, seed: int) -> np.ndarray:
@@ -69,7 +73,7 @@ def _random_k_blocks(values: np.ndarray, type_name: str, seed: int) -> np.ndarra
 
 def write_gguf(path: Path, model: MptForCausalLM, type_of: Callable[[str], str] = lambda name: "F32", *,
                meta: dict | None = None, tokenizer: Path | None = TINY_MPT / "tokenizer.json",
-               name: str = "tiny-mpt") -> dict[str, torch.Tensor]:
+               name: str = "tiny-mpt", arch: str = "mpt") -> dict[str, torch.Tensor]:
     """Write ``model`` as a GGUF file at ``path``; ``meta`` overrides ``mpt.*`` / other keys
     (None drops one). Returns the float32 HF state dict of the values the file stores."""
     cfg: MptConfig = model.config
@@ -78,7 +82,7 @@ def write_gguf(path: Path, model: MptForCausalLM, type_of: Callable[[str], str] 
             "mpt.attention.head_count": cfg.n_heads, "mpt.attention.layer_norm_epsilon": cfg.layer_norm_epsilon,
             "mpt.attention.max_alibi_bias": float(cfg.attn_config.alibi_bias_max)}
     keys.update(meta or {})
-    writer = gguf.GGUFWriter(str(path), "mpt")
+    writer = gguf.GGUFWriter(str(path), arch)
     for key, value in keys.items():
         if isinstance(value, str):
             writer.add_string(key, value)
@@ -98,12 +102,15 @@ def write_gguf(path: Path, model: MptForCausalLM, type_of: Callable[[str], str] 
         type_name = type_of(gname) if values.ndim == 2 else "F32"
         data = encode(values, type_name, seed=len(stored))
         writer.add_tensor(gname, data, raw_dtype=None if type_name in ("F32", "F16") else T[type_name])
-        stored[hf_name] = torch.from_numpy(gguf.quants.dequantize(data, T[type_name]).reshape(values.shape).copy())
+        try:
+            stored[hf_name] = torch.from_numpy(gguf.quants.dequantize(data, T[type_name]).reshape(values.shape).copy())
+        except NotImplementedError:  # a type the package cannot decode either: no oracle values
+            pass
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "transformer.wte.weight" in stored:
         stored["lm_head.weight"] = stored["transformer.wte.weight"]
     return stored
 

@@ -28,7 +28,8 @@ def bind(q: Quantization, gguf: GGUFFile) -> Quantization:
     model = MPTForCausalLM(gguf.config(), q.model_dtype)
     weights = {name: gguf.tensors[gguf_name(name)] for name, p in model.named_parameters()
                if len(p.shape) == 2 and gguf_name(name) in gguf.tensors}
-    return q.bind({n: t.type_name for n, t in weights.items()}, {n: int(np.prod(t.shape)) for n, t in weights.items()})
+    return q.bind({n: t.type_name for n, t in weights.items()}, {n: int(np.prod(t.shape)) for n, t in weights.items()},
+                  {n: t.name for n, t in weights.items()})
 
 
 def stream_gguf(gguf: GGUFFile, rules: dict[str, WeightRule], q: Quantization) -> Iterator[tuple[str, np.ndarray]]:
