@@ -1,4 +1,4 @@
-"""``mpt_relax.build``: checkpoint (or preset) -> compiled artifact directory.
+"""``mpt_relax.build``: checkpoint directory, GGUF file (or preset) -> compiled artifact directory.
 
 Stages: resolve the model, export the Relax IRModule, compile per target, stream the weights
 into shards, write ``mpt-config.json`` and the tokenizer; all into a temp directory that
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tvm
 from tqdm import tqdm
@@ -58,7 +58,7 @@ def resolve_model(model: str | Path, *, max_seq_len: int | None = None, dist_roo
     path = Path(model)
     if path.is_dir():
         return _from_dir(path, max_seq_len)
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         return _from_gguf(path, max_seq_len)
     if path.suffix or len(path.parts) > 1:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -95,7 +95,8 @@ def _from_gguf(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(_base_name(path.stem), cfg, None, gguf)
 
 
-def quantized_model(config: MPTConfig, q: Quantization, naming=None) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
+def quantized_model(config: MPTConfig, q: Quantization, naming: Callable[[str], str] | None = None
+                    ) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
     """The model to export (built once, its layers quantized by ``q``) and the weight rules of its
     float parameters, named before the quantizer replaces them (by ``naming``, see ``weight_rules``)."""
     model = MPTForCausalLM(config, q.model_dtype)

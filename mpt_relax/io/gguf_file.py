@@ -87,20 +87,20 @@ class GGUFFile:
         try:
             self.fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
         except (ValueError, IndexError, UnicodeDecodeError) as err:
-            raise self.error(f"has unreadable metadata ({type(err).__name__}: {err})") from None
+            raise self._error(f"has unreadable metadata ({type(err).__name__}: {err})") from None
         self.tensors = {t.name: self._tensor(t, reader) for t in reader.tensors}
 
-    def error(self, what: str) -> GGUFError:
+    def _error(self, what: str) -> GGUFError:
         return GGUFError(f"GGUF file {self.path} {what}")
 
     def _tensor(self, t, reader) -> GGUFTensor:
         size = self.path.stat().st_size
         start, nbytes = int(t.data_offset), int(t.n_bytes)
         if (start - reader.data_offset) % self.alignment:
-            raise self.error(f"is corrupt: tensor {t.name} starts at byte {start}, off the {self.alignment}-byte "
+            raise self._error(f"is corrupt: tensor {t.name} starts at byte {start}, off the {self.alignment}-byte "
                              "alignment; re-convert it")
         if start + nbytes > size or t.data.nbytes != nbytes:
-            raise self.error(f"is truncated: tensor {t.name} needs bytes {start}..{start + nbytes} of {size}; "
+            raise self._error(f"is truncated: tensor {t.name} needs bytes {start}..{start + nbytes} of {size}; "
                              "re-download or re-convert it")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         return GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
@@ -110,21 +110,21 @@ class GGUFFile:
         """The MPTConfig the metadata and the tensor list describe; GGUFError naming the key otherwise."""
         arch = self.fields.get("general.architecture")
         if arch != _ARCH:
-            raise self.error(f"holds architecture {arch!r}, not {_ARCH!r}; only MPT models can be built")
+            raise self._error(f"holds architecture {arch!r}, not {_ARCH!r}; only MPT models can be built")
         kwargs: dict[str, Any] = {}
         for field, (key, integer) in _CONFIG_KEYS.items():
             key = f"{_ARCH}.{key}"
             if key not in self.fields:
                 if field in _REQUIRED:
-                    raise self.error(f"lacks the metadata key {key}; re-convert it with llama.cpp's converter")
+                    raise self._error(f"lacks the metadata key {key}; re-convert it with llama.cpp's converter")
                 continue
             value = self.fields[key]
             if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-                raise self.error(f"has {key} = {value!r}, not {'an integer' if integer else 'a number'}")
-            kwargs[field] = value if integer else float(value)
+                raise self._error(f"has {key} = {value!r}, not {'an integer' if integer else 'a number'}")
+            kwargs[field] = value if integer else float(str(np.float32(value)))  # 1e-5, not float32's 9.99999974e-06
         embd = self.tensors.get("token_embd.weight")
         if embd is None or len(embd.shape) != 2:
-            raise self.error("has no 2-D token_embd.weight tensor; it is not a complete MPT")
+            raise self._error("has no 2-D token_embd.weight tensor; it is not a complete MPT")
         kwargs["vocab_size"] = embd.shape[0]
         kwargs["tie_word_embeddings"] = "output.weight" not in self.tensors
         kwargs["no_bias"] = "blk.0.attn_qkv.bias" not in self.tensors
@@ -135,7 +135,7 @@ class GGUFFile:
         try:
             return MPTConfig(**kwargs)
         except ConfigError as err:
-            raise self.error(f"has metadata that cannot describe an MPT: {err}") from None
+            raise self._error(f"has metadata that cannot describe an MPT: {err}") from None
 
     @property
     def name(self) -> str:
@@ -154,15 +154,15 @@ class GGUFFile:
             return []
         model = self.fields.get("tokenizer.ggml.model")
         if model != "gpt2":
-            raise self.error(f"has tokenizer model {model!r}; only byte-level BPE ('gpt2', as MPT uses) is supported")
+            raise self._error(f"has tokenizer model {model!r}; only byte-level BPE ('gpt2', as MPT uses) is supported")
         merges = self.fields.get("tokenizer.ggml.merges", [])
         types = self.fields.get("tokenizer.ggml.token_type", [])
         if not (_strings(tokens) and _strings(merges) and isinstance(types, list) and len(types) in (0, len(tokens))):
-            raise self.error("has malformed tokenizer.ggml.tokens / merges / token_type lists; re-convert it")
+            raise self._error("has malformed tokenizer.ggml.tokens / merges / token_type lists; re-convert it")
         try:
             tokenizer = tokenizer_from_vocab(tokens, merges, types)
         except Exception as err:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
-            raise self.error(f"has a vocabulary the tokenizers library refuses ({str(err).splitlines()[0]})") from None
+            raise self._error(f"has a vocabulary the tokenizers library refuses ({str(err).splitlines()[0]})") from None
         tokenizer.save(str(out_dir / "tokenizer.json"))
         ids = {role: self.fields.get(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos", "unknown", "padding")}
         specials = special_tokens(tokens, ids)

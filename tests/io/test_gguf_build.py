@@ -85,6 +85,9 @@ def test_gguf_scheme_matches_hf_on_the_files_values(family, tmp_path):
     print(f"gguf {'/'.join(family)}: logits vs HF on the file's values {err:.2e}")
     assert err < 2e-2
     assert our_greedy(eng, IDS, 12) == hf_greedy(ref, IDS, 12)
+    assert meta["tokenizer_files"] == ["tokenizer.json", "special_tokens_map.json"]
+    reply = eng.generate("def read_config(path):", max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    assert len(reply.token_ids) == 6 and isinstance(reply.text, str)
 
 
 def _requantized(model, scheme: str):

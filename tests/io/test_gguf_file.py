@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import pytest
 from tokenizers import Tokenizer
 
@@ -44,7 +45,7 @@ def test_config_and_tensors_come_from_the_metadata(tiny_gguf):
     assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.vocab_size, cfg.max_seq_len, cfg.ffn_hidden_size) == (
         256, 4, 4, 4096, 512, 1024)
     assert cfg.tie_word_embeddings and cfg.no_bias and cfg.alibi and cfg.clip_qkv is None
-    assert abs(cfg.layer_norm_epsilon - 1e-5) < 1e-9 and cfg.alibi_bias_max == 8.0
+    assert cfg.layer_norm_epsilon == 1e-5 and cfg.alibi_bias_max == 8.0  # float32 in the file, read as written
     qkv = f.tensors["blk.0.attn_qkv.weight"]
     assert (qkv.type_name, qkv.shape, qkv.raw.dtype.name, qkv.raw.shape) == ("Q8_0", (768, 256), "uint8", (768, 272))
     assert f.tensors["blk.0.attn_norm.weight"].shape == (256,) and f.name == "tiny-mpt"
@@ -166,3 +167,16 @@ def test_gguf_scheme_needs_a_gguf_file(tmp_path):
     with pytest.raises(QuantizationError) as err:
         _build(TINY_MPT, tmp_path, quantization="gguf", quantize_embedding=True)
     _one_line(err, "drop --quantize-embedding")
+
+
+@pytest.mark.parametrize("shift, words", [(1, ["off the 32-byte alignment"]), (1 << 40, ["truncated"])],
+                         ids=["misaligned", "past-the-end"])
+def test_tensor_offsets_are_checked(tiny_gguf, tmp_path, shift, words):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny_gguf.read_bytes())
+    offset = gguf.GGUFReader(bad, "r+").tensors[0].field.parts[5]  # the first tensor's data offset, mapped
+    offset[0] += shift
+    offset.base.flush()
+    with pytest.raises(GGUFError) as err:
+        GGUFFile(bad)
+    _one_line(err, *words)
