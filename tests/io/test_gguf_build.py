@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 import mpt_relax
-from factory import hf_greedy, hf_logits, our_greedy, rel_err
+from factory import hf_greedy, hf_logits, hf_model, our_greedy, rel_err
 from gguf_kit import encode, oracle, tiny_mpt, write_gguf
 from mpt_relax.quantization import dequantize_weight, fuse_dequantize_matmul, get_quantization, quantize_weight
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES
@@ -116,3 +116,17 @@ def test_our_schemes_from_a_gguf_file(scheme, tol, tmp_path):
     print(f"{scheme} from a Q8_0 file: logits vs HF {err:.2e}")
     assert err < tol
     assert our_greedy(eng, IDS, 8) == hf_greedy(ref, IDS, 8)
+
+
+def test_untied_head_and_clamp_kqv(tmp_path):
+    model = hf_model(seed=1, tie_word_embeddings=False, attn_config={"clip_qkv": 0.5})
+    stored = write_gguf(tmp_path / "m.gguf", model, lambda name: "Q4_1" if name == "output.weight" else "Q8_0",
+                        meta={"mpt.attention.clamp_kqv": 0.5}, tokenizer=None)
+    art = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "art", quiet=True)
+    cfg = json.loads((art / "mpt-config.json").read_text())["model_config"]
+    assert cfg["clip_qkv"] == 0.5 and not cfg["tie_word_embeddings"]
+    eng = mpt_relax.Engine(art, device="cpu")
+    ids = [i % 256 for i in IDS[:16]]
+    ref = oracle(model, stored)
+    assert rel_err(eng.logits(ids), hf_logits(ref, ids)) < 2e-2
+    assert our_greedy(eng, ids, 8) == hf_greedy(ref, ids, 8)
