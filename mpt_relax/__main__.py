@@ -240,10 +240,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compile a checkpoint (or a preset's shapes) into dist/<model>-<quant>/")
     _add_verbose(p)
-    p.add_argument("--model", required=True, help="preset name (looked up under DIST/models/) or checkpoint directory")
+    p.add_argument("--model", required=True,
+                   help="preset name (looked up under DIST/models/), checkpoint directory or .gguf file")
     p.add_argument("--target", nargs="+", default=[defaults.TARGET], choices=TARGET_NAMES, help="one library each")
-    p.add_argument("--quantization", default=defaults.QUANTIZATION,
-                   help=f"q0f32, q0f16, q4f16_1 or q8f16_1 (default {defaults.QUANTIZATION})")
+    p.add_argument("--quantization",
+                   help=f"q0f32, q0f16, q4f16_1 or q8f16_1 (default {defaults.QUANTIZATION}); gguf for a .gguf "
+                   "model (its default): every weight kept in the file's own type")
     p.add_argument("--quantize-embedding", action="store_true",
                    help="q4f16_1/q8f16_1: quantize the token embedding (the tied LM head) too (default: kept fp16)")
     p.add_argument("--int8-activations", action="store_true",

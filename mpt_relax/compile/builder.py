@@ -1,4 +1,4 @@
-"""``mpt_relax.build``: checkpoint (or preset) -> compiled artifact directory.
+"""``mpt_relax.build``: checkpoint directory, GGUF file (or preset) -> compiled artifact directory.
 
 Stages: resolve the model, export the Relax IRModule, compile per target, stream the weights
 into shards, write ``mpt-config.json`` and the tokenizer; all into a temp directory that
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tvm
 from tqdm import tqdm
@@ -23,32 +23,43 @@ from mpt_relax.io import artifact, staging
 from mpt_relax import defaults
 from mpt_relax.compile import cuda_kernels, int8_kernels, pipeline, targets
 from mpt_relax.io.checkpoint import CheckpointError, weight_files
+from mpt_relax.io.gguf_file import GGUFFile
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
 from mpt_relax.models.mpt.model import MPTForCausalLM
 from mpt_relax.quantization import Quantization, get_quantization
-from mpt_relax.models.mpt.loader import WeightRule, stream_params, weight_rules
+from mpt_relax.models.mpt.loader import WeightRule, gguf_name, stream_params, weight_rules
+from mpt_relax.models.mpt import gguf_loader
 
 VERSION = "0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """What to build: a name, its config, and where its weights/tokenizer live (if anywhere)."""
+    """What to build: a name, its config, and where its weights/tokenizer live (if anywhere):
+    a checkpoint directory, or one GGUF file."""
 
     name: str
     config: MPTConfig
     weights_dir: Path | None
+    gguf: GGUFFile | None = None
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The checkpoint directory or the GGUF file; None for a preset without weights."""
+        return self.gguf.path if self.gguf is not None else self.weights_dir
 
 
 def resolve_model(model: str | Path, *, max_seq_len: int | None = None, dist_root: str | Path = "dist") -> ModelSource:
-    """A checkpoint directory, or a preset name looked up under ``<dist_root>/models/``.
+    """A checkpoint directory, a ``.gguf`` file, or a preset name looked up under ``<dist_root>/models/``.
 
     A preset without a local checkpoint resolves to its config alone (``weights_dir`` None).
     """
     path = Path(model)
     if path.is_dir():
         return _from_dir(path, max_seq_len)
+    if path.suffix.lower() == ".gguf":
+        return _from_gguf(path, max_seq_len)
     if path.suffix or len(path.parts) > 1:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     models = Path(dist_root) / "models"
@@ -74,11 +85,22 @@ def _from_dir(path: Path, max_seq_len: int | None) -> ModelSource:
     return ModelSource(name, cfg, path)
 
 
-def quantized_model(config: MPTConfig, q: Quantization) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
+def _from_gguf(path: Path, max_seq_len: int | None) -> ModelSource:
+    gguf = GGUFFile(path)
+    cfg = gguf.config()
+    if template_for(gguf.name):
+        cfg = cfg.replace(prompt_template=template_for(gguf.name))
+    if max_seq_len is not None:
+        cfg = cfg.replace(max_seq_len=max_seq_len)
+    return ModelSource(_base_name(path.stem), cfg, None, gguf)
+
+
+def quantized_model(config: MPTConfig, q: Quantization, naming: Callable[[str], str] | None = None
+                    ) -> tuple[MPTForCausalLM, dict[str, WeightRule]]:
     """The model to export (built once, its layers quantized by ``q``) and the weight rules of its
-    float parameters, named before the quantizer replaces them."""
+    float parameters, named before the quantizer replaces them (by ``naming``, see ``weight_rules``)."""
     model = MPTForCausalLM(config, q.model_dtype)
-    rules = weight_rules(model, q)
+    rules = weight_rules(model, q, naming)
     return q.quantize_model(model), rules
 
 
@@ -108,8 +130,8 @@ def export_irmodule(
 
 def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
     files = []
-    if src.weights_dir is not None:
-        for f in sorted(p for p in src.weights_dir.iterdir() if p.is_file()):
+    if src.weights_path is not None:
+        for f in [src.gguf.path] if src.gguf is not None else sorted(p for p in src.weights_dir.iterdir() if p.is_file()):
             st = f.stat()
             files.append([f.name, st.st_size, st.st_mtime_ns])
     blob = json.dumps([VERSION, src.config.to_dict(), quantization, page_size, files], sort_keys=True)
@@ -124,7 +146,7 @@ def _log(msg: str, quiet: bool) -> None:
 def build(
     model: str | Path,
     target: str | Sequence[str] = defaults.TARGET,
-    quantization: str = defaults.QUANTIZATION,
+    quantization: str | None = None,
     output: str | Path | None = None,
     *,
     max_seq_len: int | None = None,
@@ -139,10 +161,11 @@ def build(
 ) -> Path:
     """Compile ``model`` for each target and write the artifact; returns its directory.
 
-    ``model``: an HF checkpoint directory or a preset name (looked up under dist/models/).
+    ``model``: an HF checkpoint directory, a ``.gguf`` file or a preset name (looked up under dist/models/).
     ``target``: one or more of auto, cuda, metal, vulkan, llvm; one library each (default auto:
     a CUDA GPU if present, else Metal on macOS, else the CPU).
     ``quantization``: q0f32, q0f16, q4f16_1 (default) or q8f16_1 (weights quantized while streaming);
+    from a ``.gguf`` file also gguf (its default: every weight kept in the file's own type);
     ``quantize_embedding``: quantize the token embedding (the tied LM head) too, not only the
     Linear layers.
     ``int8_activations``: with q4f16_1 / q8f16_1 on the CPU, decode on activations quantized to
@@ -158,34 +181,39 @@ def build(
     """
     target_names = [target] if isinstance(target, str) else list(target)
     specs = [targets.resolve_target(t, cuda_arch=cuda_arch, mcpu=mcpu) for t in target_names]  # fails before any work
+    src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
+    if quantization is None:
+        quantization = "gguf" if src.gguf is not None else defaults.QUANTIZATION
     q = get_quantization(quantization, quantize_embedding, int8_activations)
     int8_kernels.check_targets(q, specs)
-    src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
+    if src.gguf is not None:
+        q = gguf_loader.bind(q, src.gguf)
     out = Path(output) if output is not None else Path(dist_root) / f"{src.name}-{q.dir_tag}"
     # Refused before any work: a file, a link or a foreign directory at the output, or an output
     # overlapping the checkpoint (publish_directory checks again just before its rename).
     staging.check_output(out, artifact.is_artifact, "an mpt_relax artifact (no mpt-config.json)",
-                         protect=[src.weights_dir])
+                         protect=[src.weights_path])
     staging.clean_stale(out)  # staging directories a killed build left behind
     fingerprint = _fingerprint(src, q.tag, page_size)
     if not force and _up_to_date(out, fingerprint, specs):
         _log(f"{out} is up to date (use force=True / --force to rebuild)", quiet)
         return out
-    if src.weights_dir is None:
+    if src.weights_path is None:
         _log(f"no weights for {src.name}: building the library only; put the checkpoint in "
              f"{Path(dist_root) / 'models' / src.name} (or pass its directory) to include them", quiet)
-    else:
+    elif src.gguf is None:
         weight_files(src.weights_dir)  # fail early on a directory without weights
 
-    net, rules = quantized_model(src.config, q)
+    net, rules = quantized_model(src.config, q, gguf_name if src.gguf is not None else None)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
-    with artifact.atomic_directory(out, protect=[src.weights_dir]) as tmp:
-        if src.weights_dir is not None:
+    with artifact.atomic_directory(out, protect=[src.weights_path]) as tmp:
+        if src.weights_path is not None:
+            params = (gguf_loader.stream_gguf(src.gguf, rules, q) if src.gguf is not None else
+                      stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings))
             with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
                 nbytes = artifact.write_params(
                     tmp,
-                    _progress(stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings),
-                              len(param_names), quiet),
+                    _progress(params, len(param_names), quiet),
                     extra=_quantization_records(rules, q),
                 )
             _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
@@ -206,20 +234,21 @@ def build(
         artifact.write_config(tmp, {
             "model_type": "mpt",  # the model family: a second family is a new value, not a new format
             "model_name": src.name,
-            "source": str(src.weights_dir.resolve()) if src.weights_dir is not None else None,
+            "source": str(src.weights_path.resolve()) if src.weights_path is not None else None,
             "model_config": src.config.to_dict(),
             "quantization": q.info(),
             "model_dtype": q.model_dtype,
             "context_window_size": src.config.max_seq_len,
             "page_size": page_size,
             "prompt_template": src.config.prompt_template,
-            "tokenizer_files": artifact.copy_tokenizer(src.weights_dir, tmp),
+            "tokenizer_files": src.gguf.write_tokenizer(tmp) if src.gguf is not None else
+            artifact.copy_tokenizer(src.weights_dir, tmp),
             "param_names": param_names,
             "libraries": libraries,
             "library_targets": {spec.name: str(spec.target) for spec in specs},
             "mcpu": targets.host_cpu(mcpu),
             "library_isa_features": {spec.name: spec.isa_features for spec in specs if spec.isa_features},
-            "has_weights": src.weights_dir is not None,
+            "has_weights": src.weights_path is not None,
             "fingerprint": fingerprint,
             "mpt_relax_version": VERSION,
         })

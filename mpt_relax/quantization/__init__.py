@@ -7,7 +7,11 @@ q0f32      none   32    -      float32
 q0f16      none   16    -      float16
 q4f16_1    group  4     32     float16
 q8f16_1    group  8     32     float16
+gguf       gguf   file  file   float16
 =========  =====  ====  =====  =========
+
+``gguf`` keeps a GGUF file's own blocks (Q4_K, Q8_0, ...; see :mod:`.gguf_scheme`); it is the
+default for a ``.gguf`` model and valid only there (the build binds it to the file's types).
 
 A scheme is a :class:`~.base.Quantization`: it rewrites the float model for export, names the
 float weights it replaces and quantizes one checkpoint tensor at a time while the loader streams
@@ -28,6 +32,7 @@ from mpt_relax.quantization.group import (
     dequantize_weight,
     quantize_weight,
 )
+from mpt_relax.quantization.gguf_scheme import GGUFQuantization
 from mpt_relax.quantization.none import Q0F16, Q0F32
 
 QUANTIZATIONS: dict[str, Quantization] = {}
@@ -41,7 +46,8 @@ def register(q: Quantization) -> Quantization:
     return q
 
 
-for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQuantization("q8f16_1", 8, "float16", 32)):
+for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQuantization("q8f16_1", 8, "float16", 32),
+           GGUFQuantization("gguf", 0, "float16")):
     register(_q)
 
 
@@ -61,6 +67,7 @@ def get_quantization(name: str, embedding: bool = False, int8_activations: bool 
 
 __all__ = [
     "DEQUANTIZE_PREFIX",
+    "GGUFQuantization",
     "QUANTIZATIONS",
     "GroupQuantEmbedding",
     "GroupQuantLinear",

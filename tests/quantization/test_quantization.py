@@ -45,7 +45,7 @@ def random_weight(shape, dtype=np.float16, std=0.02, seed=0):
 
 # ------------------------------------------------------------------------------ registry
 def test_registry_fields():
-    assert list(QUANTIZATIONS) == ["q0f32", "q0f16", "q4f16_1", "q8f16_1"]
+    assert list(QUANTIZATIONS) == ["q0f32", "q0f16", "q4f16_1", "q8f16_1", "gguf"]
     assert (Q4.kind, Q4.bits, Q4.group_size, Q4.model_dtype, Q4.pack_factor, Q4.max_int) == (
         "group", 4, 32, "float16", 8, 7
     )

@@ -3,7 +3,9 @@
 The map is derived from the module's own parameter list (``named_parameters``), never kept by
 hand: the model names its modules like the PyTorch checkpoint, so each parameter's source is the
 tensor of the same name, and the transform is a dtype cast (or a quantization, when a
-quantization rule replaces a Linear weight by several packed tensors).
+quantization rule replaces a Linear weight by several packed tensors). A GGUF file names the
+same tensors its own way (:func:`gguf_name`: ``transformer.blocks.0.attn.Wqkv.weight`` is
+``blk.0.attn_qkv.weight``); ``weight_rules(..., naming=gguf_name)`` keys the rules by those names.
 """
 
 from __future__ import annotations
@@ -46,30 +48,48 @@ def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.to(getattr(torch, dtype)).contiguous().numpy()
 
 
-def cast_rule(name: str, param: nn.Parameter) -> WeightRule:
-    """The identity-name rule: same name, same shape, cast to the parameter's dtype."""
+def cast_rule(name: str, param: nn.Parameter, source: str | None = None) -> WeightRule:
+    """Checkpoint tensor ``source`` (default: ``name``) -> parameter ``name``, cast to its dtype."""
     shape = tuple(int(s) for s in param.shape)
-    return WeightRule(name, shape, (name,), lambda t: {name: to_numpy(t, param.dtype)})
+    return WeightRule(source or name, shape, (name,), lambda t: {name: to_numpy(t, param.dtype)})
 
 
-def quantize_rule(name: str, param: nn.Parameter, q: Quantization, quantized: frozenset[str]) -> WeightRule:
+def quantize_rule(name: str, param: nn.Parameter, q: Quantization, quantized: frozenset[str],
+                  source: str | None = None) -> WeightRule:
     """A weight ``q`` replaces -> its stored parameters (``q.quantize_param``), quantized from fp32."""
     shape = tuple(int(s) for s in param.shape)
     return WeightRule(
-        name, shape, q.stored_names(name),
+        source or name, shape, q.stored_names(name),
         lambda t: q.quantize_param(name, to_numpy(t, "float32"), quantized),
     )
 
 
-def weight_rules(model: nn.Module, q: Quantization | None = None) -> dict[str, WeightRule]:
+def weight_rules(model: nn.Module, q: Quantization | None = None,
+                 naming: Callable[[str], str] | None = None) -> dict[str, WeightRule]:
     """Checkpoint name -> rule for every parameter of the float ``model`` (before
     ``q.quantize_model``); the weights ``q`` replaces (Linear layers, and embeddings with
-    ``q.embedding``) get :func:`quantize_rule`."""
+    ``q.embedding``) get :func:`quantize_rule`. ``naming`` maps a parameter name to the
+    checkpoint's name for it (default: the same name)."""
     quantized = q.quantized_names(model) if q is not None else frozenset()
-    return {
-        name: quantize_rule(name, p, q, quantized) if name in quantized else cast_rule(name, p)
-        for name, p in model.named_parameters()
-    }
+    rules = (quantize_rule(name, p, q, quantized, naming and naming(name)) if name in quantized
+             else cast_rule(name, p, naming and naming(name)) for name, p in model.named_parameters())
+    return {rule.source: rule for rule in rules}
+
+
+# Module paths of the model -> llama.cpp's GGUF names for an MPT (the parameter suffix is kept).
+GGUF_MODULES = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.norm_f": "output_norm",
+                "lm_head": "output", "norm_1": "attn_norm", "attn.Wqkv": "attn_qkv", "attn.out_proj": "attn_output",
+                "attn.q_ln": "attn_q_norm", "attn.k_ln": "attn_k_norm", "norm_2": "ffn_norm", "ffn.up_proj": "ffn_up",
+                "ffn.down_proj": "ffn_down"}
+
+
+def gguf_name(name: str) -> str:
+    """A parameter's name in a GGUF file: ``transformer.blocks.3.ffn.up_proj.weight`` -> ``blk.3.ffn_up.weight``."""
+    module, suffix = name.rsplit(".", 1)
+    if module.startswith("transformer.blocks."):
+        layer, inner = module.removeprefix("transformer.blocks.").split(".", 1)
+        return f"blk.{layer}.{GGUF_MODULES[inner]}.{suffix}"
+    return f"{GGUF_MODULES[module]}.{suffix}"
 
 
 def stream_params(
@@ -89,7 +109,12 @@ def stream_params(
 
 def check_checkpoint(model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True) -> None:
     """Raise one :class:`WeightMapError` listing missing, unexpected and mis-shaped tensors."""
-    found = tensor_shapes(model_dir)
+    check_tensors(tensor_shapes(model_dir), rules, f"checkpoint {model_dir}", "config.json", tied_head=tied_head)
+
+
+def check_tensors(found: dict[str, tuple[int, ...]], rules: dict[str, WeightRule], where: str, config: str, *,
+                  tied_head: bool = True) -> None:
+    """:func:`check_checkpoint` on the tensor shapes ``found`` in ``where``, whose config is ``config``."""
     ignorable = {"lm_head.weight"} if tied_head else set()  # some saves keep the tied copy
     missing = sorted(set(rules) - set(found))
     unexpected = sorted(set(found) - set(rules) - ignorable)
@@ -106,6 +131,5 @@ def check_checkpoint(model_dir: str | Path, rules: dict[str, WeightRule], *, tie
             "wrong shape: " + ", ".join(f"{n} expected {list(rules[n].shape)} found {list(found[n])}" for n in misshaped)
         )
     raise WeightMapError(
-        f"checkpoint {model_dir} does not match the model config ({'; '.join(parts)}); "
-        "check that config.json belongs to these weights"
+        f"{where} does not match the model config ({'; '.join(parts)}); check that {config} belongs to these weights"
     )

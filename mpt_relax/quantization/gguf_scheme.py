@@ -1,0 +1,175 @@
+"""The ``gguf`` scheme: keep each weight of a GGUF file in the file's own encoding.
+
+Built from a ``.gguf`` model (the default there), the scheme is first bound to the file's
+tensor types (:meth:`GGUFQuantization.bind`). Every 2-D weight (the Linear layers, the token
+embedding, an untied head, learned positions) becomes a :class:`GGUFLinear` /
+:class:`GGUFEmbedding` whose one parameter ``<path>.q_blocks`` holds the file's bytes as they
+are (see :mod:`.gguf_blocks` for the layouts and the decoding); its dequantize compute, named
+``dequantize_gguf_<type>``, is fused into the matmul like a group-quantized layer's. 1-D
+tensors (norms, biases) are stored in the model dtype, float16. Types without a decoder are
+refused in one line naming the type and the tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
+from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
+
+STORED_SUFFIX = "q_blocks"
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFQuantization(Quantization):
+    """Weights kept as a GGUF file stores them; ``types`` pairs each kept float parameter name
+    (``transformer.blocks.0.attn.Wqkv.weight``) with its GGML type name. ``bits`` is the mean
+    bits per kept weight (0 while unbound)."""
+
+    types: tuple[tuple[str, str], ...] = ()
+    kind: ClassVar[str] = "gguf"
+
+    def __post_init__(self) -> None:
+        if self.embedding:
+            raise QuantizationError(f"{self.name} keeps the embedding in the file's own type; drop --quantize-embedding")
+        if self.int8_activations:
+            raise QuantizationError(f"{self.name} has no int8-activation kernels yet; drop --int8-activations "
+                                    "(or build the file with q4f16_1 / q8f16_1)")
+
+    @property
+    def is_quantized(self) -> bool:
+        return True
+
+    def bind(self, types: dict[str, str], sizes: dict[str, int], sources: dict[str, str] | None = None
+             ) -> GGUFQuantization:
+        """The scheme for one file: ``types`` float parameter name -> GGML type of each 2-D
+        weight, ``sizes`` name -> element count (for the mean bits per weight), ``sources``
+        name -> the file's tensor name (for the error naming an unsupported type)."""
+        for name, type_name in types.items():
+            if type_name not in BLOCK_TYPES:
+                raise QuantizationError(
+                    f"tensor {(sources or {}).get(name, name)} has GGML type {type_name}, which the gguf scheme "
+                    f"cannot keep (supported: "
+                    f"{', '.join(BLOCK_TYPES)}); or build with --quantization q4f16_1 / q0f16 (dequantized on load)")
+        total = sum(sizes[n] for n in types) or 1
+        bits = sum(BLOCK_TYPES[t].bits_per_weight * sizes[n] for n, t in types.items()) / total
+        return dataclasses.replace(self, bits=round(bits), types=tuple(sorted(types.items())))
+
+    def _type_of(self, name: str) -> BlockType:
+        return BLOCK_TYPES[dict(self.types)[name]]
+
+    def quantize_model(self, model: nn.Module) -> nn.Module:
+        """Replace every Linear / Embedding whose weight is in ``types`` with its GGUF layer."""
+        if not self.types:
+            raise QuantizationError(f"{self.name} keeps a GGUF file's own blocks: build from a .gguf file, or choose "
+                                    "another quantization (q4f16_1, q0f16, ...)")
+        kept = dict(self.types)
+
+        class Replace(nn.Mutator):
+            def visit_module(self, path: str, node: nn.Module) -> nn.Module:
+                block = BLOCK_TYPES.get(kept.get(f"{path}.weight", ""))
+                if block is not None and isinstance(node, nn.Embedding):
+                    return GGUFEmbedding(node.num, node.dim, block, node.weight.dtype)
+                if block is not None and isinstance(node, nn.Linear):
+                    return GGUFLinear(node.in_features, node.out_features, block, node.weight.dtype,
+                                      node.bias is not None, node.out_dtype)
+                return self.visit(path, node)
+
+        return Replace().visit("", model)
+
+    def quantized_names(self, model: nn.Module) -> frozenset[str]:
+        return frozenset(dict(self.types))
+
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        return (f"{name.removesuffix('.weight')}.{STORED_SUFFIX}",)
+
+    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
+        """A kept weight -> ``{<path>.q_blocks: array}``, ``array`` being the tensor as the file
+        stores it (uint8 blocks, or float32 / float16); anything else -> float16."""
+        if name not in quantized:
+            return super().quantize_param(name, array, quantized)
+        block = self._type_of(name)
+        if array.dtype != np.dtype(block.storage_dtype):
+            raise QuantizationError(f"{self.name}: {name} must come as the file's {block.name} data "
+                                    f"({block.storage_dtype}), got {array.dtype}")
+        return {self.stored_names(name)[0]: array}
+
+    def info(self) -> dict[str, Any]:
+        counts = collections.Counter(t for _, t in self.types)
+        return {**super().info(), "embedding_quantized": any(n.endswith("wte.weight") for n, _ in self.types),
+                "quantized": "every 2-D weight, in the GGUF file's own type (norms and biases in float16)",
+                "embedding": "kept in the GGUF file's own type (it is also the tied LM head)",
+                "ggml_types": dict(sorted(counts.items())),
+                "bits_per_weight": {t: BLOCK_TYPES[t].bits_per_weight for t in sorted(counts)}}
+
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
+        if not output.endswith(f".{STORED_SUFFIX}"):
+            return None  # a norm or a bias, stored as float16
+        name = output.removesuffix(f".{STORED_SUFFIX}") + ".weight"
+        return {"scheme": self.name, "ggml_type": self._type_of(name).name, "source": source,
+                "source_shape": list(source_shape), "role": STORED_SUFFIX}
+
+
+class GGUFLinear(nn.Module):
+    """``y = x @ W^T + b`` with W [out, in] kept in a GGML encoding: ``q_blocks`` (uint8 blocks,
+    or float32 / float16 [out, in]), optional ``bias`` [out]. The forward dequantizes W into
+    ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``)."""
+
+    def __init__(self, in_features: int, out_features: int, block: BlockType, dtype: str, bias: bool = False,
+                 out_dtype: str | None = None):
+        super().__init__()
+        if in_features % block.block:
+            raise QuantizationError(f"{block.name}: in_features {in_features} is not a multiple of its "
+                                    f"{block.block}-weight blocks")
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.dtype, self.out_dtype = block, dtype, out_dtype
+        self.q_blocks = nn.Parameter(block.storage_shape(out_features, in_features), block.storage_dtype)
+        self.bias = nn.Parameter((out_features,), out_dtype or dtype) if bias else None
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        """x: [*B, in] -> [*B, out] (``out_dtype`` if set)."""
+        w = nn.op.tensor_expr_op(self._dequantize, self._kernel_name(DEQUANTIZE_PREFIX), [self.q_blocks])
+        y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def _kernel_name(self, prefix: str) -> str:
+        return f"{prefix}gguf_{self.block.name.lower()}"
+
+    def _dequantize(self, raw: te.Tensor) -> te.Tensor:
+        """TE: the stored blocks -> W [out, in] in ``dtype``."""
+        return te.compute((self.out_features, self.in_features),
+                          lambda o, i: self.block.decode(raw, o, i).astype(self.dtype), name="dequantize")
+
+    def to(self, dtype: str | None = None) -> None:  # pylint: disable=invalid-name
+        """Only the bias follows ``dtype``; the blocks are fixed by the file."""
+        if self.bias is not None and self.out_dtype is None:
+            self.bias.to(dtype=dtype)
+
+
+class GGUFEmbedding(GGUFLinear):
+    """A table [num, dim] kept in a GGML encoding: ``forward(ids)`` looks rows up (ids clipped to
+    range, decoding only those rows), :meth:`head` is the tied LM head with fp32 logits."""
+
+    def __init__(self, num: int, dim: int, block: BlockType, dtype: str):
+        super().__init__(dim, num, block, dtype, bias=False, out_dtype="float32")
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids [n] int32 -> rows [n, dim] in ``dtype``."""
+        return nn.op.tensor_expr_op(self._lookup, self._kernel_name(f"take_{DEQUANTIZE_PREFIX}"), [ids, self.q_blocks])
+
+    def head(self, x: nn.Tensor) -> nn.Tensor:
+        """x [*B, dim] -> fp32 logits [*B, num]."""
+        return super().forward(x)
+
+    def _lookup(self, ids: te.Tensor, raw: te.Tensor) -> te.Tensor:
+        def row(n):
+            return tirx.max(tirx.min(ids[n], self.out_features - 1), 0)
+
+        return te.compute((ids.shape[0], self.in_features),
+                          lambda n, i: self.block.decode(raw, row(n), i).astype(self.dtype), name="take_dequantize")
