@@ -52,6 +52,8 @@ class Quantization:
     embedding: bool = dataclasses.field(default=False, kw_only=True)  # also quantize the embeddings (the tied head)
     # decode GEMVs quantize x to int8 per group and sum in integers (mpt_relax.kernels.cpu.int8_gemv)
     int8_activations: bool = dataclasses.field(default=False, kw_only=True)
+    # prefill matmuls in bf16 on the AMX tiles where the target has them (mpt_relax.kernels.cpu.amx_matmul)
+    amx_prefill: bool = dataclasses.field(default=False, kw_only=True)
     kind: ClassVar[str] = "none"
 
     def __post_init__(self) -> None:
@@ -59,16 +61,20 @@ class Quantization:
             raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
         if self.int8_activations and not self.is_quantized:
             raise QuantizationError(f"{self.name} keeps float weights; int8 activations need q4f16_1 or q8f16_1")
+        if self.amx_prefill and not self.is_quantized:
+            raise QuantizationError(f"{self.name} keeps float weights; the AMX prefill kernels need q4f16_1 or q8f16_1")
 
     @property
     def tag(self) -> str:
-        """``name``, plus ``+embedding`` / ``+a8`` when the embeddings / the activations are quantized too."""
-        return self.name + ("+embedding" if self.embedding else "") + ("+a8" if self.int8_activations else "")
+        """``name``, plus ``+embedding`` / ``+a8`` / ``+amx`` for the embeddings quantized too, int8
+        decode activations, the AMX prefill."""
+        return (self.name + ("+embedding" if self.embedding else "") + ("+a8" if self.int8_activations else "")
+                + ("+amx" if self.amx_prefill else ""))
 
     @property
     def dir_tag(self) -> str:
-        """The tag as it appears in a default artifact directory name (``q4f16_1-emb-a8``)."""
-        return self.name + ("-emb" if self.embedding else "") + ("-a8" if self.int8_activations else "")
+        """The tag as it appears in a default artifact directory name (``q4f16_1-emb-a8-amx``)."""
+        return self.tag.replace("+embedding", "-emb").replace("+", "-")
 
     @property
     def is_quantized(self) -> bool:
@@ -96,6 +102,8 @@ class Quantization:
         return {"name": self.name, "tag": self.tag, "kind": self.kind, "bits": self.bits,
                 "model_dtype": self.model_dtype, "quantized": None, "embedding_quantized": False,
                 "activations": "int8 per group of 32 in the decode GEMVs" if self.int8_activations else self.model_dtype,
+                "prefill": "bf16 products on the AMX tiles (where the target has AMX-BF16)" if self.amx_prefill
+                else "exact",
                 "embedding": f"{self.model_dtype}, like every weight"}
 
     def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:

@@ -54,7 +54,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import int8_gemv
+from mpt_relax.kernels.cpu import amx_matmul, int8_gemv
 from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
 
 STORAGE_DTYPE = "uint32"
@@ -305,10 +305,14 @@ class GroupQuantLinear(nn.Module):
         """A quantized layer with the same features, bias presence and out_dtype as ``linear``."""
         return cls(linear.in_features, linear.out_features, q, linear.bias is not None, linear.out_dtype)
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set)."""
+    def forward(self, x: nn.Tensor, amx: bool = True) -> nn.Tensor:
+        """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set). ``amx``: allow the AMX
+        prefill kernel (the scheme's ``amx_prefill``)."""
         if self.quantization.int8_activations and is_decoding():
             return self._int8_forward(x)
+        if (amx and self.quantization.amx_prefill and not is_decoding()
+                and amx_matmul.supported(self.out_features, self.in_features)):
+            return self._amx_forward(x)
         name = f"{DEQUANTIZE_PREFIX}{self.quantization.name}"
         w = nn.op.tensor_expr_op(self._dequantize, name, [self.q_weight, self.q_scale])
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
@@ -328,6 +332,18 @@ class GroupQuantLinear(nn.Module):
         out_dtype = self.out_dtype or q.model_dtype
         y = nn.op.tensor_ir_op(int8_gemv.int8_gemv(n, k, q.bits, out_dtype, q.model_dtype), f"int8_gemv_{q.name}",
                                [xq, xs, xc, self.q_weight, self.q_scale], nn.Tensor.placeholder((m, n), out_dtype))
+        y = nn.op.reshape(y, (*x.shape[:-1], n))
+        return y + self.bias if self.bias is not None else y
+
+    def _amx_forward(self, x: nn.Tensor) -> nn.Tensor:
+        """Prefill: the exact dequantize + matmul as one kernel that compiling swaps for the AMX
+        bf16 one where the target has AMX-BF16 (:mod:`mpt_relax.kernels.cpu.amx_matmul`)."""
+        q, k, n = self.quantization, self.in_features, self.out_features
+        rows = nn.op.reshape(x, (-1, k))
+        out_dtype = self.out_dtype or q.model_dtype
+        func = amx_matmul.exact_matmul(q, n, k, x.dtype, out_dtype, _dequantized)
+        y = nn.op.tensor_ir_op(func, f"amx_matmul_{q.name}", [rows, self.q_weight, self.q_scale],
+                               nn.Tensor.placeholder((rows.shape[0], n), out_dtype))
         y = nn.op.reshape(y, (*x.shape[:-1], n))
         return y + self.bias if self.bias is not None else y
 
@@ -374,8 +390,9 @@ class GroupQuantEmbedding(GroupQuantLinear):
                                     [ids, self.q_weight, self.q_scale])
 
     def head(self, x: nn.Tensor) -> nn.Tensor:
-        """x [*B, dim] -> fp32 logits [*B, num]."""
-        return super().forward(x)
+        """x [*B, dim] -> fp32 logits [*B, num]. Never on AMX: prefill takes the head of a few rows
+        only, and the AMX kernel repacks the whole table per call."""
+        return super().forward(x, amx=False)
 
     def _lookup(self, ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
         return te.compute(

@@ -40,3 +40,21 @@ def missing_features(required: list[str], host: frozenset[str] | None = None) ->
     if host is None:
         return []
     return sorted(f for f in required if normal_form(f) not in host)
+
+
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
+
+
+@functools.lru_cache(maxsize=1)
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``),
+    once per process: without it the first AMX instruction raises SIGILL. True if granted;
+    False where the CPU or the OS has no AMX."""
+    import ctypes
+    import platform
+
+    features = host_features()
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not features or "amxtile" not in features:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0

@@ -1,0 +1,84 @@
+"""The AMX bf16 prefill matmul: the kernel against numpy on bf16-rounded operands (where this
+CPU has AMX), and ``amx_prefill`` builds against HF on the trained model and the exact path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import mpt_relax
+from factory import rel_err
+from mpt_relax.compile import targets
+from mpt_relax.compile.amx_kernels import has_amx
+from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
+from mpt_relax.quantization import QuantizationError, dequantize_weight, get_quantization, quantize_weight
+from mpt_relax.runtime.cpu_features import host_features, request_amx
+
+TRAINED = Path(mpt_relax.__file__).resolve().parent / "data" / "tiny-mpt"
+HOST = targets.llvm_target()
+AMX = has_amx(HOST)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def test_amx_is_detected_as_this_cpu_has_it():
+    assert AMX == ("amxbf16" in (host_features() or ()))
+    assert not has_amx(targets.llvm_target("x86-64-v3"))
+    assert request_amx() == AMX
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows, n_out, k_in", [(1, 32, 64), (37, 96, 320), (128, 64, 768)])
+def test_kernel_matches_numpy_on_bf16_operands(bits, rows, n_out, k_in):
+    rng = np.random.default_rng(rows + bits)
+    q = get_quantization(f"q{bits}f16_1")
+    packed = quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05, q)
+    x = rng.standard_normal((rows, k_in)).astype(np.float16)
+    w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in))
+    expected = _bf16(x).astype(np.float64) @ _bf16(w.astype(np.float16)).astype(np.float64).T
+    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, bits, "float16", "float32")
+                                    .with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, packed["q_weight"], packed["q_scale"])), y)
+    assert rel_err(y.numpy(), expected) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def trained_hf():
+    from transformers import MptForCausalLM
+
+    return MptForCausalLM.from_pretrained(str(TRAINED), dtype=torch.float32).eval()
+
+
+def test_amx_prefill_against_hf_and_the_exact_path(trained_hf, tmp_path):
+    """The trained model's logits with amx_prefill stay as close to HF fp32 as the exact q8 path
+    (and closer than HF's own bf16); a portable build without AMX computes the exact path."""
+    ids = list(range(3, 70))
+    with torch.inference_mode():
+        ref = trained_hf(torch.tensor([ids])).logits[0].numpy()
+    exact = mpt_relax.build(TRAINED, target="llvm", quantization="q8f16_1", output=tmp_path / "exact", quiet=True)
+    amx = mpt_relax.build(TRAINED, target="llvm", quantization="q8f16_1", amx_prefill=True,
+                          output=tmp_path / "amx", quiet=True)
+    portable = mpt_relax.build(TRAINED, target="llvm", quantization="q8f16_1", amx_prefill=True, mcpu="x86-64-v3",
+                               output=tmp_path / "v3", quiet=True)
+    portable_exact = mpt_relax.build(TRAINED, target="llvm", quantization="q8f16_1", mcpu="x86-64-v3",
+                                     output=tmp_path / "v3-exact", quiet=True)
+    logits = {a.name: mpt_relax.Engine(a, device="cpu").logits(ids) for a in (exact, amx, portable, portable_exact)}
+    assert rel_err(logits["exact"], ref) < 3e-3 and rel_err(logits["amx"], ref) < 3e-3
+    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == AMX  # bf16 products only where AMX runs
+    assert rel_err(logits["v3"], logits["v3-exact"]) < 1e-5
+    greedy = [int(np.argmax(logits[n][-1])) for n in ("exact", "amx", "v3")]
+    assert len(set(greedy)) == 1
+
+
+def test_amx_prefill_needs_a_quantized_scheme():
+    with pytest.raises(QuantizationError, match="AMX prefill kernels need q4f16_1 or q8f16_1"):
+        get_quantization("q0f16", amx_prefill=True)
+    assert get_quantization("q4f16_1", amx_prefill=True, int8_activations=True).dir_tag == "q4f16_1-a8-amx"
