@@ -3,34 +3,36 @@
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llama-sdist
     PYTHONPATH=. python scripts/bench_llama_cpp.py dist/models/mpt-125m-random \\
         --llama-src /tmp/llama-sdist/llama_cpp_python-*.tar.gz [--threads 1,2] [--runs 3] [--keep-gguf DIR]
+    # GGUF files only, e.g. for testing a GGUF reader:
+    PYTHONPATH=. python scripts/bench_llama_cpp.py CKPT --llama-src ... --keep-gguf DIR --convert-only
 
-Not run in CI. Needs llama-cpp-python (it compiles llama.cpp; see INSTALL below) and llama.cpp's
-own converter, taken from a llama-cpp-python source tarball (``--llama-src``; a llama.cpp source
-tree works too): its convert_hf_to_gguf.py, conversion/ and gguf-py/ are copied into a temporary
-directory and run from there, never from this repository.
+Not run in CI. Needs llama-cpp-python, which compiles llama.cpp (install it with the CMAKE_ARGS
+in INSTALL below; a -march=native build can die of SIGILL), gguf, and llama.cpp's own
+converter, taken from a llama-cpp-python source tarball (``--llama-src``; a llama.cpp source
+tree works too): its convert_hf_to_gguf.py, conversion/ and gguf-py/ are copied into a
+temporary directory and run from there, never from this repository.
 
-1. The HF checkpoint is converted to an F16 GGUF (through a temporary view of the checkpoint
-   whose config.json gains the keys the converter reads: ``architectures`` and
-   ``attn_config.clip_qkv``; the converter's pre-tokenizer lookup is patched in memory to say
-   "mpt", since the hash of a test tokenizer is not in its table), then quantized to Q8_0 and
-   Q4_0 with ``llama_cpp.llama_model_quantize`` (llama.cpp's defaults: a tied embedding, which is
-   also the LM head, becomes Q6_K in Q4_0 and stays Q8_0 in Q8_0). ``--keep-gguf DIR`` keeps the
-   three files; ``--convert-only`` stops there.
+1. The checkpoint is converted to an F16 GGUF through a temporary view of it whose config.json
+   has the keys the converter reads (``architectures``, ``attn_config.clip_qkv``); the
+   converter's pre-tokenizer lookup is patched in memory to answer "mpt", since a test
+   tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0 and
+   Q4_0 with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head) becomes Q6_K,
+   or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm) in q0f32,
-   q0f16, q8f16_1, q4f16_1 and q4f16_1 with a quantized embedding, and measured with
-   :func:`mpt_relax.tools.bench.run` (a spawned child per run, ``TVM_NUM_THREADS`` set to T).
+   q0f16, q8f16_1, q4f16_1 and q4f16_1 with a quantized embedding ("-emb"), and measured by
+   :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
-   only) runs the same token-id prompt in a spawned child the same way: one warm-up, then
-   ``--runs`` runs of a prefill and greedy decoding (argmax over the logits in numpy, as the
-   Engine samples on the host), timed like bench.py times HF: prefill tokens/s = prompt tokens /
-   prefill time, decode tokens/s = (new tokens - 1) / time from the first to the last new token.
+   only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
+   prefill and greedy decoding (numpy argmax over the logits, as the Engine samples on the
+   host), timed as bench.py times HF: prefill tokens/s = prompt tokens / prefill time, decode
+   tokens/s = (new tokens - 1) / time from the first to the last new token.
 
-Both sides report the median over ``--runs``, bench.py's statistic. The printed table pairs
-q0f16 with F16, q8f16_1 with Q8_0 and q4f16_1 (both variants) with Q4_0; ratio = mpt_relax /
-llama.cpp; "/bound" is decode tokens/s over the memory-bandwidth bound of
-:mod:`mpt_relax.tools.bandwidth` (copy bandwidth with T threads / bytes read per decode token,
-from each side's own tensor sizes, KV cache included); "same" counts the leading greedy tokens
-both engines agree on (random weights make near-ties, so fp16 rounding splits them early).
+Both sides report the median over ``--runs`` (bench.py's statistic). The table pairs q0f16 with
+F16, q8f16_1 with Q8_0 and both q4f16_1 variants with Q4_0; ratio = mpt_relax / llama.cpp.
+"/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
+copy bandwidth per T (measured once, used for both sides) / bytes read per decode token (each
+side's own tensor sizes plus its KV cache). "same" counts the leading greedy tokens both
+engines agree on (random weights give near-ties, so different rounding splits them early).
 """
 
 from __future__ import annotations
@@ -163,13 +165,11 @@ def measure_llama(gguf: str, threads: int, ids: list[int], gen_len: int, runs: i
     return {**bench._median([r[0] for r in results]), "token_ids": results[-1][1]}
 
 
-def llama_report(gguf: Path, config: MPTConfig, threads: int, ids: list[int], gen_len: int, runs: int,
-                 bytes_per_s: float) -> dict:
-    """measure_llama's figures plus the bandwidth bound from the GGUF file's own tensor sizes."""
+def llama_report(gguf: Path, config: MPTConfig, threads: int, ids: list[int], gen_len: int, runs: int) -> dict:
+    """measure_llama's figures plus the bytes read per decode token, from the GGUF file's own tensor sizes."""
     out = bench._in_child(measure_llama, threads, str(gguf), threads, ids, gen_len, runs)
     tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in GGUFReader(gguf).tensors]
-    out.update(bandwidth.decode_bound(config, tensors, KV_BYTES, len(ids), gen_len, bytes_per_s))
-    out["fraction_of_bound"] = out["decode_tokens_per_s"] / out["bound_tokens_per_s"]
+    out["bytes_per_token"] = bandwidth.decode_bound(config, tensors, KV_BYTES, len(ids), gen_len, 1.0)["bytes_per_token"]
     return out
 
 
@@ -186,14 +186,19 @@ def line(cells) -> str:
     return "".join(f"{c:{'<' if i < 2 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS)))
 
 
-def table_row(label: str, ftype: str | None, threads: int, ours: dict, theirs: dict | None) -> str:
-    """One line of the table; llama.cpp's cells are "-" where no GGUF file type is paired."""
+def table_row(label: str, ftype: str | None, threads: int, bytes_per_s: float, ours: dict, theirs: dict | None) -> str:
+    """One line of the table, "-" in llama.cpp's cells where no file type is paired. "/bound" = bytes read per
+    second while decoding / ``bytes_per_s``, one copy bandwidth for both sides."""
+    def figures(f: dict) -> dict[str, float]:
+        return {"decode": f["decode_tokens_per_s"], "prefill": f["prefill_tokens_per_s"],
+                "bound": f["decode_tokens_per_s"] * f["bytes_per_token"] / bytes_per_s}
+
+    a, b = figures(ours), theirs and figures(theirs)
     cells = [label, ftype or "-", str(threads)]
-    for key, fmt, ratio in (("decode_tokens_per_s", ".1f", True), ("prefill_tokens_per_s", ".1f", True),
-                            ("fraction_of_bound", ".2f", False)):
-        cells += [format(ours[key], fmt), format(theirs[key], fmt) if theirs else "-"]
-        if ratio:
-            cells.append(f"{ours[key] / theirs[key]:.2f}x" if theirs else "-")
+    for key, fmt in (("decode", ".1f"), ("prefill", ".1f"), ("bound", ".2f")):
+        cells += [format(a[key], fmt), format(b[key], fmt) if b else "-"]
+        if key != "bound":
+            cells.append(f"{a[key] / b[key]:.2f}x" if b else "-")
     cells.append(str(same_prefix(ours["token_ids"], theirs["token_ids"])) if theirs else "-")
     return line(cells)
 
@@ -232,12 +237,14 @@ def main() -> int:
                  f"median of {args.runs} runs, CPU", line(HEADERS)]
         for t in threads:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
-            theirs = {name: llama_report(path, config, t, ids, args.gen_len, args.runs, bytes_per_s)
-                      for name, path in ggufs.items()}
+            lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
+            theirs: dict[str, dict] = {}
             for q, emb, ftype in ROWS:
                 ours = bench.run(artifacts[q, emb], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
-                lines.append(table_row(q + ("-emb" if emb else ""), ftype, t, ours, theirs.get(ftype)))
+                if ftype and ftype not in theirs:
+                    theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
+                lines.append(table_row(q + ("-emb" if emb else ""), ftype, t, bytes_per_s, ours, theirs.get(ftype)))
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
