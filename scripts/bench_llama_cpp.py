@@ -105,8 +105,9 @@ def copy_converter(src: Path, dest: Path) -> Path:
 
 
 def converter_view(ckpt: Path, dest: Path) -> Path:
-    """``ckpt`` seen through links, with a config.json that has what the converter reads."""
-    dest.mkdir()
+    """``ckpt`` seen through links (under its own name, which the converter records), with a config.json
+    that has what the converter reads."""
+    dest.mkdir(parents=True)
     for f in ckpt.iterdir():
         if f.name != "config.json":
             (dest / f.name).symlink_to(f.resolve())
@@ -123,8 +124,9 @@ def make_ggufs(ckpt: Path, llama_src: Path, out_dir: Path, tmp: Path, threads: i
     converter = copy_converter(llama_src, tmp / "converter")
     files = {name: out_dir / f"{ckpt.name}-{name}.gguf" for name in ("F16", *FTYPES)}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(converter_view(ckpt, tmp / "ckpt")),
-                           "--outtype", "f16", "--outfile", str(files["F16"])], capture_output=True, text=True)
+    view = converter_view(ckpt, tmp / "view" / ckpt.name)
+    proc = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(view), "--outtype", "f16",
+                           "--outfile", str(files["F16"])], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"error: convert_hf_to_gguf.py failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     print(f"converted to {files['F16']} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
