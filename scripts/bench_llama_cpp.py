@@ -1,0 +1,256 @@
+"""Decode and prefill speed of mpt_relax next to llama.cpp, on the same MPT weights, on the CPU.
+
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llama-sdist
+    PYTHONPATH=. python scripts/bench_llama_cpp.py dist/models/mpt-125m-random \\
+        --llama-src /tmp/llama-sdist/llama_cpp_python-*.tar.gz [--threads 1,2] [--runs 3] [--keep-gguf DIR]
+    # GGUF files only, e.g. for testing a GGUF reader:
+    PYTHONPATH=. python scripts/bench_llama_cpp.py CKPT --llama-src ... --keep-gguf DIR --convert-only
+
+Not run in CI. Needs llama-cpp-python, which compiles llama.cpp (install it with the CMAKE_ARGS
+in INSTALL below; a -march=native build can die of SIGILL), gguf, and llama.cpp's own
+converter, taken from a llama-cpp-python source tarball (``--llama-src``; a llama.cpp source
+tree works too): its convert_hf_to_gguf.py, conversion/ and gguf-py/ are copied into a
+temporary directory and run from there, never from this repository.
+
+1. The checkpoint is converted to an F16 GGUF through a temporary view of it whose config.json
+   has the keys the converter reads (``architectures``, ``attn_config.clip_qkv``); the
+   converter's pre-tokenizer lookup is patched in memory to answer "mpt", since a test
+   tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0 and
+   Q4_0 with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head) becomes Q6_K,
+   or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
+2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm) in q0f32,
+   q0f16, q8f16_1, q4f16_1 and q4f16_1 with a quantized embedding ("-emb"), and measured by
+   :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
+3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
+   only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
+   prefill and greedy decoding (numpy argmax over the logits, as the Engine samples on the
+   host), timed as bench.py times HF: prefill tokens/s = prompt tokens / prefill time, decode
+   tokens/s = (new tokens - 1) / time from the first to the last new token.
+
+Both sides report the median over ``--runs`` (bench.py's statistic). The table pairs q0f16 with
+F16, q8f16_1 with Q8_0 and both q4f16_1 variants with Q4_0; ratio = mpt_relax / llama.cpp.
+"/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
+copy bandwidth per T (measured once, used for both sides) / bytes read per decode token (each
+side's own tensor sizes plus its KV cache). "same" counts the leading greedy tokens both
+engines agree on (random weights give near-ties, so different rounding splits them early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
+           '-DGGML_AVX_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 '
+           'pip install --no-cache-dir llama-cpp-python')
+try:
+    import llama_cpp
+except ImportError:
+    sys.exit(f"error: llama_cpp is not installed; install llama-cpp-python (it compiles llama.cpp) with: {INSTALL}")
+try:
+    from gguf import GGUFReader
+except ImportError:
+    sys.exit("error: gguf is not installed; install it with: pip install gguf")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mpt_relax  # noqa: E402
+from mpt_relax.io.artifact import read_config  # noqa: E402
+from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
+from mpt_relax.tools import bandwidth, bench  # noqa: E402
+
+# (mpt_relax quantization, quantize_embedding, the llama.cpp file type it is compared with)
+ROWS = (("q0f32", False, None), ("q0f16", False, "F16"), ("q8f16_1", False, "Q8_0"),
+        ("q4f16_1", False, "Q4_0"), ("q4f16_1", True, "Q4_0"))
+FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+KV_BYTES = 2  # llama.cpp's default KV cache is f16
+# Runs llama.cpp's converter from the copy at argv[1], its pre-tokenizer lookup answering "mpt".
+CONVERT = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, root + "/gguf-py"]
+from conversion.mpt import MPTModel
+MPTModel.get_vocab_base_pre = lambda self, tokenizer: "mpt"
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def copy_converter(src: Path, dest: Path) -> Path:
+    """Copy llama.cpp's converter out of a llama-cpp-python sdist (or a source tree) into ``dest``."""
+    if src.is_dir():
+        root = src / "vendor" / "llama.cpp" if (src / "vendor" / "llama.cpp").is_dir() else src
+        for part in CONVERTER_PARTS:
+            (shutil.copytree if (root / part).is_dir() else shutil.copy)(root / part, dest / part)
+        return dest
+    with tarfile.open(src) as tar:
+        for member in tar:
+            rel = member.name.partition("/vendor/llama.cpp/")[2]
+            if rel.split("/")[0] in CONVERTER_PARTS and (member.isfile() or member.isdir()):
+                member.name = rel
+                tar.extract(member, dest, filter="data")
+    return dest
+
+
+def converter_view(ckpt: Path, dest: Path) -> Path:
+    """``ckpt`` seen through links (under its own name, which the converter records), with a config.json
+    that has what the converter reads."""
+    dest.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (dest / f.name).symlink_to(f.resolve())
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["MPTForCausalLM"]
+    config.setdefault("attn_config", {}).setdefault("clip_qkv", None)
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def make_ggufs(ckpt: Path, llama_src: Path, out_dir: Path, tmp: Path, threads: int) -> dict[str, Path]:
+    """F16, Q8_0 and Q4_0 GGUF files of ``ckpt`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    converter = copy_converter(llama_src, tmp / "converter")
+    files = {name: out_dir / f"{ckpt.name}-{name}.gguf" for name in ("F16", *FTYPES)}
+    start = time.perf_counter()
+    view = converter_view(ckpt, tmp / "view" / ckpt.name)
+    proc = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(view), "--outtype", "f16",
+                           "--outfile", str(files["F16"])], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: convert_hf_to_gguf.py failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f"converted to {files['F16']} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    for name, ftype in FTYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, threads
+        if llama_cpp.llama_model_quantize(str(files["F16"]).encode(), str(files[name]).encode(), ctypes.byref(params)):
+            sys.exit(f"error: llama_model_quantize to {name} failed")
+        print(f"quantized to {files[name]}", file=sys.stderr)
+    return files
+
+
+def measure_llama(gguf: str, threads: int, ids: list[int], gen_len: int, runs: int) -> dict:
+    """bench.py's figures for llama.cpp on ``gguf`` (runs in a spawned child)."""
+    llm = llama_cpp.Llama(gguf, n_ctx=len(ids) + gen_len, n_batch=len(ids), n_ubatch=len(ids), n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+    def once(n: int) -> tuple[dict[str, float], list[int]]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t_prefill = time.perf_counter()
+        tokens = [greedy()]
+        t_first = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval(tokens[-1:])
+            tokens.append(greedy())
+        t_end = time.perf_counter()
+        return {"prefill_tokens_per_s": len(ids) / (t_prefill - t0), "decode_tokens_per_s": (n - 1) / (t_end - t_first),
+                "time_to_first_token_s": t_first - t0}, tokens
+
+    once(2)
+    results = [once(gen_len) for _ in range(runs)]
+    return {**bench._median([r[0] for r in results]), "token_ids": results[-1][1]}
+
+
+def llama_report(gguf: Path, config: MPTConfig, threads: int, ids: list[int], gen_len: int, runs: int) -> dict:
+    """measure_llama's figures plus the bytes read per decode token, from the GGUF file's own tensor sizes."""
+    out = bench._in_child(measure_llama, threads, str(gguf), threads, ids, gen_len, runs)
+    tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in GGUFReader(gguf).tensors]
+    out["bytes_per_token"] = bandwidth.decode_bound(config, tensors, KV_BYTES, len(ids), gen_len, 1.0)["bytes_per_token"]
+    return out
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+HEADERS = ("mpt_relax", "llama.cpp", "T", "decode: ours", "llama", "ratio", "prefill: ours", "llama", "ratio",
+           "/bound: ours", "llama", "same")
+WIDTHS = (14, 10, 3, 14, 8, 7, 15, 8, 7, 14, 7, 6)
+
+
+def line(cells) -> str:
+    return "".join(f"{c:{'<' if i < 2 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS)))
+
+
+def table_row(label: str, ftype: str | None, threads: int, bytes_per_s: float, ours: dict, theirs: dict | None) -> str:
+    """One line of the table, "-" in llama.cpp's cells where no file type is paired. "/bound" = bytes read per
+    second while decoding / ``bytes_per_s``, one copy bandwidth for both sides."""
+    def figures(f: dict) -> dict[str, float]:
+        return {"decode": f["decode_tokens_per_s"], "prefill": f["prefill_tokens_per_s"],
+                "bound": f["decode_tokens_per_s"] * f["bytes_per_token"] / bytes_per_s}
+
+    a, b = figures(ours), theirs and figures(theirs)
+    cells = [label, ftype or "-", str(threads)]
+    for key, fmt in (("decode", ".1f"), ("prefill", ".1f"), ("bound", ".2f")):
+        cells += [format(a[key], fmt), format(b[key], fmt) if b else "-"]
+        if key != "bound":
+            cells.append(f"{a[key] / b[key]:.2f}x" if b else "-")
+    cells.append(str(same_prefix(ours["token_ids"], theirs["token_ids"])) if theirs else "-")
+    return line(cells)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="HF MPT checkpoint directory")
+    p.add_argument("--llama-src", type=Path, required=True,
+                   help="llama-cpp-python source tarball (pip download --no-binary) or a llama.cpp source tree")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--keep-gguf", type=Path, metavar="DIR", help="write the GGUF files here and keep them")
+    p.add_argument("--convert-only", action="store_true", help="stop after writing the GGUF files")
+    args = p.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    if not (args.checkpoint / "config.json").is_file():
+        p.error(f"{args.checkpoint} is not an HF checkpoint (no config.json)")
+    if not args.llama_src.exists():
+        p.error(f"--llama-src {args.llama_src} does not exist")
+    if args.convert_only and not args.keep_gguf:
+        p.error("--convert-only needs --keep-gguf DIR")
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor log lines
+    with tempfile.TemporaryDirectory(prefix="bench-llama-cpp-") as tmp:
+        ggufs = make_ggufs(args.checkpoint, args.llama_src, args.keep_gguf or Path(tmp) / "gguf", Path(tmp),
+                           max(threads))
+        if args.convert_only:
+            return 0
+        artifacts = {(q, emb): mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quantize_embedding=emb,
+                                               quiet=True) for q, emb, _ in ROWS}
+        meta = read_config(artifacts[ROWS[0][:2]])
+        config = MPTConfig.from_dict(meta["model_config"])
+        ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
+        lines = [f"{meta['model_name']}: prompt {args.prompt_len} token ids, {args.gen_len} greedy new tokens, "
+                 f"median of {args.runs} runs, CPU", line(HEADERS)]
+        for t in threads:
+            bytes_per_s = bench.measure_bandwidth("cpu", t)
+            lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
+            theirs: dict[str, dict] = {}
+            for q, emb, ftype in ROWS:
+                ours = bench.run(artifacts[q, emb], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                 runs=args.runs, threads=t)["mpt_relax"]
+                if ftype and ftype not in theirs:
+                    theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
+                lines.append(table_row(q + ("-emb" if emb else ""), ftype, t, bytes_per_s, ours, theirs.get(ftype)))
+                print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
