@@ -19,7 +19,8 @@ temporary directory and run from there, never from this repository.
    Q4_0 with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head) becomes Q6_K,
    or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm) in q0f32,
-   q0f16, q8f16_1, q4f16_1 and q4f16_1 with a quantized embedding ("-emb"), and measured by
+   q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"), and q8/q4 with the int8
+   decode and AMX prefill kernels ("-a8-amx"), and measured by
    :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
    only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
@@ -28,7 +29,7 @@ temporary directory and run from there, never from this repository.
    tokens/s = (new tokens - 1) / time from the first to the last new token.
 
 Both sides report the median over ``--runs`` (bench.py's statistic). The table pairs q0f16 with
-F16, q8f16_1 with Q8_0 and both q4f16_1 variants with Q4_0; ratio = mpt_relax / llama.cpp.
+F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax / llama.cpp.
 "/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
 copy bandwidth per T (measured once, used for both sides) / bytes read per decode token (each
 side's own tensor sizes plus its KV cache). "same" counts the leading greedy tokens both
@@ -70,9 +71,17 @@ from mpt_relax.io.artifact import read_config  # noqa: E402
 from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.tools import bandwidth, bench  # noqa: E402
 
-# (mpt_relax quantization, quantize_embedding, the llama.cpp file type it is compared with)
-ROWS = (("q0f32", False, None), ("q0f16", False, "F16"), ("q8f16_1", False, "Q8_0"),
-        ("q4f16_1", False, "Q4_0"), ("q4f16_1", True, "Q4_0"))
+FAST = {"int8_activations": True, "amx_prefill": True}  # the CPU kernels (--int8-activations --amx-prefill)
+# (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
+ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), ("q8f16_1", FAST, "Q8_0"),
+        ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), ("q4f16_1", FAST, "Q4_0"),
+        ("q4f16_1", {"quantize_embedding": True, **FAST}, "Q4_0"))
+
+
+def label(q: str, options: dict) -> str:
+    """q4f16_1-emb-a8-amx: the scheme and its options, as in artifact directory names."""
+    return q + "".join(suffix for key, suffix in (("quantize_embedding", "-emb"), ("int8_activations", "-a8"),
+                                                   ("amx_prefill", "-amx")) if options.get(key))
 FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 KV_BYTES = 2  # llama.cpp's default KV cache is f16
@@ -230,9 +239,9 @@ def main() -> int:
                            max(threads))
         if args.convert_only:
             return 0
-        artifacts = {(q, emb): mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quantize_embedding=emb,
-                                               quiet=True) for q, emb, _ in ROWS}
-        meta = read_config(artifacts[ROWS[0][:2]])
+        artifacts = {label(q, o): mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quiet=True, **o)
+                     for q, o, _ in ROWS}
+        meta = read_config(artifacts["q0f32"])
         config = MPTConfig.from_dict(meta["model_config"])
         ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
         lines = [f"{meta['model_name']}: prompt {args.prompt_len} token ids, {args.gen_len} greedy new tokens, "
@@ -241,12 +250,12 @@ def main() -> int:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
             lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
             theirs: dict[str, dict] = {}
-            for q, emb, ftype in ROWS:
-                ours = bench.run(artifacts[q, emb], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
+            for q, options, ftype in ROWS:
+                ours = bench.run(artifacts[label(q, options)], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
                 if ftype and ftype not in theirs:
                     theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
-                lines.append(table_row(q + ("-emb" if emb else ""), ftype, t, bytes_per_s, ours, theirs.get(ftype)))
+                lines.append(table_row(label(q, options), ftype, t, bytes_per_s, ours, theirs.get(ftype)))
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0
