@@ -1,15 +1,16 @@
 """Prefill matmul on the AMX tile units: ``y = x @ W^T`` in bfloat16 products with fp32 sums,
 W group-quantized (q4f16_1, q8f16_1).
 
-``tdpbf16ps`` multiplies a 16 x 32 bf16 tile of x by a 32 x 16 bf16 tile of W^T into a 16 x 16
-fp32 tile: 8192 multiply-adds per instruction. The kernel, per block of 32 output columns
-(blocks in parallel):
+``tdpbf16ps`` multiplies a 16 x 32 bf16 tile A by a 32 x 16 bf16 tile B into a 16 x 16 fp32
+tile: 8192 multiply-adds per instruction. B must hold pairs of consecutive k per column
+(``[K/2, 16, 2]``), A is plain row-major. The kernel computes ``y^T = W @ x^T``, so that the
+operand rebuilt for every block of output columns (the weights) is the row-major one:
 
-1. dequantizes the block's 32 weight rows once into two B tiles' layout (``[K/2, 16, 2]``
-   bf16: pairs of consecutive k per column, as the instruction reads them);
-2. for each 16 rows of x (converted to bf16 once per call, padded to a multiple of 16 rows):
-   two accumulator tiles, K / 32 steps of one A and two B tile loads and two ``tdpbf16ps``;
-   the tiles are stored to fp32 and cast into y.
+1. x is converted once per call into B tiles' layout (``[K/2, M, 2]`` bf16, M padded to 16);
+2. per block of 32 output columns (blocks in parallel) the 32 weight rows are dequantized once
+   into bf16 rows (two A tiles per 32 k, contiguous, vectorised stores);
+3. for each 16 rows of x: two accumulator tiles, K / 32 steps of two A and one B tile loads
+   and two ``tdpbf16ps``; the tiles (``[n, m]``) are stored and written into y transposed.
 
 Numerics: x and the dequantized weights are rounded to bfloat16 (8 significant bits, round to
 nearest even) before the products: about 0.4 % relative per factor, as PyTorch's bf16 path.
@@ -63,7 +64,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     N, K = out_features, in_features
     words, per_word, mask, off = K * bits // 32, 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
     k_steps = K // 32
-    a_stride, b_stride, c_stride = T.int64(K * 2), T.int64(64), T.int64(64)  # bytes per tile row
+    w_stride, c_stride = T.int64(K * 2), T.int64(64)  # bytes per tile row
 
     def tile(op, *args):
         return T.call_llvm_intrin("void", op, *args)
@@ -89,26 +90,24 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         qs = T.match_buffer(qs_h, (N, K // 32), scale_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
-            a = T.alloc_buffer(((M + 15) // 16 * 16, K), "uint16")
-            for i in T.parallel((M + 15) // 16 * 16):
-                for ko in range(K // 16):
-                    for kv in T.vectorized(16):
-                        a[i, ko * 16 + kv] = T.if_then_else(
-                            i < M, bf16_bits(T.Cast("float32", x[T.min(i, M - 1), ko * 16 + kv])), T.uint16(0))
+            # x^T as B tiles: xb[k // 2, m, k % 2] (pairs of k per row m), rows past M zero
+            xb = T.alloc_buffer((K // 2, (M + 15) // 16 * 16, 2), "uint16")
+            for kk in T.parallel(K // 2):
+                for i, p in T.grid((M + 15) // 16 * 16, 2):
+                    xb[kk, i, p] = T.if_then_else(
+                        i < M, bf16_bits(T.Cast("float32", x[T.min(i, M - 1), kk * 2 + p])), T.uint16(0))
             for nb in T.parallel(N // 32):
                 cfg = T.alloc_buffer((64,), "uint8")
-                b = T.alloc_buffer((2, K // 2, 16), "uint32")
-                c = T.alloc_buffer((2, 16, 16), "float32")
-                for t, j in T.grid(2, 16):  # row n of W -> column j of B tile t, pairs of k as words
-                    for w in T.vectorized(words):
-                        for pair in T.unroll(per_word // 2):
-                            b[t, w * (per_word // 2) + pair, j] = T.Cast("uint32", weight_bits(
-                                qw, qs, nb * 32 + t * 16 + j, w, pair * 2)) | (T.Cast("uint32", weight_bits(
-                                    qw, qs, nb * 32 + t * 16 + j, w, pair * 2 + 1)) << T.uint32(16))
+                w = T.alloc_buffer((32, K), "uint16")  # the block's 32 weight rows, bf16, row-major: A tiles
+                c = T.alloc_buffer((2, 16, 16), "float32")  # y^T tiles: [n, m]
+                for j in range(32):
+                    for wo in range(words):
+                        for code in T.vectorized(per_word):
+                            w[j, wo * per_word + code] = weight_bits(qw, qs, nb * 32 + j, wo, code)
                 for i in range(64):
                     cfg[i] = T.uint8(0)
                 cfg[0] = T.uint8(1)  # palette 1
-                for t in range(5):  # tiles 0, 1: C; 2: A; 3, 4: B; each 16 rows of 64 bytes
+                for t in range(5):  # tiles 0, 1: C; 2, 3: A (weights); 4: B (x); each 16 rows of 64 bytes
                     cfg[16 + 2 * t] = T.uint8(64)
                     cfg[48 + t] = T.uint8(16)
                 tile("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
@@ -116,16 +115,17 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                     tile("llvm.x86.tilezero", T.int8(0))
                     tile("llvm.x86.tilezero", T.int8(1))
                     for kc in range(k_steps):
-                        tile("llvm.x86.tileloadd64", T.int8(2), T.address_of(a[mb * 16, kc * 32]), a_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(3), T.address_of(b[0, kc * 16, 0]), b_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(b[1, kc * 16, 0]), b_stride)
-                        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(2), T.int8(3))
-                        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(2), T.int8(4))
+                        tile("llvm.x86.tileloadd64", T.int8(2), T.address_of(w[0, kc * 32]), w_stride)
+                        tile("llvm.x86.tileloadd64", T.int8(3), T.address_of(w[16, kc * 32]), w_stride)
+                        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(xb[kc * 16, mb * 16, 0]),
+                             T.Cast("int64", ((M + 15) // 16 * 16) * 4))
+                        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(2), T.int8(4))
+                        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(3), T.int8(4))
                     tile("llvm.x86.tilestored64", T.int8(0), T.address_of(c[0, 0, 0]), c_stride)
                     tile("llvm.x86.tilestored64", T.int8(1), T.address_of(c[1, 0, 0]), c_stride)
-                    for t, i, j in T.grid(2, 16, 16):
+                    for i, t, j in T.grid(16, 2, 16):
                         if mb * 16 + i < M:
-                            y[mb * 16 + i, nb * 32 + t * 16 + j] = T.Cast(out_dtype, c[t, i, j])
+                            y[mb * 16 + i, nb * 32 + t * 16 + j] = T.Cast(out_dtype, c[t, j, i])
                 tile("llvm.x86.tilerelease")
 
     return func
