@@ -39,6 +39,11 @@ one-row kernels of a decode step do not pay for waking and joining the thread po
 
 All rules decline (return None) instead of raising, so an unusual PrimFunc stays
 unscheduled and correct.
+
+Two kernels are written by hand in TIR instead of scheduled by a rule, and put in place per
+target by a pass of the pipeline: :mod:`.int8_gemv` (decode on int8 activations, VNNI
+``vpdpbusd``; ``--int8-activations``) and :mod:`.amx_matmul` (prefill in bf16 on the AMX tiles;
+``--amx-prefill``).
 """
 
 
