@@ -190,7 +190,7 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 
 HEADERS = ("mpt_relax", "llama.cpp", "T", "decode: ours", "llama", "ratio", "prefill: ours", "llama", "ratio",
            "/bound: ours", "llama", "same")
-WIDTHS = (14, 10, 3, 14, 8, 7, 15, 8, 7, 14, 7, 6)
+WIDTHS = (24, 10, 3, 14, 8, 7, 15, 8, 7, 14, 7, 6)
 
 
 def line(cells) -> str:
