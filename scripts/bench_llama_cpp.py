@@ -18,7 +18,8 @@ temporary directory and run from there, never from this repository.
    tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0 and
    Q4_0 with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head) becomes Q6_K,
    or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
-2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm) in q0f32,
+2. mpt_relax artifacts are built for the host CPU from the checkpoint and from each of the three
+   GGUF files ("gguf F16" ...: --quantization gguf, the file's own blocks); from the checkpoint (``mpt_relax.build``, target llvm) in q0f32,
    q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"), and q8/q4 with the int8
    decode and AMX prefill kernels ("-a8-amx"), and measured by
    :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
@@ -76,6 +77,9 @@ FAST = {"int8_activations": True, "amx_prefill": True}  # the CPU kernels (--int
 ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), ("q8f16_1", FAST, "Q8_0"),
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), ("q4f16_1", FAST, "Q4_0"),
         ("q4f16_1", {"quantize_embedding": True, **FAST}, "Q4_0"))
+
+
+GGUF_ROWS = ("F16", "Q8_0", "Q4_0")  # mpt_relax built from llama.cpp's own file (--quantization gguf)
 
 
 def label(q: str, options: dict) -> str:
@@ -176,6 +180,20 @@ def measure_llama(gguf: str, threads: int, ids: list[int], gen_len: int, runs: i
     return {**bench._median([r[0] for r in results]), "token_ids": results[-1][1]}
 
 
+def llama_logits(gguf: str, ids: list[int]) -> dict:
+    """llama.cpp's float32 logits [len(ids), vocab] at every prompt position (runs in a spawned child)."""
+    llm = llama_cpp.Llama(gguf, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids), logits_all=True, verbose=False)
+    llm.eval(ids)
+    return {"logits": np.array(llm.scores[: len(ids)], dtype=np.float32)}
+
+
+def logits_difference(artifact: Path, gguf: Path, ids: list[int]) -> float:
+    """||ours - llama.cpp|| / ||llama.cpp|| over the logits of every prompt position, same GGUF file."""
+    ours = mpt_relax.Engine(artifact, device="cpu").logits(ids)
+    theirs = bench._in_child(llama_logits, 1, str(gguf), ids)["logits"]
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
 def llama_report(gguf: Path, config: MPTConfig, threads: int, ids: list[int], gen_len: int, runs: int) -> dict:
     """measure_llama's figures plus the bytes read per decode token, from the GGUF file's own tensor sizes."""
     out = bench._in_child(measure_llama, threads, str(gguf), threads, ids, gen_len, runs)
@@ -241,6 +259,8 @@ def main() -> int:
             return 0
         artifacts = {label(q, o): mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quiet=True, **o)
                      for q, o, _ in ROWS}
+        artifacts.update({f"gguf {f}": mpt_relax.build(ggufs[f], target="llvm", quiet=True,
+                                                       output=Path(tmp) / f"gguf-{f}") for f in GGUF_ROWS})
         meta = read_config(artifacts["q0f32"])
         config = MPTConfig.from_dict(meta["model_config"])
         ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
@@ -250,13 +270,16 @@ def main() -> int:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
             lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
             theirs: dict[str, dict] = {}
-            for q, options, ftype in ROWS:
-                ours = bench.run(artifacts[label(q, options)], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
+            for name, ftype in [(label(q, o), f) for q, o, f in ROWS] + [(f"gguf {f}", f) for f in GGUF_ROWS]:
+                ours = bench.run(artifacts[name], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
                 if ftype and ftype not in theirs:
                     theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
-                lines.append(table_row(label(q, options), ftype, t, bytes_per_s, ours, theirs.get(ftype)))
+                lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs.get(ftype)))
                 print(lines[-1], file=sys.stderr, flush=True)
+        lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "
+                     "(||ours - llama|| / ||llama||): " + ", ".join(
+                         f"{f} {logits_difference(artifacts[f'gguf {f}'], ggufs[f], ids):.2e}" for f in GGUF_ROWS))
     print("\n".join(lines))
     return 0
 
