@@ -18,10 +18,11 @@ temporary directory and run from there, never from this repository.
    tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0 and
    Q4_0 with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head) becomes Q6_K,
    or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
-2. mpt_relax artifacts are built for the host CPU from the checkpoint and from each of the three
-   GGUF files ("gguf F16" ...: --quantization gguf, the file's own blocks); from the checkpoint (``mpt_relax.build``, target llvm) in q0f32,
-   q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"), and q8/q4 with the int8
-   decode and AMX prefill kernels ("-a8-amx"), and measured by
+2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
+   checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
+   and q8/q4 with the int8 decode and AMX prefill kernels ("-a8-amx"); and from each of the
+   three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own blocks). Each is
+   measured by
    :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
    only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
