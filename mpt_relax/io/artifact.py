@@ -68,7 +68,7 @@ def write_params(out_dir: Path, params: Iterable[tuple[str, np.ndarray]], extra:
                 shards.append({"dataPath": f"params_shard_{len(shards)}.bin", "format": "raw-shard", "nbytes": 0,
                                "records": []})
                 handle, offset = open(out_dir / shards[-1]["dataPath"], "wb"), 0
-            handle.write(array.tobytes())
+            handle.write(array.reshape(-1).view(np.uint8))  # the array's bytes, not a copy of them
             shards[-1]["records"].append({"name": name, "shape": list(array.shape), "dtype": str(array.dtype),
                                           "format": "raw", "nbytes": array.nbytes, "byteOffset": offset,
                                           **extra.get(name, {})})

@@ -3,7 +3,9 @@
 Handles sharded or single ``.safetensors`` (``model.safetensors.index.json``) and PyTorch
 ``.bin`` pickles (``pytorch_model.bin.index.json``), loaded only with
 ``torch.load(weights_only=True)`` (memory-mapped for zip-format pickles). Tensors come back as
-torch tensors in the dtype they were stored in (bf16, fp16, fp32, ...).
+torch tensors in the dtype they were stored in (bf16, fp16, fp32, ...). :func:`iter_tensors`
+reads ``.safetensors`` tensors with plain file reads, so that memory holds the tensors in use,
+not the pages of a whole mapped shard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from mpt_relax.errors import MPTRelaxError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 FP16_MAX = 65504.0  # largest finite float16: bf16/fp32 values beyond it are clamped, never made inf
 BIN_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(MPTRelaxError):
@@ -115,12 +120,13 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+    """One tensor at a time, read with plain file reads into a fresh buffer (not the mmap that
+    ``safe_open`` tensors view: its touched pages would stay resident until the shard is closed)."""
     try:
-        with safe_open(str(path), "pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        entries = _safetensors_entries(path)
+        with open(path, "rb", buffering=0) as handle:
+            for name, dtype, shape, start, nbytes in entries:
+                yield name, _read_tensor(handle, start, nbytes).view(dtype).reshape(shape)
     except CheckpointError:
         raise
     except Exception as err:  # corrupt header or truncated data
@@ -128,6 +134,42 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             f"cannot read shard {path} ({path.stat().st_size} bytes; corrupt or truncated? re-download it): "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
+
+
+def _safetensors_entries(path: Path) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """``(name, dtype, shape, file offset, nbytes)`` per tensor, in ``safe_open``'s key order.
+
+    ``safe_open`` validates the header (offsets in bounds, the file fully covered) first; the
+    offsets then come from the same JSON header, which ``safe_open`` does not expose.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        names = list(handle.keys())
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entries = []
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"shard {path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        entries.append((name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"], 8 + size + start, end - start))
+    return entries
+
+
+def _read_tensor(handle, offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` bytes at ``offset`` of an unbuffered file, as a uint8 tensor."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    handle.seek(offset)
+    while done < nbytes:
+        n = handle.readinto(view[done:])
+        if not n:
+            raise EOFError(f"the file ends inside a tensor at byte {offset + done}")
+        done += n
+    return buf
 
 
 def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:

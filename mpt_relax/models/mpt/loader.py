@@ -22,6 +22,7 @@ from mpt_relax.io.checkpoint import FP16_MAX, CheckpointError, iter_tensors, ten
 from mpt_relax.quantization import Quantization
 
 Transform = Callable[[torch.Tensor], dict[str, np.ndarray]]
+_CAST_CHUNK = 1 << 22  # elements per float32 step of a float16 cast: 16 MB
 
 
 class WeightMapError(CheckpointError):
@@ -41,11 +42,17 @@ class WeightRule:
 def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     """A checkpoint tensor (bf16/fp16/fp32) as a numpy array of ``dtype``.
 
-    Casting to float16 clamps to +-65504 first, so bf16 outliers never become inf.
+    Casting to float16 clamps to +-65504 first, so bf16 outliers never become inf; it goes
+    through float32 in chunks of ``_CAST_CHUNK`` elements, never a float32 copy of the whole tensor.
     """
-    if dtype == "float16" and t.dtype != torch.float16:
-        t = t.to(torch.float32).clamp_(-FP16_MAX, FP16_MAX)
-    return t.to(getattr(torch, dtype)).contiguous().numpy()
+    if dtype != "float16" or t.dtype == torch.float16:
+        return t.to(getattr(torch, dtype)).contiguous().numpy()
+    flat = t.contiguous().reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float16)
+    for start in range(0, flat.numel(), _CAST_CHUNK):
+        part = slice(start, start + _CAST_CHUNK)
+        out[part] = flat[part].to(torch.float32).clamp_(-FP16_MAX, FP16_MAX)
+    return out.reshape(t.shape).numpy()
 
 
 def cast_rule(name: str, param: nn.Parameter, source: str | None = None) -> WeightRule:
@@ -103,8 +110,10 @@ def stream_params(
     check_checkpoint(model_dir, rules, tied_head=tied_head)
     for name, tensor in iter_tensors(model_dir):
         rule = rules.get(name)
-        if rule is not None:
-            yield from rule.transform(tensor).items()
+        arrays = rule.transform(tensor) if rule is not None else {}
+        del tensor  # the source is not kept while its arrays are written and the next one is read
+        yield from arrays.items()
+        del arrays
 
 
 def check_checkpoint(model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True) -> None:
