@@ -90,12 +90,9 @@ def drop_page_cache(ckpt: Path) -> None:
 
 
 def remove_outputs(work: Path) -> None:
-    """Everything in ``work`` but the checkpoint."""
-    for entry in work.glob("*"):
-        if entry.is_dir() and entry.name != "ckpt":
-            shutil.rmtree(entry)
-        elif not entry.is_dir():
-            entry.unlink()
+    """The artifacts this script writes into ``work`` (the checkpoint stays)."""
+    for entry in [*work.glob("7b-*"), work / "dist", work / "synthetic-q4"]:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def checkpoint_ready(path: Path, layers: int) -> bool:
