@@ -13,6 +13,7 @@ from tvm.s_tir import dlight as dl
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
 from mpt_relax.compile import vulkan as vulkan_config
 from mpt_relax.compile.amx_kernels import select_amx_kernels
+from mpt_relax.compile.cpu_math import vectorized_gelu
 from mpt_relax.compile.int8_kernels import select_int8_kernels
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.quantization import fuse_dequantize_matmul
@@ -26,6 +27,7 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
         select_int8_kernels(spec),  # int8-activation GEMVs: the target's VNNI kernel (CPU only)
         select_amx_kernels(spec),  # amx_prefill schemes: bf16 tile matmuls where the CPU has AMX
         relax.transform.DecomposeOpsForInference(),
+        vectorized_gelu(spec.name),  # llvm: a polynomial erf instead of one libm call per element
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
