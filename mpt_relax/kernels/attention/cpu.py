@@ -244,25 +244,86 @@ def prefill_paged_cpu(spec: AttentionSpec):
     return paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, _CPU_ATTRS)
 
 
+def _row_dot(q_vec, k_vec, width: int):
+    """sum(q_vec * k_vec) of two fp32 [width] vectors: halving vector adds, then the odd rest serially."""
+    v = q_vec * k_vec
+    while width > 1 and width % 2 == 0:
+        width //= 2
+        v = T.Shuffle([v], list(range(width))) + T.Shuffle([v], list(range(width, 2 * width)))
+    if width == 1:
+        return v
+    total = T.Shuffle([v], [0])
+    for lane in range(1, width):
+        total = total + T.Shuffle([v], [lane])
+    return total
+
+
 def decode_paged_cpu(spec: AttentionSpec):
     """One query per sequence over every key in its pages (its own new key included), for llvm.
 
     q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values [nnz_pages],
     last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H].
+
+    A single query row needs no key tile: each key's score is one vector dot product read
+    straight from its page, and each value row is folded into the fp32 accumulator straight
+    from its page (the prefill kernels' transposed tiles pay off only over many rows). The
+    softmax is the same: online in float32, two sweeps with rounded probabilities otherwise.
     """
-    H, TILE = spec.n_heads, spec.page_size
-    attend, _ = _cpu_attend(spec, _paged_tile_loader(spec))
+    H, D, TILE, group, dtype = spec.n_heads, spec.head_dim, spec.page_size, spec.group, spec.dtype
+    SWEEPS, rounded = _cpu_sweeps(spec), _cpu_sweeps(spec) == 2
+    fD = f"float32x{D}"
 
     # fmt: off
     @T.macro
     def body(q, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, sm_scale, B):
         for h in T.parallel(H):
             with T.sblock("attn"):
-                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                T.reads()  # none declared: inferring regions trips over the per-tile lets, and nothing schedules this block
+                T.writes()
+                q_f32 = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                scores = T.sblock_alloc_buffer((TILE,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(B):
-                    attend(q, q_pos, output, lse, b, 1, h, sm_scale, 0, paged_kv_len(page_indptr, last_page_len, b, TILE),
-                           k_pos_offset[b], slope, pages, page_values, page_indptr[b],
-                           q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
+                    kv_len: T.let[T.int32] = paged_kv_len(page_indptr, last_page_len, b, TILE)
+                    for x in T.vectorized(D):
+                        q_f32[x] = T.cast(q[b, h, x], "float32") * sm_scale * LOG2E
+                        acc[x] = T.float32(0)
+                    state[_M] = T.float32(NEG)
+                    state[_D] = T.float32(0)
+                    for sweep, tile in T.grid(SWEEPS, T.ceildiv(kv_len, TILE)):
+                        page: T.let[T.int32] = page_values[page_indptr[b] + tile]
+                        n_keys: T.let[T.int32] = T.min(TILE, kv_len - tile * TILE)
+                        for t in T.serial(n_keys):
+                            scores[t] = alibi_bias(spec, slope, k_pos_offset[b] + tile * TILE + t, q_pos[b]) + _row_dot(
+                                q_f32[T.ramp(0, 1, D)], T.Cast(fD, pages[page, 0, h // group, t, T.ramp(0, 1, D)]), D)
+                        if sweep == 0:
+                            state[_M_NEW] = state[_M]
+                            for t in T.serial(n_keys):
+                                state[_M_NEW] = T.max(state[_M_NEW], scores[t])
+                            state[_RESCALE] = T.exp2(state[_M] - state[_M_NEW])
+                            state[_D] *= state[_RESCALE]
+                            for t in T.serial(n_keys):
+                                scores[t] = T.exp2(scores[t] - state[_M_NEW])
+                                state[_D] += scores[t]
+                            if not rounded:
+                                for x in T.vectorized(D):
+                                    acc[x] *= state[_RESCALE]
+                                for t in T.serial(n_keys):
+                                    for x in T.vectorized(D):
+                                        acc[x] += scores[t] * T.cast(pages[page, 1, h // group, t, x], "float32")
+                            state[_M] = state[_M_NEW]
+                        else:
+                            for t in T.serial(n_keys):
+                                scores[t] = T.cast(T.cast(T.exp2(scores[t] - state[_M]) / state[_D], dtype), "float32")
+                                for x in T.vectorized(D):
+                                    acc[x] += scores[t] * T.cast(pages[page, 1, h // group, t, x], "float32")
+                    for x in T.serial(D):
+                        if rounded:  # acc holds the normalised sum
+                            output[b, h, x] = T.cast(acc[x], dtype)
+                        else:
+                            output[b, h, x] = T.cast(T.if_then_else(state[_D] > 0, acc[x] / state[_D], T.float32(0)), dtype)
+                    lse[b, h] = T.if_then_else(state[_D] > 0, state[_M] + T.log2(state[_D]), T.float32(NEG))
     # fmt: on
     return decode_kernel(spec, "alibi_decode_paged_cpu", body, _CPU_ATTRS)
