@@ -8,6 +8,7 @@ from .common import (
     alibi_bias,
     AttentionSpec,
     decode_kernel,
+    fast_exp2,
     LOG2E,
     NEG,
     paged_kv_len,
@@ -46,16 +47,19 @@ def _cpu_macros(spec: AttentionSpec):
     q_f32 [R, hd]: query * sm_scale * log2(e); acc [R, hd]: unnormalised output;
     state [R, 4]: running max, running sum, the tile's new max, the rescale factor;
     visible [R]: keys each row sees; k_tile_t [hd, page_size] (transposed), v_tile
-    [page_size, hd]: the current key / value tile in fp32; scores [page_size].
+    [page_size, hd]: the current key / value tile in fp32; scores [R, page_size].
     ``sweep``: 0 for the online pass, 1 for the value pass of a two-sweep dtype
     (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
     """
-    D, dtype, TILE = spec.head_dim, spec.dtype, spec.page_size
+    D, dtype, TILE, R = spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS
     rounded = _cpu_sweeps(spec) == 2
 
     @T.macro
     def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible):
         max_visible[0] = 0
+        for r in T.serial(_CPU_ROWS):  # rows past n_rows are zeros: the block's score GEMM computes them too
+            for x in T.vectorized(D):
+                q_f32[r, x] = T.float32(0)
         for r in T.serial(n_rows):
             for x in T.serial(D):
                 q_f32[r, x] = T.cast(q[row0 + r, head, x], "float32") * sm_scale * LOG2E
@@ -67,36 +71,40 @@ def _cpu_macros(spec: AttentionSpec):
 
     @T.macro
     def fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep):
+        # the tile's scores for every row of the block at once: one independent FMA chain per row
+        for r in T.serial(R):
+            for t in T.vectorized(TILE):
+                scores[r, t] = T.if_then_else(r < n_rows, alibi_bias(spec, slope, key_pos0 + tile * TILE + t,
+                                                                     q_pos[row0 + T.min(r, n_rows - 1)]), T.float32(0))
+        for x in T.serial(D):
+            for r in T.unroll(R):
+                for t in T.vectorized(TILE):
+                    scores[r, t] += q_f32[r, x] * k_tile_t[x, t]
         for r in T.serial(n_rows):
             if visible[r] > tile * TILE:
-                for t in T.vectorized(TILE):
-                    scores[t] = alibi_bias(spec, slope, key_pos0 + tile * TILE + t, q_pos[row0 + r])
-                for x in T.serial(D):
-                    for t in T.vectorized(TILE):
-                        scores[t] += q_f32[r, x] * k_tile_t[x, t]
                 if sweep == 0:
                     state[r, _M_NEW] = state[r, _M]
                     for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                        state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[t])
-                    state[r, _RESCALE] = T.exp2(state[r, _M] - state[r, _M_NEW])
+                        state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[r, t])
+                    state[r, _RESCALE] = fast_exp2(state[r, _M] - state[r, _M_NEW])
                     state[r, _D] *= state[r, _RESCALE]
                     if not rounded:
                         for x in T.vectorized(D):
                             acc[r, x] *= state[r, _RESCALE]
                     for t in T.vectorized(TILE):
-                        scores[t] = T.if_then_else(t < visible[r] - tile * TILE, T.exp2(scores[t] - state[r, _M_NEW]), T.float32(0))
+                        scores[r, t] = T.if_then_else(t < visible[r] - tile * TILE, fast_exp2(scores[r, t] - state[r, _M_NEW]), T.float32(0))
                     for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                        state[r, _D] += scores[t]
+                        state[r, _D] += scores[r, t]
                         if not rounded:
                             for x in T.vectorized(D):
-                                acc[r, x] += scores[t] * v_tile[t, x]
+                                acc[r, x] += scores[r, t] * v_tile[t, x]
                     state[r, _M] = state[r, _M_NEW]
                 else:
                     for t in T.vectorized(TILE):
-                        scores[t] = T.cast(T.cast(T.exp2(scores[t] - state[r, _M]) / state[r, _D], dtype), "float32")
+                        scores[r, t] = T.cast(T.cast(fast_exp2(scores[r, t] - state[r, _M]) / state[r, _D], dtype), "float32")
                     for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
                         for x in T.vectorized(D):
-                            acc[r, x] += scores[t] * v_tile[t, x]
+                            acc[r, x] += scores[r, t] * v_tile[t, x]
 
     @T.macro
     def finish_rows(output, lse, row0, n_rows, head, acc, state):
@@ -122,7 +130,7 @@ def _cpu_scratch(spec: AttentionSpec):
         T.sblock_alloc_buffer((1,), "int32"),  # max_visible
         T.sblock_alloc_buffer((D, TILE), "float32"),  # k_tile_t
         T.sblock_alloc_buffer((TILE, D), "float32"),  # v_tile
-        T.sblock_alloc_buffer((TILE,), "float32"),  # scores
+        T.sblock_alloc_buffer((R, TILE), "float32"),  # scores
     )
 
 
@@ -302,10 +310,10 @@ def decode_paged_cpu(spec: AttentionSpec):
                             state[_M_NEW] = state[_M]
                             for t in T.serial(n_keys):
                                 state[_M_NEW] = T.max(state[_M_NEW], scores[t])
-                            state[_RESCALE] = T.exp2(state[_M] - state[_M_NEW])
+                            state[_RESCALE] = fast_exp2(state[_M] - state[_M_NEW])
                             state[_D] *= state[_RESCALE]
                             for t in T.serial(n_keys):
-                                scores[t] = T.exp2(scores[t] - state[_M_NEW])
+                                scores[t] = fast_exp2(scores[t] - state[_M_NEW])
                                 state[_D] += scores[t]
                             if not rounded:
                                 for x in T.vectorized(D):
@@ -316,7 +324,7 @@ def decode_paged_cpu(spec: AttentionSpec):
                             state[_M] = state[_M_NEW]
                         else:
                             for t in T.serial(n_keys):
-                                scores[t] = T.cast(T.cast(T.exp2(scores[t] - state[_M]) / state[_D], dtype), "float32")
+                                scores[t] = T.cast(T.cast(fast_exp2(scores[t] - state[_M]) / state[_D], dtype), "float32")
                                 for x in T.vectorized(D):
                                     acc[x] += scores[t] * T.cast(pages[page, 1, h // group, t, x], "float32")
                     for x in T.serial(D):
