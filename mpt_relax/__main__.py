@@ -6,7 +6,7 @@
     python -m mpt_relax generate --artifact DIR --prompt "..."   # streams the reply
     python -m mpt_relax chat --artifact DIR                      # one user message per line; EOF ends
     python -m mpt_relax serve --artifact DIR [--port 8000]       # OpenAI-compatible HTTP server
-    python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf] [--json]
+    python -m mpt_relax bench --artifact DIR --prompt-len 128 --gen-len 128 [--compare-hf [--hf-dtype bfloat16]] [--json]
     python -m mpt_relax perplexity --artifact DIR --text FILE [--context N --stride S] [--decode] [--compare-hf] [--json]
 
 Errors print one line ``error: ...`` on stderr and exit with status 1 (2 for a usage mistake,
@@ -166,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = bench.run(args.artifact, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                        runs=args.runs, compare_hf=args.compare_hf, hf_model=args.hf_model, threads=args.threads,
-                       seed=args.seed)
+                       seed=args.seed, hf_dtype=args.hf_dtype)
     print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
     return 0
 
@@ -319,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int_at_least(1), default=3, help="measured runs after one warm-up; medians are shown")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers' MptForCausalLM on the same weights")
     p.add_argument("--hf-model", help="HF checkpoint for --compare-hf (default: the artifact's recorded source)")
+    p.add_argument("--hf-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="HF's dtype for --compare-hf (default: float32 on the CPU, the artifact's dtype elsewhere)")
     p.add_argument("--threads", type=int_at_least(1), help="CPU threads for both runtimes (TVM_NUM_THREADS, torch)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random prompt")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

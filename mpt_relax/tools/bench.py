@@ -70,9 +70,17 @@ def measure_engine(artifact: str, device: str, ids: list[int], gen_len: int, run
     return {"device": str(eng.device), **_median(figures), "token_ids": results[-1].token_ids}
 
 
-def hf_baseline_dtype(device: str, model_dtype: str) -> str:
-    """HF's dtype in --compare-hf: fp32 on the CPU (torch's fast CPU path, and the baseline every
-    artifact is compared with there), else the artifact's float dtype."""
+HF_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def hf_baseline_dtype(device: str, model_dtype: str, requested: str | None = None) -> str:
+    """HF's dtype in --compare-hf: ``requested`` if given (e.g. bfloat16: oneDNN's AMX path on a
+    CPU that has it), else fp32 on the CPU (the baseline every artifact is compared with
+    there) and the artifact's float dtype elsewhere."""
+    if requested is not None:
+        if requested not in HF_DTYPES:
+            raise EngineError(f"--hf-dtype must be one of {', '.join(HF_DTYPES)}, got {requested!r}")
+        return requested
     return "float32" if device == "cpu" else model_dtype
 
 
@@ -144,11 +152,12 @@ def _with_bound(config: MPTConfig, prompt_len: int, gen_len: int, bytes_per_s: f
 
 def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, gen_len: int = 128, runs: int = 3,
         compare_hf: bool = False, hf_model: str | Path | None = None, threads: int | None = None,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, hf_dtype: str | None = None) -> dict[str, Any]:
     """Measure the artifact (and HF, with ``compare_hf``); returns the report as a dict.
 
     ``hf_model`` defaults to the checkpoint the artifact was built from (``source`` in
     mpt-config.json). ``threads`` sets ``TVM_NUM_THREADS`` and torch's thread count alike.
+    ``hf_dtype``: see :func:`hf_baseline_dtype`.
     """
     for name, value, low in (("runs", runs, 1), ("threads", threads, 1), ("seed", seed, 0)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -160,6 +169,7 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
                           f"(got {prompt_len} + {gen_len})")
     if device == "auto":
         device = auto_device(meta["libraries"])
+    hf_dtype = hf_baseline_dtype(device, meta["model_dtype"], hf_dtype)
     if compare_hf:
         hf_model = hf_model or meta.get("source")
         if not hf_model or not (Path(hf_model) / "config.json").is_file():
@@ -183,7 +193,6 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         "hf": None, "ratios": None, "same_tokens": None,
     }
     if compare_hf:
-        hf_dtype = hf_baseline_dtype(device, meta["model_dtype"])
         report["hf_dtype"] = hf_dtype
         hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, BY_DEVICE[device].hf_device, ids, gen_len, runs)
         ours = report["mpt_relax"]

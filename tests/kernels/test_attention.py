@@ -18,9 +18,12 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.s_tir import dlight as dl
+from tvm.script import tirx as T
 
 from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.compile import targets
 from mpt_relax.compile.kv_cache import ALiBiPagedKVCache
+from mpt_relax.kernels.attention.common import fast_exp2
 from mpt_relax.runtime.kv_state import (
     KVCacheCapacityError,
     PagedKVCacheRuntime,
@@ -334,3 +337,23 @@ def test_gpu_kernels_build(kind, tmp_path):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_fast_exp2_is_within_an_ulp_and_flushes_masked_keys():
+    """The CPU kernels' polynomial exp2 against float64 numpy, vectorized as the kernels use it."""
+    n = 1 << 16
+
+    @T.prim_func
+    def func(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32")):
+        for i0 in T.serial(n // 16):
+            for i1 in T.vectorized(16):
+                b[i0 * 16 + i1] = fast_exp2(a[i0 * 16 + i1])
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=targets.llvm_target().target)
+    x = np.concatenate([np.linspace(-126, 127, n - 4), [-1e30, 0.0, -127.0, -300.0]]).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    lib["main"](tvm.runtime.tensor(x), out)
+    got, ref = out.numpy(), np.exp2(x.astype(np.float64))
+    normal = ref >= 2.0 ** -126
+    assert np.max(np.abs(got[normal] - ref[normal]) / ref[normal]) < 2.4e-7  # 2 ulp
+    np.testing.assert_array_equal(got[-4:], [0.0, 1.0, 0.0, 0.0])  # exp2(NEG - max) of a masked key is 0

@@ -386,3 +386,17 @@ def test_cli_bench_compares_with_hf(tiny):
     table = bench.format_table(report)
     for row in ("decode (tokens/s)", "peak RSS (MB)", "decode bound (tokens/s)", "decode / bound", "same greedy tokens: yes"):
         assert row in table
+
+
+def test_cli_bench_hf_dtype(tiny):
+    """--hf-dtype bfloat16: HF runs (and is charged for reading) bf16 weights; a bad dtype is refused."""
+    art = tiny[2]
+    proc = cli("bench", "--artifact", str(art), "--prompt-len", "8", "--gen-len", "4", "--runs", "1", "--threads", "1",
+               "--compare-hf", "--hf-dtype", "bfloat16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    config = tiny[1].config
+    assert report["hf_dtype"] == "bfloat16" and report["hf"]["decode_tokens_per_s"] > 0
+    assert report["hf"]["bytes_per_token"] == config.num_parameters() * 2 + 2 * config.n_layers * config.d_model * 2 * (8 + 4 / 2)
+    with pytest.raises(mpt_relax.EngineError, match="--hf-dtype must be one of"):
+        bench.run(art, compare_hf=True, hf_dtype="int8")
