@@ -170,6 +170,11 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
         lo, hi = packed & T.broadcast(nib, wpv), (packed >> T.broadcast(T.uint32(4), wpv)) & T.broadcast(nib, wpv)
         return T.reinterpret(T.Shuffle([lo, hi], q4_order), dtype=i8)
 
+    def dot(qw, xq, n, m, c):
+        """int32 [lanes]: vpdpbusd of row n's codes of step c with x row m's int8 values."""
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(intrinsic), T.broadcast(T.int32(0), lanes), codes(qw, n, c),
+                                       T.reinterpret(xq[m, T.ramp(c * lanes * 4, 1, lanes * 4)], dtype=i8), dtype=i32)
+
     def part(buf, row, start):
         """``buf[row, start : start + chunk]``: a vector, or a scalar for chunks of one group."""
         return buf[row, T.ramp(start, 1, chunk)] if chunk > 1 else buf[row, start]
@@ -208,40 +213,37 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
         qs = T.match_buffer(qs_h, (N, G), scale_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
+            # scratch indexed by weight row: allocated once per call (an allocation inside the
+            # parallel loop would be a workspace call per block of rows)
+            acc = T.alloc_buffer((N, lanes), "float32")
+            cor = T.alloc_buffer((N, chunk), "float32")
+            combined = T.alloc_buffer((N, chunk), "float32")
             for nb in T.parallel(N // rows):
-                with T.sblock("rows"):  # per-task scratch that LLVM keeps in registers
-                    T.reads(xq[0:M, 0:K], xs[0:M, 0:G], xc[0:M, 0:G], qw[0:N, 0:words], qs[0:N, 0:G])
-                    T.writes(y[0:M, nb * rows : nb * rows + rows])
-                    acc = T.sblock_alloc_buffer((rows, lanes), "float32", scope="local")
-                    cor = T.sblock_alloc_buffer((rows, chunk), "float32", scope="local")
-                    combined = T.sblock_alloc_buffer((rows, chunk), "float32", scope="local")
-                    for m in range(M):
+                for m in range(M):
+                    for r in T.unroll(rows):
+                        acc[nb * rows + r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        for lane in range(chunk):
+                            cor[nb * rows + r, lane] = T.float32(0)
+                    for ch in range(G // chunk):
                         for r in T.unroll(rows):
-                            acc[r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                            for lane in range(chunk):
-                                cor[r, lane] = T.float32(0)
-                        for ch in range(G // chunk):
+                            if chunk > 1:
+                                combined[nb * rows + r, T.ramp(0, 1, chunk)] = (w_scale(qs, nb * rows + r, ch)
+                                                                                * xs[m, T.ramp(ch * chunk, 1, chunk)])
+                                cor[nb * rows + r, T.ramp(0, 1, chunk)] = (cor[nb * rows + r, T.ramp(0, 1, chunk)]
+                                                                           + w_scale(qs, nb * rows + r, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)])
+                            else:
+                                combined[nb * rows + r, 0] = w_scale(qs, nb * rows + r, ch) * xs[m, ch]
+                                cor[nb * rows + r, 0] = cor[nb * rows + r, 0] + w_scale(qs, nb * rows + r, ch) * xc[m, ch]
+                        for s in T.unroll(steps):
                             for r in T.unroll(rows):
-                                if chunk > 1:
-                                    combined[r, T.ramp(0, 1, chunk)] = w_scale(qs, nb * rows + r, ch) * xs[m, T.ramp(ch * chunk, 1, chunk)]
-                                    cor[r, T.ramp(0, 1, chunk)] = (cor[r, T.ramp(0, 1, chunk)]
-                                                                   + w_scale(qs, nb * rows + r, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)])
-                                else:
-                                    combined[r, 0] = w_scale(qs, nb * rows + r, ch) * xs[m, ch]
-                                    cor[r, 0] = cor[r, 0] + w_scale(qs, nb * rows + r, ch) * xc[m, ch]
-                            for s in T.unroll(steps):
-                                for r in T.unroll(rows):
-                                    prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
-                                for r in T.unroll(rows):
-                                    dot = T.call_llvm_pure_intrin(
-                                        T.llvm_lookup_intrinsic_id(intrinsic), T.broadcast(T.int32(0), lanes),
-                                        codes(qw, nb * rows + r, ch * steps + s),
-                                        T.reinterpret(xq[m, T.ramp((ch * steps + s) * lanes * 4, 1, lanes * 4)], dtype=i8), dtype=i32)
-                                    acc[r, T.ramp(0, 1, lanes)] = (
-                                        acc[r, T.ramp(0, 1, lanes)]
-                                        + T.Cast(f32, dot) * step_scales(part(combined, r, 0), s))
-                        for r in T.unroll(rows):
-                            y[m, nb * rows + r] = T.Cast(out_dtype, total(acc[r, T.ramp(0, 1, lanes)],
-                                                                          part(cor, r, 0)))
+                                prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
+                            for r in T.unroll(rows):
+                                acc[nb * rows + r, T.ramp(0, 1, lanes)] = (
+                                    acc[nb * rows + r, T.ramp(0, 1, lanes)]
+                                    + T.Cast(f32, dot(qw, xq, nb * rows + r, m, ch * steps + s))
+                                    * step_scales(part(combined, nb * rows + r, 0), s))
+                    for r in T.unroll(rows):
+                        y[m, nb * rows + r] = T.Cast(out_dtype, total(acc[nb * rows + r, T.ramp(0, 1, lanes)],
+                                                                      part(cor, nb * rows + r, 0)))
 
     return func
