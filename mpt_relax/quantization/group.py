@@ -3,12 +3,16 @@
 What is stored for a Linear weight [out, in]: ``q_weight`` uint32 [out, in/8] (int4) or
 [out, in/4] (int8), and ``q_scale`` float16 [out, in/32].
 
-Group quantization (symmetric, round half to even via ``np.rint``), with
-``max_int = 2**(bits-1) - 1`` (7 for int4, 127 for int8), ``group_size = 32``::
+Group quantization (symmetric, round half to even), with ``max_int = 2**(bits-1) - 1`` (7 for
+int4, 127 for int8), ``group_size = 32``, all arithmetic in float32 (the weight widened exactly)::
 
     scale[o, g]  = float16(max(|w[o, 32g : 32g+32]|) / max_int)      # 0 for an all-zero group
-    code[o, i]   = clip(rint(w[o, i] / scale[o, i // 32]), -max_int, max_int) + max_int
+    d[o, g]      = float32(scale[o, g]), or 1.0 where it is 0
+    code[o, i]   = clip(rint(w[o, i] / d[o, i // 32]), -max_int, max_int) + max_int   # true division
     w'[o, i]     = (code[o, i] - max_int) * scale[o, i // 32]         # dequantized
+
+:func:`quantize_weight` computes exactly these bytes with a compiled CPU kernel
+(:mod:`.group_kernel`), reading float32, float16 or bfloat16 weights as they are stored.
 
 The codes are computed from the float16-rounded scale, so |w - w'| <= scale / 2 except where
 rounding the scale down pushed |w / scale| past max_int (then by at most max_int times the
@@ -55,11 +59,12 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from mpt_relax.kernels.cpu import amx_matmul, int8_gemv
+from mpt_relax.quantization import group_kernel
 from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
 
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
-_BLOCK_ELEMENTS = 1 << 18  # elements per numpy (de)quantize block: ~1 MB of float32
+_BLOCK_ELEMENTS = 1 << 18  # elements per numpy dequantize block: ~1 MB of float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,52 +182,28 @@ def _require_group(q: Quantization) -> None:
         raise QuantizationError(f"{q.name} does not quantize weights (kind {q.kind!r})")
 
 
-# ---------------------------------------------------------------------------------- numpy
+# ---------------------------------------------------------------------------------- arrays
 def quantize_weight(w: np.ndarray, q: GroupQuantization) -> dict[str, np.ndarray]:
-    """Quantize one Linear weight.
+    """Quantize one Linear weight with the compiled CPU kernel (:mod:`.group_kernel`).
 
-    w: [out, in] float32 or float16. Returns ``q_weight`` uint32 [out, in / pack_factor] and
-    ``q_scale`` (``q.model_dtype``) [out, in / group_size], laid out as in the module docstring.
-    Rows are processed in blocks of about ``_BLOCK_ELEMENTS`` so that the float32
-    intermediates stay in cache instead of costing fresh multi-100-MB allocations.
+    w: [out, in] float32, float16 or bfloat16 (``ml_dtypes.bfloat16``), read in its own dtype.
+    Returns ``q_weight`` uint32 [out, in / pack_factor] and ``q_scale`` (``q.model_dtype``)
+    [out, in / group_size], laid out as in the module docstring. QuantizationError for a
+    non-finite weight or a group scale beyond ``q.model_dtype``.
     """
     _require_group(q)
     if w.ndim != 2:
         raise QuantizationError(f"{q.name}: expected a 2-D [out, in] weight, got shape {w.shape}")
+    if w.dtype not in group_kernel.SOURCES:
+        raise QuantizationError(f"{q.name}: cannot quantize a {w.dtype} weight (float32, float16 or bfloat16)")
     out_features, in_features = w.shape
     q.check_linear_shape(out_features, in_features)
-    q_weight = np.empty(q.q_weight_shape(out_features, in_features), np.uint32)
-    q_scale = np.empty(q.q_scale_shape(out_features, in_features), q.model_dtype)
-    rows = max(1, _BLOCK_ELEMENTS // in_features)
-    for start in range(0, out_features, rows):
-        block = slice(start, start + rows)
-        q_weight[block], q_scale[block] = _quantize_rows(w[block], q)
-    return {"q_weight": q_weight, "q_scale": q_scale}
-
-
-def _quantize_rows(w: np.ndarray, q: GroupQuantization) -> tuple[np.ndarray, np.ndarray]:
-    """w: [rows, in] -> (uint32 codes [rows, in / pack_factor], scales [rows, in / group_size])."""
-    groups = w.astype(np.float32).reshape(w.shape[0], -1, q.group_size)
-    scale = (_last_axis_max(np.abs(groups)) / q.max_int).astype(q.model_dtype)
-    if not np.isfinite(scale).all():
+    # C order for the kernel; a read-only array is copied (DLPack cannot hand it over)
+    w = np.ascontiguousarray(w) if w.flags.writeable else w.copy()
+    q_weight, q_scale = group_kernel.quantize(w, q.bits, q.group_size, q.model_dtype)
+    if not np.isfinite(q_scale).all():
         raise QuantizationError(f"{q.name}: weight has non-finite values or a group scale beyond {q.model_dtype}")
-    divisor = scale.astype(np.float32)
-    divisor[divisor == 0] = 1.0  # all-zero (or underflowing) groups: every code is max_int, i.e. 0.0
-    codes = np.rint(groups / divisor[..., None])
-    np.clip(codes, -q.max_int, q.max_int, out=codes)
-    # int8 cast (fast, exact for |code| <= 127), then the +max_int offset in uint8 arithmetic,
-    # which wraps modulo 256 to exactly code + max_int in [0, 2 * max_int].
-    biased = codes.astype(np.int8).view(np.uint8) + np.uint8(q.max_int)
-    return _pack(biased.reshape(w.shape), q.bits), scale
-
-
-def _last_axis_max(x: np.ndarray) -> np.ndarray:
-    """[..., n] -> [...]: max over the last axis, n a power of two (a halving tree: numpy's
-    own reduction is slow over a short contiguous axis such as a 32-wide group)."""
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        x = np.maximum(x[..., :half], x[..., half:])
-    return x[..., 0]
+    return {"q_weight": q_weight, "q_scale": q_scale}
 
 
 def dequantize_weight(
@@ -249,16 +230,6 @@ def _dequantize_rows(q_weight: np.ndarray, q_scale: np.ndarray, q: GroupQuantiza
     codes = _unpack(q_weight, q.bits).view(np.int8) - np.int8(q.max_int)  # wraps back to [-max_int, max_int]
     groups = codes.reshape(*q_scale.shape, q.group_size) * q_scale.astype(np.float32)[..., None]
     return groups.reshape(codes.shape)
-
-
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [out, in] (each < 2**bits) -> uint32 words [out, in * bits / 32]."""
-    per_byte = 8 // bits
-    codes = codes.reshape(codes.shape[0], -1, per_byte)
-    packed = codes[..., 0].copy()
-    for k in range(1, per_byte):
-        packed |= codes[..., k] << (bits * k)
-    return packed.view("<u4").astype(np.uint32, copy=False)
 
 
 def _unpack(words: np.ndarray, bits: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
 import torch
 from tvm.relax.frontend import nn
@@ -61,13 +62,23 @@ def cast_rule(name: str, param: nn.Parameter, source: str | None = None) -> Weig
     return WeightRule(source or name, shape, (name,), lambda t: {name: to_numpy(t, param.dtype)})
 
 
+def source_array(t: torch.Tensor) -> np.ndarray:
+    """A checkpoint tensor as numpy in its own float dtype, without a copy: bfloat16 as
+    ``ml_dtypes.bfloat16`` (the same bits), float16 / float32 as they are; any other dtype as float32."""
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return (t if t.dtype in (torch.float16, torch.float32) else t.to(torch.float32)).numpy()
+
+
 def quantize_rule(name: str, param: nn.Parameter, q: Quantization, quantized: frozenset[str],
                   source: str | None = None) -> WeightRule:
-    """A weight ``q`` replaces -> its stored parameters (``q.quantize_param``), quantized from fp32."""
+    """A weight ``q`` replaces -> its stored parameters (``q.quantize_param``), quantized from the
+    checkpoint's own dtype (no float32 copy)."""
     shape = tuple(int(s) for s in param.shape)
     return WeightRule(
         source or name, shape, q.stored_names(name),
-        lambda t: q.quantize_param(name, to_numpy(t, "float32"), quantized),
+        lambda t: q.quantize_param(name, source_array(t), quantized),
     )
 
 
