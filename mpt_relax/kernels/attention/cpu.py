@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from tvm.script import tirx as T
+from mpt_relax.kernels.lanes import halving_sum
 from .common import (
     alibi_bias,
     AttentionSpec,
@@ -254,10 +255,7 @@ def prefill_paged_cpu(spec: AttentionSpec):
 
 def _row_dot(q_vec, k_vec, width: int):
     """sum(q_vec * k_vec) of two fp32 [width] vectors: halving vector adds, then the odd rest serially."""
-    v = q_vec * k_vec
-    while width > 1 and width % 2 == 0:
-        width //= 2
-        v = T.Shuffle([v], list(range(width))) + T.Shuffle([v], list(range(width, 2 * width)))
+    v, width = halving_sum(q_vec * k_vec, width)
     if width == 1:
         return v
     total = T.Shuffle([v], [0])

@@ -36,6 +36,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from mpt_relax.kernels.lanes import halving_sum
+
 GROUP = 32
 ROWS = 4
 PREFETCH_BYTES = 16384  # how far ahead the VNNI kernels ask for weights: 2x faster from DRAM
@@ -192,15 +194,8 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
 
     def total(acc, cor):
         """sum(acc) - sum(cor) as a tree of halving vector adds (acc has lanes >= chunk lanes)."""
-        width = lanes
-        while width > chunk:
-            width //= 2
-            acc = T.Shuffle([acc], list(range(width))) + T.Shuffle([acc], list(range(width, 2 * width)))
-        acc = acc - cor
-        while width > 1:
-            width //= 2
-            acc = T.Shuffle([acc], list(range(width))) + T.Shuffle([acc], list(range(width, 2 * width)))
-        return acc
+        acc, width = halving_sum(acc, lanes, chunk)
+        return halving_sum(acc - cor, width)[0]
 
     @T.prim_func(private=True, s_tir=True)
     def func(xq_h: T.handle, xs_h: T.handle, xc_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
