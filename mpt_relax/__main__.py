@@ -75,7 +75,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     build(args.model, target=args.target, quantization=args.quantization, output=args.output,
           quantize_embedding=args.quantize_embedding,
-          int8_activations=args.int8_activations, amx_prefill=args.amx_prefill, max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch,
+          int8_activations=args.int8_activations, amx_prefill=args.amx_prefill,
+          int8_prefill=args.int8_prefill, max_seq_len=args.max_seq_len, cuda_arch=args.cuda_arch,
           mcpu=args.mcpu, force=args.force, dist_root=args.dist, quiet=args.quiet)
     return 0
 
@@ -254,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amx-prefill", action="store_true",
                    help="q4f16_1/q8f16_1, CPU with AMX-BF16: prefill matmuls in bf16 on the AMX tiles "
                         "(exact on other targets; default: exact)")
+    p.add_argument("--int8-prefill", action="store_true",
+                   help="q4f16_1/q8f16_1, CPU: prefill matmuls on activations quantized to int8 per group of 32 "
+                        "(VNNI integer dot products, like --int8-activations for decode; default: exact)")
     p.add_argument("--max-seq-len", type=int_at_least(1), help="context window to build for (ALiBi extrapolates)")
     p.add_argument("--cuda-arch", help="e.g. sm_90 (default: the local GPU's, else sm_80)")
     p.add_argument("--mcpu", help="CPU to compile CPU code for: native (default, this machine) or an LLVM name "

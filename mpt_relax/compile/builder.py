@@ -155,6 +155,7 @@ def build(
     quantize_embedding: bool = False,
     int8_activations: bool = False,
     amx_prefill: bool = False,
+    int8_prefill: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     force: bool = False,
     dist_root: str | Path = defaults.DIST,
@@ -174,6 +175,8 @@ def build(
     prefill stays exact.
     ``amx_prefill``: with q4f16_1 / q8f16_1, prefill projections in bf16 on the AMX tile units
     where the llvm target has AMX-BF16 (:mod:`mpt_relax.kernels.cpu.amx_matmul`); exact elsewhere.
+    ``int8_prefill``: with q4f16_1 / q8f16_1 on the CPU, prefill projections on x quantized to int8
+    per group of 32 (:mod:`mpt_relax.kernels.cpu.int8_matmul` with AVX512-VNNI).
     ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``
     to run on other machines; default ``native``, the build machine's own.
     ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
@@ -187,7 +190,7 @@ def build(
     src = resolve_model(model, max_seq_len=max_seq_len, dist_root=dist_root)
     if quantization is None:
         quantization = "gguf" if src.gguf is not None else defaults.QUANTIZATION
-    q = get_quantization(quantization, quantize_embedding, int8_activations, amx_prefill)
+    q = get_quantization(quantization, quantize_embedding, int8_activations, amx_prefill, int8_prefill)
     int8_kernels.check_targets(q, specs)
     if src.gguf is not None:
         q = gguf_loader.bind(q, src.gguf)

@@ -4,7 +4,8 @@ The model (:mod:`mpt_relax.quantization.group`, schemes built with ``int8_activa
 the portable ``generic`` kernel of :mod:`mpt_relax.kernels.cpu.int8_gemv`; this pass replaces
 it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bit
 ``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
-numbers more slowly (e.g. ``--mcpu x86-64-v3``). The kernels are CPU code: a GPU target is
+numbers more slowly (e.g. ``--mcpu x86-64-v3``). A prefill's GEMV (``int8_prefill`` schemes)
+becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
 """
 
@@ -14,16 +15,16 @@ import tvm
 from tvm.target.codegen import target_has_features
 
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu import int8_gemv
+from mpt_relax.kernels.cpu import int8_gemv, int8_matmul
 from mpt_relax.quantization import Quantization
 
 
 def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
     """Raise TargetError if ``q`` decodes on int8 activations and a target is not the CPU."""
     gpus = [s.name for s in specs if s.name != "llvm"]
-    if q.int8_activations and gpus:
+    if (q.int8_activations or q.int8_prefill) and gpus:
         raise TargetError(f"int8 activations ({q.tag}) are CPU kernels; build {', '.join(gpus)} without "
-                          "--int8-activations (or target llvm only)")
+                          "--int8-activations / --int8-prefill (or target llvm only)")
 
 
 def best_isa(target: tvm.target.Target) -> str:
@@ -50,10 +51,13 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
                 continue
             if spec.name != "llvm":
                 raise TargetError(f"{gvar.name_hint} is an int8-activation CPU kernel; target {spec.name} cannot run it "
-                                  "(build without --int8-activations)")
+                                  "(build without --int8-activations / --int8-prefill)")
             isa = isa or best_isa(spec.target)
-            kernel = int8_gemv.int8_gemv(int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
-                                         str(info["scale_dtype"]), isa)
+            shape = int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]), str(info["scale_dtype"])
+            if bool(info["prefill"]) and isa == "avx512vnni" and int8_matmul.supported(*shape[:2]):
+                kernel = int8_matmul.int8_matmul(*shape)
+            else:
+                kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]))
             for key, value in func.attrs.items():
                 if key != int8_gemv.KERNEL_ATTR:
                     kernel = kernel.with_attr(key, value)

@@ -52,18 +52,19 @@ for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQu
 
 
 def get_quantization(name: str, embedding: bool = False, int8_activations: bool = False,
-                     amx_prefill: bool = False) -> Quantization:
+                     amx_prefill: bool = False, int8_prefill: bool = False) -> Quantization:
     """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too;
-    ``int8_activations``: decoding on int8 activations; ``amx_prefill``: prefill in bf16 on AMX);
+    ``int8_activations``: decoding on int8 activations; ``amx_prefill``: prefill in bf16 on AMX;
+    ``int8_prefill``: prefill on int8 activations);
     :class:`QuantizationError` listing the valid names otherwise."""
     try:
         q = QUANTIZATIONS[name]
     except (KeyError, TypeError):
         raise QuantizationError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
-    if embedding or int8_activations or amx_prefill:
+    if embedding or int8_activations or amx_prefill or int8_prefill:
         q = dataclasses.replace(q, embedding=embedding or q.embedding,
                                 int8_activations=int8_activations or q.int8_activations,
-                                amx_prefill=amx_prefill or q.amx_prefill)
+                                amx_prefill=amx_prefill or q.amx_prefill, int8_prefill=int8_prefill or q.int8_prefill)
     return q
 
 

@@ -54,6 +54,8 @@ class Quantization:
     int8_activations: bool = dataclasses.field(default=False, kw_only=True)
     # prefill matmuls in bf16 on the AMX tiles where the target has them (mpt_relax.kernels.cpu.amx_matmul)
     amx_prefill: bool = dataclasses.field(default=False, kw_only=True)
+    # prefill matmuls on x quantized to int8 per group, integer dot products (mpt_relax.kernels.cpu.int8_matmul)
+    int8_prefill: bool = dataclasses.field(default=False, kw_only=True)
     kind: ClassVar[str] = "none"
 
     def __post_init__(self) -> None:
@@ -63,13 +65,17 @@ class Quantization:
             raise QuantizationError(f"{self.name} keeps float weights; int8 activations need q4f16_1 or q8f16_1")
         if self.amx_prefill and not self.is_quantized:
             raise QuantizationError(f"{self.name} keeps float weights; the AMX prefill kernels need q4f16_1 or q8f16_1")
+        if self.int8_prefill and not self.is_quantized:
+            raise QuantizationError(f"{self.name} keeps float weights; int8 prefill needs q4f16_1 or q8f16_1")
+        if self.int8_prefill and self.amx_prefill:
+            raise QuantizationError("--amx-prefill (bf16) and --int8-prefill (int8) are two prefill kernels; choose one")
 
     @property
     def tag(self) -> str:
-        """``name``, plus ``+embedding`` / ``+a8`` / ``+amx`` for the embeddings quantized too, int8
-        decode activations, the AMX prefill."""
+        """``name``, plus ``+embedding`` / ``+a8`` / ``+amx`` / ``+p8`` for the embeddings quantized
+        too, int8 decode activations, the AMX prefill, int8 prefill activations."""
         return (self.name + ("+embedding" if self.embedding else "") + ("+a8" if self.int8_activations else "")
-                + ("+amx" if self.amx_prefill else ""))
+                + ("+amx" if self.amx_prefill else "") + ("+p8" if self.int8_prefill else ""))
 
     @property
     def dir_tag(self) -> str:
@@ -103,7 +109,7 @@ class Quantization:
                 "model_dtype": self.model_dtype, "quantized": None, "embedding_quantized": False,
                 "activations": "int8 per group of 32 in the decode GEMVs" if self.int8_activations else self.model_dtype,
                 "prefill": "bf16 products on the AMX tiles (where the target has AMX-BF16)" if self.amx_prefill
-                else "exact",
+                else "int8 per group of 32, integer dot products" if self.int8_prefill else "exact",
                 "embedding": f"{self.model_dtype}, like every weight"}
 
     def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:

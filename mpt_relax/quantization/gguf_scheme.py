@@ -38,9 +38,9 @@ class GGUFQuantization(Quantization):
     def __post_init__(self) -> None:
         if self.embedding:
             raise QuantizationError(f"{self.name} keeps the embedding in the file's own type; drop --quantize-embedding")
-        if self.int8_activations or self.amx_prefill:
-            raise QuantizationError(f"{self.name} has no int8-activation or AMX kernels yet; drop --int8-activations "
-                                    "and --amx-prefill (or build the file with q4f16_1 / q8f16_1)")
+        if self.int8_activations or self.amx_prefill or self.int8_prefill:
+            raise QuantizationError(f"{self.name} has no int8-activation or AMX kernels yet; drop --int8-activations, "
+                                    "--amx-prefill and --int8-prefill (or build the file with q4f16_1 / q8f16_1)")
 
     @property
     def is_quantized(self) -> bool:

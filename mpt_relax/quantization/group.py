@@ -58,7 +58,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import amx_matmul, int8_gemv
+from mpt_relax.kernels.cpu import amx_matmul, int8_gemv, int8_matmul
 from mpt_relax.quantization import group_kernel
 from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
 
@@ -76,12 +76,13 @@ class GroupQuantization(Quantization):
     kind: ClassVar[str] = "group"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.bits not in (4, 8) or self.group_size % self.pack_factor or self.group_size & (self.group_size - 1):
             raise QuantizationError(
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
-        if self.int8_activations and self.group_size != int8_gemv.GROUP:
+        if (self.int8_activations or self.int8_prefill) and self.group_size != int8_gemv.GROUP:
             raise QuantizationError(f"{self.name}: int8 activations need groups of {int8_gemv.GROUP}, "
                                     f"not {self.group_size}")
 
@@ -276,12 +277,15 @@ class GroupQuantLinear(nn.Module):
         """A quantized layer with the same features, bias presence and out_dtype as ``linear``."""
         return cls(linear.in_features, linear.out_features, q, linear.bias is not None, linear.out_dtype)
 
-    def forward(self, x: nn.Tensor, amx: bool = True) -> nn.Tensor:
-        """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set). ``amx``: allow the AMX
-        prefill kernel (the scheme's ``amx_prefill``)."""
+    def forward(self, x: nn.Tensor, prefill_kernels: bool = True) -> nn.Tensor:
+        """x: [*B, in] model dtype -> [*B, out] (``out_dtype`` if set). ``prefill_kernels``: allow
+        the scheme's AMX / int8 prefill kernels (``amx_prefill``, ``int8_prefill``)."""
         if self.quantization.int8_activations and is_decoding():
             return self._int8_forward(x)
-        if (amx and self.quantization.amx_prefill and not is_decoding()
+        if (prefill_kernels and self.quantization.int8_prefill and not is_decoding()
+                and int8_matmul.supported(self.out_features, self.in_features)):
+            return self._int8_forward(x, prefill=True)
+        if (prefill_kernels and self.quantization.amx_prefill and not is_decoding()
                 and amx_matmul.supported(self.out_features, self.in_features)):
             return self._amx_forward(x)
         name = f"{DEQUANTIZE_PREFIX}{self.quantization.name}"
@@ -289,9 +293,9 @@ class GroupQuantLinear(nn.Module):
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
         return y + self.bias if self.bias is not None else y
 
-    def _int8_forward(self, x: nn.Tensor) -> nn.Tensor:
-        """Decode (one token per row of x): x quantized to int8 per group, integer dot products
-        (:mod:`mpt_relax.kernels.cpu.int8_gemv`; the target's fastest kernel is chosen when compiling)."""
+    def _int8_forward(self, x: nn.Tensor, prefill: bool = False) -> nn.Tensor:
+        """x quantized to int8 per group, integer dot products (:mod:`mpt_relax.kernels.cpu.int8_gemv`;
+        the target's fastest kernel is chosen when compiling, for a prefill the int8 GEMM)."""
         q, k, n = self.quantization, self.in_features, self.out_features
         rows = nn.op.reshape(x, (-1, k))
         m = rows.shape[0]
@@ -301,7 +305,8 @@ class GroupQuantLinear(nn.Module):
             [nn.Tensor.placeholder((m, k), "int8"), nn.Tensor.placeholder((m, groups), "float32"),
              nn.Tensor.placeholder((m, groups), "float32")])
         out_dtype = self.out_dtype or q.model_dtype
-        y = nn.op.tensor_ir_op(int8_gemv.int8_gemv(n, k, q.bits, out_dtype, q.model_dtype), f"int8_gemv_{q.name}",
+        kernel = int8_gemv.int8_gemv(n, k, q.bits, out_dtype, q.model_dtype, prefill=prefill)
+        y = nn.op.tensor_ir_op(kernel, f"int8_{'matmul' if prefill else 'gemv'}_{q.name}",
                                [xq, xs, xc, self.q_weight, self.q_scale], nn.Tensor.placeholder((m, n), out_dtype))
         y = nn.op.reshape(y, (*x.shape[:-1], n))
         return y + self.bias if self.bias is not None else y
@@ -363,7 +368,7 @@ class GroupQuantEmbedding(GroupQuantLinear):
     def head(self, x: nn.Tensor) -> nn.Tensor:
         """x [*B, dim] -> fp32 logits [*B, num]. Never on AMX: prefill takes the head of a few rows
         only, and the AMX kernel repacks the whole table per call."""
-        return super().forward(x, amx=False)
+        return super().forward(x, prefill_kernels=False)
 
     def _lookup(self, ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
         return te.compute(

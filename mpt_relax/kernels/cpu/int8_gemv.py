@@ -41,6 +41,7 @@ from mpt_relax.kernels.lanes import halving_sum
 GROUP = 32
 ROWS = 4
 PREFETCH_BYTES = 16384  # how far ahead the VNNI kernels ask for weights: 2x faster from DRAM
+PARALLEL_ROWS = 4  # rows of x from which quantize_activation runs rows in parallel
 KERNEL_ATTR = "mpt_relax.int8_gemv"  # func attr: {"bits", "in", "out", "isa"}; see compile.int8_kernels
 ISAS = ("avx512vnni", "avxvnni", "generic")
 # LLVM emits the 256-bit form as AVX-VNNI's VEX encoding where the target has no AVX512-VL
@@ -65,8 +66,35 @@ def _position(i, bits: int):
 
 
 def quantize_activation(in_features: int, bits: int, x_dtype: str) -> tirx.PrimFunc:
-    """PrimFunc (x [M, K] ``x_dtype``) -> (xq int8 [M, K], xs f32 [M, K/32], xc f32 [M, K/32])."""
+    """PrimFunc (x [M, K] ``x_dtype``) -> (xq int8 [M, K], xs f32 [M, K/32], xc f32 [M, K/32]).
+
+    One group is one 32-lane vector: its max |x| and code total are halving trees, int4's
+    evens-then-odds order one shuffle. Rows run in parallel from ``PARALLEL_ROWS`` rows on (a
+    prompt), serially below (a decode step, where waking the thread pool costs more)."""
     K, G, off = in_features, in_features // GROUP, float(code_offset(bits))
+    order = [p if bits == 8 else p % 16 * 2 + p // 16 for p in range(GROUP)]  # element stored at position p
+    f32 = f"float32x{GROUP}"
+
+    def group(x, m, g):
+        return T.Cast(f32, x[m, T.ramp(g * GROUP, 1, GROUP)])
+
+    def fold_max(v):
+        width = GROUP
+        while width > 1:
+            width //= 2
+            v = T.max(T.Shuffle([v], list(range(width))), T.Shuffle([v], list(range(width, 2 * width))))
+        return v
+
+    @T.macro
+    def one_group(x, xq, xs, xc, m, g):
+        xs[m, g] = fold_max(T.fabs(group(x, m, g)))  # max |x| for now, the scale below
+        xq[m, T.ramp(g * GROUP, 1, GROUP)] = T.Cast(f"int8x{GROUP}", T.Shuffle([T.max(T.min(T.nearbyint(
+            group(x, m, g) * T.broadcast(T.if_then_else(xs[m, g] > T.float32(0), T.float32(127) / xs[m, g], T.float32(0)),
+                                         GROUP)), T.broadcast(T.float32(127), GROUP)), T.broadcast(T.float32(-127), GROUP))],
+            order))
+        xs[m, g] = xs[m, g] / T.float32(127)
+        xc[m, g] = xs[m, g] * T.float32(off) * T.Cast(
+            "float32", halving_sum(T.Cast(f"int32x{GROUP}", xq[m, T.ramp(g * GROUP, 1, GROUP)]), GROUP)[0])
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, xq_h: T.handle, xs_h: T.handle, xc_h: T.handle):
@@ -77,29 +105,22 @@ def quantize_activation(in_features: int, bits: int, x_dtype: str) -> tirx.PrimF
         xs = T.match_buffer(xs_h, (M, G), "float32")
         xc = T.match_buffer(xc_h, (M, G), "float32")
         with T.sblock("root"):
-            amax = T.alloc_buffer((M, G), "float32")
-            total = T.alloc_buffer((M, G), "int32")
-            for m, g in T.grid(M, G):
-                amax[m, g] = T.float32(0)
-                for i in range(GROUP):
-                    amax[m, g] = T.max(amax[m, g], T.fabs(T.Cast("float32", x[m, g * GROUP + i])))
-                total[m, g] = 0
-                for i in range(GROUP):
-                    q = T.max(T.min(T.nearbyint(T.Cast("float32", x[m, g * GROUP + i])
-                                                * T.if_then_else(amax[m, g] > T.float32(0), T.float32(127) / amax[m, g],
-                                                                 T.float32(0))), T.float32(127)), T.float32(-127))
-                    xq[m, g * GROUP + _position(i, bits)] = T.Cast("int8", q)
-                    total[m, g] = total[m, g] + T.Cast("int32", q)
-                xs[m, g] = amax[m, g] / T.float32(127)
-                xc[m, g] = xs[m, g] * T.float32(off) * T.Cast("float32", total[m, g])
+            if M >= PARALLEL_ROWS:
+                for m in T.parallel(M):
+                    for g in range(G):
+                        one_group(x, xq, xs, xc, m, g)
+            else:
+                for m, g in T.grid(M, G):
+                    one_group(x, xq, xs, xc, m, g)
 
     return func
 
 
 def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, scale_dtype: str = "float16",
-              isa: str = "generic") -> tirx.PrimFunc:
+              isa: str = "generic", prefill: bool = False) -> tirx.PrimFunc:
     """PrimFunc (xq, xs, xc as :func:`quantize_activation` gives them, q_weight uint32 [N, K*bits/32],
-    q_scale ``scale_dtype`` [N, K/32]) -> y [M, N] ``out_dtype``; see the module docstring."""
+    q_scale ``scale_dtype`` [N, K/32]) -> y [M, N] ``out_dtype``; see the module docstring.
+    ``prefill``: recorded in the attribute, for a pass to swap in the GEMM of :mod:`.int8_matmul`."""
     if isa not in ISAS:
         raise ValueError(f"unknown int8 GEMV kernel {isa!r}; one of {ISAS}")
     N, K = out_features, in_features
@@ -111,7 +132,7 @@ def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, sc
         lanes = _LANES[isa] if G % 2 == 0 else 8  # two groups per 512-bit vector need an even count
         func = _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, _DOT[lanes])
     return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": K, "out": N, "out_dtype": out_dtype,
-                                        "scale_dtype": scale_dtype, "isa": isa})
+                                        "scale_dtype": scale_dtype, "isa": isa, "prefill": prefill})
 
 
 def _generic(N, K, G, words, bits, rows, out_dtype, scale_dtype):
