@@ -1,0 +1,69 @@
+"""Decode GEMV on float weights: ``y = x @ W^T`` for a few rows of x, W fp16 or fp32 [N, K]
+(q0f16 / q0f32 Linears, the tied LM head kept in fp16), the exact path's math.
+
+Every product and sum is fp32, as in the scheduled ``NT_matmul`` it replaces; only the order of
+the sums differs. The kernel streams W once per call at memory speed:
+
+- ``ROWS`` weight rows per parallel task; for each row of x the rows share every load of x;
+- k in chunks of ``LANES`` (one vector of fp32 per row, the weight chunk converted in registers);
+- the weights are prefetched ``PREFETCH_BYTES`` ahead, one cache line per chunk and row (the
+  hardware prefetchers alone leave a GEMV at about half the bandwidth, as for the int8 GEMV);
+- each row's vector is summed with a halving tree of vector adds.
+
+:mod:`mpt_relax.compile.float_gemv` puts it in the decode function of llvm targets.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mpt_relax.kernels.lanes import halving_sum
+
+from .int8_gemv import prefetch
+
+ROWS = 4
+LANES = 32  # fp32 lanes per accumulator: 64 bytes of fp16 weights, one cache line
+PREFETCH_BYTES = 65536  # how far ahead the weights are asked for (16 KiB: ~10 % slower here)
+
+
+def supported(out_features: int, in_features: int) -> bool:
+    """Whether the kernel takes a [out, in] weight: in a multiple of 32."""
+    return in_features % LANES == 0 and out_features > 0
+
+
+def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    """PrimFunc (x [M, K] ``x_dtype``, W [N, K] ``w_dtype``) -> y [M, N] ``out_dtype``."""
+    N, K = out_features, in_features
+    rows = ROWS if N % ROWS == 0 else 1
+    line = 64 // (2 if w_dtype == "float16" else 4)  # elements per cache line
+    ahead = max(1, PREFETCH_BYTES // (K * (2 if w_dtype == "float16" else 4)))  # rows between a load and its prefetch
+    f32 = f"float32x{LANES}"
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        x = T.match_buffer(x_h, (M, K), x_dtype)
+        w = T.match_buffer(w_h, (N, K), w_dtype)
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            acc = T.alloc_buffer((N, LANES), "float32")  # scratch per weight row, allocated once per call
+            for nb in T.parallel(N // rows):
+                for m in range(M):
+                    for r in T.unroll(rows):
+                        acc[nb * rows + r, T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    for c in range(K // LANES):
+                        for r in T.unroll(rows):
+                            for p in T.unroll(LANES // line):
+                                prefetch(w, T.min(nb * rows + r + ahead, N - 1), c * LANES + p * line)
+                        for r in T.unroll(rows):
+                            acc[nb * rows + r, T.ramp(0, 1, LANES)] = (
+                                acc[nb * rows + r, T.ramp(0, 1, LANES)]
+                                + T.Cast(f32, w[nb * rows + r, T.ramp(c * LANES, 1, LANES)])
+                                * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)]))
+                    for r in T.unroll(rows):
+                        y[m, nb * rows + r] = T.Cast(out_dtype, halving_sum(acc[nb * rows + r, T.ramp(0, 1, LANES)],
+                                                                            LANES)[0])
+
+    return func

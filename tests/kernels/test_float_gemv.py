@@ -1,0 +1,64 @@
+"""The streaming float-weight decode GEMV: the kernel against float64 numpy, and the pass that
+puts it in ``batch_decode`` only, on llvm targets only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from factory import rel_err
+from mpt_relax.compile import targets
+from mpt_relax.compile.builder import quantized_model
+from mpt_relax.compile.float_gemv import select_float_gemv
+from mpt_relax.kernels.cpu.float_gemv import float_gemv, supported
+from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
+
+HOST = targets.llvm_target().target
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype, out_dtype", [("float16", "float16", "float32"),
+                                                         ("float32", "float32", "float32"),
+                                                         ("float16", "float16", "float16")])
+@pytest.mark.parametrize("rows, n_out, k_in", [(1, 1000, 768), (3, 130, 64), (2, 7, 96)])
+def test_kernel_matches_numpy(x_dtype, w_dtype, out_dtype, rows, n_out, k_in):
+    """Every row (blocks of 4 and single rows), fp32 sums of the exact products."""
+    rng = np.random.default_rng(rows + n_out)
+    x = rng.standard_normal((rows, k_in)).astype(x_dtype)
+    w = rng.standard_normal((n_out, k_in)).astype(w_dtype)
+    lib = tvm.compile(tvm.IRModule({"main": float_gemv(n_out, k_in, x_dtype, w_dtype, out_dtype)
+                                    .with_attr("global_symbol", "main")}), target=HOST)
+    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, out_dtype))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T
+    assert rel_err(y.numpy().astype(np.float64), expected) < (1e-6 if out_dtype == "float32" else 1e-3)
+
+
+def test_supported_shapes():
+    assert supported(50432, 768) and supported(7, 32)
+    assert not supported(64, 48)
+
+
+def _exported(quantization: str):
+    cfg = MPTConfig(d_model=64, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
+    net, _ = quantized_model(cfg, get_quantization(quantization))
+    mod, _ = net.export_tvm(spec=net.export_spec())
+    return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
+
+
+def _callees(func) -> list[str]:
+    return [line.split("R.call_tir(")[1].split(",")[0] for line in func.script().splitlines() if "R.call_tir(" in line]
+
+
+@pytest.mark.parametrize("quantization, expected", [("q0f16", 5), ("q0f32", 5), ("q4f16_1", 1)])
+def test_pass_rewrites_decode_only(quantization, expected):
+    """Each float weight's decode GEMV (q4f16_1: the fp16 tied head only); prefill keeps NT_matmul;
+    a GPU target keeps everything."""
+    mod = _exported(quantization)
+    out = select_float_gemv(targets.resolve_target("llvm"))(mod)
+    assert sum(c.startswith("float_gemv_") for c in _callees(out["batch_decode"])) == expected
+    assert not any(c.startswith("float_gemv_") for c in _callees(out["prefill"]))
+    gpu = select_float_gemv(targets.resolve_target("cuda"))(mod)
+    assert not any(c.startswith("float_gemv_") for c in _callees(gpu["batch_decode"]))
