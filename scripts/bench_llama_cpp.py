@@ -20,7 +20,8 @@ temporary directory and run from there, never from this repository.
    or Q8_0 where its rows are not a multiple of 256. ``--keep-gguf DIR`` keeps the three files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
-   and q8/q4 with the int8 decode and AMX prefill kernels ("-a8-amx"); and from each of the
+   and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
+   the AMX prefill); and from each of the
    three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own blocks). Each is
    measured by
    :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
@@ -73,20 +74,27 @@ from mpt_relax.io.artifact import read_config  # noqa: E402
 from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.tools import bandwidth, bench  # noqa: E402
 
-FAST = {"int8_activations": True, "amx_prefill": True}  # the CPU kernels (--int8-activations --amx-prefill)
-# (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
-ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), ("q8f16_1", FAST, "Q8_0"),
-        ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), ("q4f16_1", FAST, "Q4_0"),
-        ("q4f16_1", {"quantize_embedding": True, **FAST}, "Q4_0"))
+from mpt_relax.runtime.cpu_features import host_features  # noqa: E402
 
+# the CPU kernels: int8 decode (--int8-activations) with the int8 prefill (--int8-prefill) and,
+# where this CPU has AMX-BF16, with the AMX bf16 prefill (--amx-prefill) instead
+FAST = [{"int8_activations": True, "int8_prefill": True}]
+if {"amx-bf16", "amx-tile"} <= set(host_features() or ()):
+    FAST.append({"int8_activations": True, "amx_prefill": True})
+# (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
+ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
+        ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
+        *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST))
 
 GGUF_ROWS = ("F16", "Q8_0", "Q4_0")  # mpt_relax built from llama.cpp's own file (--quantization gguf)
 
 
 def label(q: str, options: dict) -> str:
-    """q4f16_1-emb-a8-amx: the scheme and its options, as in artifact directory names."""
+    """q4f16_1-emb-a8-p8: the scheme and its options, as in artifact directory names."""
     return q + "".join(suffix for key, suffix in (("quantize_embedding", "-emb"), ("int8_activations", "-a8"),
-                                                   ("amx_prefill", "-amx")) if options.get(key))
+                                                   ("amx_prefill", "-amx"), ("int8_prefill", "-p8")) if options.get(key))
+
+
 FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 KV_BYTES = 2  # llama.cpp's default KV cache is f16
