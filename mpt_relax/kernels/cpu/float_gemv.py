@@ -4,7 +4,8 @@
 Every product and sum is fp32, as in the scheduled ``NT_matmul`` it replaces; only the order of
 the sums differs. The kernel streams W once per call at memory speed:
 
-- ``ROWS`` weight rows per parallel task; for each row of x the rows share every load of x;
+- one weight row per parallel task, read front to back: the whole of W is one forward stream
+  (four rows interleaved per task, sharing each load of x, streamed at half the speed here);
 - k in chunks of ``LANES`` (one vector of fp32 per row, the weight chunk converted in registers);
 - the weights are prefetched ``PREFETCH_BYTES`` ahead, one cache line per chunk and row (the
   hardware prefetchers alone leave a GEMV at about half the bandwidth, as for the int8 GEMV);
@@ -22,7 +23,6 @@ from mpt_relax.kernels.lanes import halving_sum
 
 from .int8_gemv import prefetch
 
-ROWS = 4
 LANES = 32  # fp32 lanes per accumulator: 64 bytes of fp16 weights, one cache line
 PREFETCH_BYTES = 65536  # how far ahead the weights are asked for (16 KiB: ~10 % slower here)
 
@@ -35,7 +35,6 @@ def supported(out_features: int, in_features: int) -> bool:
 def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, out_dtype: str) -> tirx.PrimFunc:
     """PrimFunc (x [M, K] ``x_dtype``, W [N, K] ``w_dtype``) -> y [M, N] ``out_dtype``."""
     N, K = out_features, in_features
-    rows = ROWS if N % ROWS == 0 else 1
     line = 64 // (2 if w_dtype == "float16" else 4)  # elements per cache line
     ahead = max(1, PREFETCH_BYTES // (K * (2 if w_dtype == "float16" else 4)))  # rows between a load and its prefetch
     f32 = f"float32x{LANES}"
@@ -48,22 +47,15 @@ def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, 
         w = T.match_buffer(w_h, (N, K), w_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
-            acc = T.alloc_buffer((N, LANES), "float32")  # scratch per weight row, allocated once per call
-            for nb in T.parallel(N // rows):
+            for n in T.parallel(N):
                 for m in range(M):
-                    for r in T.unroll(rows):
-                        acc[nb * rows + r, T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    acc = T.alloc_buffer((LANES,), "float32", scope="local")  # a register
+                    acc[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                     for c in range(K // LANES):
-                        for r in T.unroll(rows):
-                            for p in T.unroll(LANES // line):
-                                prefetch(w, T.min(nb * rows + r + ahead, N - 1), c * LANES + p * line)
-                        for r in T.unroll(rows):
-                            acc[nb * rows + r, T.ramp(0, 1, LANES)] = (
-                                acc[nb * rows + r, T.ramp(0, 1, LANES)]
-                                + T.Cast(f32, w[nb * rows + r, T.ramp(c * LANES, 1, LANES)])
-                                * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)]))
-                    for r in T.unroll(rows):
-                        y[m, nb * rows + r] = T.Cast(out_dtype, halving_sum(acc[nb * rows + r, T.ramp(0, 1, LANES)],
-                                                                            LANES)[0])
+                        for p in T.unroll(LANES // line):
+                            prefetch(w, T.min(n + ahead, N - 1), c * LANES + p * line)
+                        acc[T.ramp(0, 1, LANES)] = acc[T.ramp(0, 1, LANES)] + T.Cast(
+                            f32, w[n, T.ramp(c * LANES, 1, LANES)]) * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)])
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, LANES)], LANES)[0])
 
     return func
