@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mpt_relax.io import artifact, staging
 from mpt_relax import defaults
-from mpt_relax.compile import cuda_kernels, int8_kernels, pipeline, targets
+from mpt_relax.compile import child, cuda_kernels, int8_kernels, pipeline, targets
 from mpt_relax.io.checkpoint import CheckpointError, weight_files
 from mpt_relax.io.gguf_file import GGUFFile
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
@@ -32,6 +32,9 @@ from mpt_relax.models.mpt.loader import WeightRule, gguf_name, stream_params, we
 from mpt_relax.models.mpt import gguf_loader
 
 VERSION = "0.1.0"
+# Checkpoints from this size on compile their libraries in a child process while the weights stream
+# (the child costs a second of start-up; 7B weights take minutes).
+OVERLAP_MIN_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,30 +216,28 @@ def build(
     net, rules = quantized_model(src.config, q, gguf_name if src.gguf is not None else None)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
     with artifact.atomic_directory(out, protect=[src.weights_path]) as tmp:
-        if src.weights_path is not None:
-            params = (gguf_loader.stream_gguf(src.gguf, rules, q) if src.gguf is not None else
-                      stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings))
-            with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
-                nbytes = artifact.write_params(
-                    tmp,
-                    _progress(params, len(param_names), quiet),
-                    extra=_quantization_records(rules, q),
-                )
-            _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
-        with _stage("export the IRModule", quiet):  # once: each target's pipeline adds its attention kernels
-            mod, _ = net.export_tvm(spec=net.export_spec())
-        libraries = {}
-        for spec in specs:
-            lib_name = artifact.library_name(src.name, quantization, spec.name) + spec.suffix
-            with _stage(f"compile {spec.name}", quiet):
-                executable = pipeline.compile_module(mod, spec, page_size)
-            if spec.name == "cuda":
-                with _stage("compile the CUDA kernels with nvcc", quiet):
-                    if not cuda_kernels.precompile(executable, spec.target, tmp):
-                        _log("  nvcc not found: the library's kernels will be compiled when it is loaded", quiet)
-            with _stage(f"export {lib_name}", quiet):
-                executable.export_library(str(tmp / lib_name))
-            libraries[spec.name] = lib_name
+        compile_args = dict(config=src.config, q=q, src_name=src.name, quantization=quantization,
+                            page_size=page_size, tmp=tmp, quiet=quiet)
+        # Big weights: the libraries compile in a child process meanwhile (they never read a weight).
+        overlap = src.weights_path is not None and _weight_bytes(src) >= OVERLAP_MIN_BYTES
+        job = child.compile_in_child({**compile_args, "tmp": str(tmp), "targets": [
+            (spec.name, cuda_arch, mcpu) for spec in specs]}) if overlap else None
+        with job or contextlib.nullcontext():
+            if src.weights_path is not None:
+                params = (gguf_loader.stream_gguf(src.gguf, rules, q) if src.gguf is not None else
+                          stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings))
+                with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
+                    nbytes = artifact.write_params(
+                        tmp,
+                        _progress(params, len(param_names), quiet),
+                        extra=_quantization_records(rules, q),
+                    )
+                _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
+            if job is not None:
+                with _stage("wait for the library compile", quiet):
+                    libraries = job.result()
+            else:
+                libraries = compile_libraries(specs=specs, net=net, **compile_args)
         artifact.write_config(tmp, {
             "model_type": "mpt",  # the model family: a second family is a new value, not a new format
             "model_name": src.name,
@@ -260,6 +261,35 @@ def build(
         })
     _log(f"artifact ready: {out}", quiet)
     return out
+
+
+def compile_libraries(*, config: MPTConfig, q: Quantization, specs: Sequence[targets.TargetSpec], src_name: str,
+                      quantization: str, page_size: int, tmp: Path, quiet: bool,
+                      net: MPTForCausalLM | None = None) -> dict[str, str]:
+    """Export the IRModule of ``net`` (default: ``config`` quantized by ``q``), compile it for each
+    target and write the libraries into ``tmp``; returns ``{target name: library file name}``."""
+    if net is None:
+        net, _ = quantized_model(config, q)
+    with _stage("export the IRModule", quiet):  # once: each target's pipeline adds its attention kernels
+        mod, _ = net.export_tvm(spec=net.export_spec())
+    libraries = {}
+    for spec in specs:
+        lib_name = artifact.library_name(src_name, quantization, spec.name) + spec.suffix
+        with _stage(f"compile {spec.name}", quiet):
+            executable = pipeline.compile_module(mod, spec, page_size)
+        if spec.name == "cuda":
+            with _stage("compile the CUDA kernels with nvcc", quiet):
+                if not cuda_kernels.precompile(executable, spec.target, tmp):
+                    _log("  nvcc not found: the library's kernels will be compiled when it is loaded", quiet)
+        with _stage(f"export {lib_name}", quiet):
+            executable.export_library(str(tmp / lib_name))
+        libraries[spec.name] = lib_name
+    return libraries
+
+
+def _weight_bytes(src: ModelSource) -> int:
+    files = [src.gguf.path] if src.gguf is not None else weight_files(src.weights_dir)
+    return sum(f.stat().st_size for f in files)
 
 
 def _quantization_records(rules, q: Quantization) -> dict[str, dict]:
