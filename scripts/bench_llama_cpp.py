@@ -6,8 +6,9 @@
     # GGUF files only, e.g. for testing a GGUF reader:
     PYTHONPATH=. python scripts/bench_llama_cpp.py CKPT --llama-src ... --keep-gguf DIR --convert-only
 
-Not run in CI. Needs llama-cpp-python, which compiles llama.cpp (install it with the CMAKE_ARGS
-in INSTALL below; a -march=native build can die of SIGILL), gguf, and llama.cpp's own
+Not run in CI. Needs llama-cpp-python, which compiles llama.cpp (the install line that
+:func:`install_hint` prints turns on only the host's instruction sets: a -march=native build,
+or one with an instruction set the CPU lacks, dies of SIGILL), gguf, and llama.cpp's own
 converter, taken from a llama-cpp-python source tarball (``--llama-src``; a llama.cpp source
 tree works too): its convert_hf_to_gguf.py, conversion/ and gguf-py/ are copied into a
 temporary directory and run from there, never from this repository.
@@ -55,13 +56,31 @@ from pathlib import Path
 
 import numpy as np
 
-INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
-           '-DGGML_AVX_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 '
-           'pip install --no-cache-dir llama-cpp-python')
+_GGML_FLAGS = {"AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+               "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c"}
+
+
+def install_hint(cpu_flags: set[str]) -> str:
+    """The llama-cpp-python install line for a CPU with these /proc/cpuinfo flags: each GGML
+    instruction set ON only where the CPU has it (AMD Zen 4 has AVX512-VNNI but not the VEX
+    AVX-VNNI; a build with GGML_AVX_VNNI=ON dies of SIGILL there, as does a native build here)."""
+    args = " ".join(f"-DGGML_{name}={'ON' if flag in cpu_flags else 'OFF'}" for name, flag in _GGML_FLAGS.items())
+    return (f'CMAKE_ARGS="-DGGML_NATIVE=OFF {args}" CMAKE_BUILD_PARALLEL_LEVEL=2 '
+            'pip install --no-cache-dir llama-cpp-python')
+
+
+def _host_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
 try:
     import llama_cpp
 except ImportError:
-    sys.exit(f"error: llama_cpp is not installed; install llama-cpp-python (it compiles llama.cpp) with: {INSTALL}")
+    sys.exit(f"error: llama_cpp is not installed; install llama-cpp-python (it compiles llama.cpp) with: {install_hint(_host_flags())}")
 try:
     from gguf import GGUFReader
 except ImportError:

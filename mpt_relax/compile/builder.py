@@ -210,8 +210,7 @@ def build(
     if src.weights_path is None:
         _log(f"no weights for {src.name}: building the library only; put the checkpoint in "
              f"{Path(dist_root) / 'models' / src.name} (or pass its directory) to include them", quiet)
-    elif src.gguf is None:
-        weight_files(src.weights_dir)  # fail early on a directory without weights
+    weight_bytes = _weight_bytes(src)  # fails early on a checkpoint directory without weights
 
     net, rules = quantized_model(src.config, q, gguf_name if src.gguf is not None else None)
     param_names = [name for name, _ in net.named_parameters()]  # the entry points' order, on every target
@@ -219,7 +218,7 @@ def build(
         compile_args = dict(config=src.config, q=q, src_name=src.name, quantization=quantization,
                             page_size=page_size, tmp=tmp, quiet=quiet)
         # Big weights: the libraries compile in a child process meanwhile (they never read a weight).
-        overlap = src.weights_path is not None and _weight_bytes(src) >= OVERLAP_MIN_BYTES
+        overlap = weight_bytes >= OVERLAP_MIN_BYTES
         job = child.compile_in_child({**compile_args, "tmp": str(tmp), "targets": [
             (spec.name, cuda_arch, mcpu) for spec in specs]}) if overlap else None
         with job or contextlib.nullcontext():
@@ -288,6 +287,9 @@ def compile_libraries(*, config: MPTConfig, q: Quantization, specs: Sequence[tar
 
 
 def _weight_bytes(src: ModelSource) -> int:
+    """Bytes of the checkpoint's weight files (0 without weights); raises on a directory without any."""
+    if src.weights_path is None:
+        return 0
     files = [src.gguf.path] if src.gguf is not None else weight_files(src.weights_dir)
     return sum(f.stat().st_size for f in files)
 

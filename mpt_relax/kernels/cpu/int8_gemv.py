@@ -24,9 +24,11 @@ Two PrimFuncs per layer shape, both already scheduled (``tirx.is_scheduled``):
   emits ``generic``; :func:`mpt_relax.compile.int8_kernels.select_int8_kernels` swaps in the
   fastest the target has.
 
-Rows of W are processed ``ROWS`` at a time (independent accumulator chains, x loaded once per
-block), all M rows of x per block of W (so a weight byte is read once per call), blocks in
-parallel. The VNNI kernels prefetch the weights ``PREFETCH_BYTES`` ahead (the hardware
+Rows of W are processed ``ROWS`` at a time (independent accumulator chains sharing each load
+of x), all M rows of x per block of W (so a weight byte is read once per call), blocks in
+parallel. One row per block streams W front to back, which beat four interleaved rows on the
+125M model's GEMVs read from DRAM (AMD EPYC, q4: 21-24 vs 16.5 GB/s at 2 threads, 15 vs 9.6
+at 1; q8: 19.3 vs 16.7), as it did for :mod:`.float_gemv`. The VNNI kernels prefetch the weights ``PREFETCH_BYTES`` ahead (the hardware
 prefetchers alone left a decode step's GEMVs at half the speed they reach from cache) and
 sum each row's lanes and offset corrections with a tree of vector adds.
 """
@@ -39,7 +41,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import halving_sum
 
 GROUP = 32
-ROWS = 4
+ROWS = 1
 PREFETCH_BYTES = 16384  # how far ahead the VNNI kernels ask for weights: 2x faster from DRAM
 PARALLEL_ROWS = 4  # rows of x from which quantize_activation runs rows in parallel
 KERNEL_ATTR = "mpt_relax.int8_gemv"  # func attr: {"bits", "in", "out", "isa"}; see compile.int8_kernels
