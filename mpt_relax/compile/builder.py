@@ -23,6 +23,7 @@ from mpt_relax.io import artifact, staging
 from mpt_relax import defaults
 from mpt_relax.compile import child, cuda_kernels, int8_kernels, pipeline, targets
 from mpt_relax.io.checkpoint import CheckpointError, weight_files
+from mpt_relax.io.prefetch import prefetched
 from mpt_relax.io.gguf_file import GGUFFile
 from mpt_relax.models.mpt.config import MPTConfig, preset, template_for
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
@@ -225,6 +226,7 @@ def build(
             if src.weights_path is not None:
                 params = (gguf_loader.stream_gguf(src.gguf, rules, q) if src.gguf is not None else
                           stream_params(src.weights_dir, rules, tied_head=src.config.tie_word_embeddings))
+                params = prefetched(params, name="quantize weights")  # a thread: written while the next converts
                 with _stage("load + quantize weights" if q.is_quantized else "load weights", quiet):
                     nbytes = artifact.write_params(
                         tmp,

@@ -20,6 +20,7 @@ import torch
 from tvm.relax.frontend import nn
 
 from mpt_relax.io.checkpoint import FP16_MAX, CheckpointError, iter_tensors, tensor_shapes
+from mpt_relax.io.prefetch import prefetched
 from mpt_relax.quantization import Quantization
 
 Transform = Callable[[torch.Tensor], dict[str, np.ndarray]]
@@ -113,13 +114,14 @@ def gguf_name(name: str) -> str:
 def stream_params(
     model_dir: str | Path, rules: dict[str, WeightRule], *, tied_head: bool = True
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(param name, array)`` for every parameter, one checkpoint shard in memory at a time.
+    """Yield ``(param name, array)`` for every parameter, one checkpoint shard in memory at a time;
+    the next tensor is read (in a thread) while this one is converted.
 
     All name and shape problems are collected first (from the file headers) and raised as one
     :class:`WeightMapError` before anything is converted.
     """
     check_checkpoint(model_dir, rules, tied_head=tied_head)
-    for name, tensor in iter_tensors(model_dir):
+    for name, tensor in prefetched(iter_tensors(model_dir), name="read weights"):
         rule = rules.get(name)
         arrays = rule.transform(tensor) if rule is not None else {}
         del tensor  # the source is not kept while its arrays are written and the next one is read
