@@ -2,7 +2,7 @@
 
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llama-sdist
     PYTHONPATH=. python scripts/bench_llama_cpp.py dist/models/mpt-125m-random \\
-        --llama-src /tmp/llama-sdist/llama_cpp_python-*.tar.gz [--threads 1,2] [--runs 3] [--keep-gguf DIR]
+        --llama-src /tmp/llama-sdist/llama_cpp_python-*.tar.gz [--threads 1,2] [--runs 3] [--keep-gguf DIR] [--rows A,B]
     # GGUF files only, e.g. for testing a GGUF reader:
     PYTHONPATH=. python scripts/bench_llama_cpp.py CKPT --llama-src ... --keep-gguf DIR --convert-only
 
@@ -22,7 +22,8 @@ temporary directory and run from there, never from this repository.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
    and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
-   the AMX prefill); and from each of the
+   the AMX prefill), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0, its tied head
+   included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some; and from each of the
    three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own blocks). Each is
    measured by
    :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
@@ -102,6 +103,7 @@ if {"amx-bf16", "amx-tile"} <= set(host_features() or ()):
     FAST.append({"int8_activations": True, "amx_prefill": True})
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
 ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
+        *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
         *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST))
 
@@ -271,6 +273,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--keep-gguf", type=Path, metavar="DIR", help="write the GGUF files here and keep them")
     p.add_argument("--convert-only", action="store_true", help="stop after writing the GGUF files")
+    p.add_argument("--rows", help="comma-separated mpt_relax rows to measure, e.g. q0f16,q8f16_1-emb-a8-p8 "
+                                  "(default all; the gguf rows are named 'gguf F16' ...)")
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     if not (args.checkpoint / "config.json").is_file():
@@ -279,17 +283,23 @@ def main() -> int:
         p.error(f"--llama-src {args.llama_src} does not exist")
     if args.convert_only and not args.keep_gguf:
         p.error("--convert-only needs --keep-gguf DIR")
+    names = [label(q, o) for q, o, _ in ROWS] + [f"gguf {f}" for f in GGUF_ROWS]
+    wanted = set(names) if args.rows is None else {r.strip() for r in args.rows.split(",")}
+    if wanted - set(names):
+        p.error(f"--rows: unknown {', '.join(sorted(wanted - set(names)))}; rows are {', '.join(names)}")
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor log lines
     with tempfile.TemporaryDirectory(prefix="bench-llama-cpp-") as tmp:
         ggufs = make_ggufs(args.checkpoint, args.llama_src, args.keep_gguf or Path(tmp) / "gguf", Path(tmp),
                            max(threads))
         if args.convert_only:
             return 0
-        artifacts = {label(q, o): mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quiet=True, **o)
-                     for q, o, _ in ROWS}
+        rows = [(label(q, o), q, o, f) for q, o, f in ROWS if label(q, o) in wanted]
+        artifacts = {name: mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quiet=True, **o)
+                     for name, q, o, _ in rows}
+        gguf_rows = [f for f in GGUF_ROWS if f"gguf {f}" in wanted]
         artifacts.update({f"gguf {f}": mpt_relax.build(ggufs[f], target="llvm", quiet=True,
-                                                       output=Path(tmp) / f"gguf-{f}") for f in GGUF_ROWS})
-        meta = read_config(artifacts["q0f32"])
+                                                       output=Path(tmp) / f"gguf-{f}") for f in gguf_rows})
+        meta = read_config(next(iter(artifacts.values())))
         config = MPTConfig.from_dict(meta["model_config"])
         ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
         lines = [f"{meta['model_name']}: prompt {args.prompt_len} token ids, {args.gen_len} greedy new tokens, "
@@ -298,16 +308,17 @@ def main() -> int:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
             lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
             theirs: dict[str, dict] = {}
-            for name, ftype in [(label(q, o), f) for q, o, f in ROWS] + [(f"gguf {f}", f) for f in GGUF_ROWS]:
+            for name, ftype in [(name, f) for name, _, _, f in rows] + [(f"gguf {f}", f) for f in gguf_rows]:
                 ours = bench.run(artifacts[name], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
                 if ftype and ftype not in theirs:
                     theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
                 lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs.get(ftype)))
                 print(lines[-1], file=sys.stderr, flush=True)
-        lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "
-                     "(||ours - llama|| / ||llama||): " + ", ".join(
-                         f"{f} {logits_difference(artifacts[f'gguf {f}'], ggufs[f], ids):.2e}" for f in GGUF_ROWS))
+        if gguf_rows:
+            lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "
+                         "(||ours - llama|| / ||llama||): " + ", ".join(
+                             f"{f} {logits_difference(artifacts[f'gguf {f}'], ggufs[f], ids):.2e}" for f in gguf_rows))
     print("\n".join(lines))
     return 0
 
