@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -138,8 +139,19 @@ def _fingerprint(src: ModelSource, quantization: str, page_size: int) -> str:
         for f in [src.gguf.path] if src.gguf is not None else sorted(p for p in src.weights_dir.iterdir() if p.is_file()):
             st = f.stat()
             files.append([f.name, st.st_size, st.st_mtime_ns])
-    blob = json.dumps([VERSION, src.config.to_dict(), quantization, page_size, files], sort_keys=True)
+    blob = json.dumps([VERSION, _source_digest(), src.config.to_dict(), quantization, page_size, files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """sha256 of this package's Python sources: a changed kernel or pass makes earlier artifacts
+    out of date, within a version too (an editable install under development)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -186,7 +198,7 @@ def build(
     ``page_size``: tokens per KV-cache page, baked into the attention kernels and recorded in
     ``mpt-config.json``.
     An artifact that is up to date (same config, quantization, checkpoint files and targets,
-    the targets' cuda arch and mcpu included)
+    the targets' cuda arch and mcpu included, built by the same mpt_relax sources)
     is returned as is unless ``force``.
     """
     target_names = [target] if isinstance(target, str) else list(target)

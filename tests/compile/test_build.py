@@ -113,6 +113,17 @@ def test_up_to_date_skip_and_force(ckpt, tmp_path):
     assert json.loads((out / "mpt-config.json").read_text())["context_window_size"] == 64
 
 
+def test_changed_sources_make_an_artifact_out_of_date(ckpt, monkeypatch):
+    """A kernel changed within a version (an editable install) must not reuse an earlier build."""
+    from mpt_relax.compile import builder
+
+    src = builder.resolve_model(ckpt[0])
+    before = builder._fingerprint(src, "q0f32", 16)
+    assert builder._fingerprint(src, "q0f32", 16) == before  # stable for the same sources
+    monkeypatch.setattr(builder, "_source_digest", lambda: "another source tree")
+    assert builder._fingerprint(src, "q0f32", 16) != before
+
+
 def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
     path, _ = ckpt
     native = mpt_relax.build(path, output=tmp_path / "native", quantization="q0f32", quiet=True)
