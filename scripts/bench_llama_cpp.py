@@ -57,49 +57,44 @@ from pathlib import Path
 
 import numpy as np
 
-_GGML_FLAGS = {"AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
-               "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mpt_relax.runtime.cpu_features import host_features, normal_form  # noqa: E402
+
+# GGML's CMake switch -> the instruction set's normal-form name (mpt_relax.runtime.cpu_features)
+_GGML_FLAGS = {"AVX512": "avx512f", "AVX512_VNNI": "avx512vnni", "AVX512_BF16": "avx512bf16",
+               "AVX_VNNI": "avxvnni", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c"}
 
 
-def install_hint(cpu_flags: set[str]) -> str:
-    """The llama-cpp-python install line for a CPU with these /proc/cpuinfo flags: each GGML
-    instruction set ON only where the CPU has it (AMD Zen 4 has AVX512-VNNI but not the VEX
-    AVX-VNNI; a build with GGML_AVX_VNNI=ON dies of SIGILL there, as does a native build here)."""
+def install_hint(cpu_flags: frozenset[str]) -> str:
+    """The llama-cpp-python install line for a CPU with these instruction sets (normal form, as
+    :func:`host_features` gives them): each GGML instruction set ON only where the CPU has it
+    (AMD Zen 4 has AVX512-VNNI but not the VEX AVX-VNNI; a build with GGML_AVX_VNNI=ON dies of
+    SIGILL there, as does a native build here)."""
     args = " ".join(f"-DGGML_{name}={'ON' if flag in cpu_flags else 'OFF'}" for name, flag in _GGML_FLAGS.items())
     return (f'CMAKE_ARGS="-DGGML_NATIVE=OFF {args}" CMAKE_BUILD_PARALLEL_LEVEL=2 '
             'pip install --no-cache-dir llama-cpp-python')
 
 
-def _host_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-
-
 try:
     import llama_cpp
 except ImportError:
-    sys.exit(f"error: llama_cpp is not installed; install llama-cpp-python (it compiles llama.cpp) with: {install_hint(_host_flags())}")
+    sys.exit("error: llama_cpp is not installed; install llama-cpp-python (it compiles llama.cpp) with: "
+             + install_hint(host_features() or frozenset()))
 try:
     from gguf import GGUFReader
 except ImportError:
     sys.exit("error: gguf is not installed; install it with: pip install gguf")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mpt_relax  # noqa: E402
 from mpt_relax.io.artifact import read_config  # noqa: E402
 from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.tools import bandwidth, bench  # noqa: E402
 
-from mpt_relax.runtime.cpu_features import host_features  # noqa: E402
-
 # the CPU kernels: int8 decode (--int8-activations) with the int8 prefill (--int8-prefill) and,
 # where this CPU has AMX-BF16, with the AMX bf16 prefill (--amx-prefill) instead
 FAST = [{"int8_activations": True, "int8_prefill": True}]
-if {"amx-bf16", "amx-tile"} <= set(host_features() or ()):
+if {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= (host_features() or frozenset()):  # normal-form names
     FAST.append({"int8_activations": True, "amx_prefill": True})
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
 ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),

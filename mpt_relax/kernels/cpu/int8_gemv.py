@@ -28,9 +28,10 @@ Rows of W are processed ``ROWS`` at a time (independent accumulator chains shari
 of x), all M rows of x per block of W (so a weight byte is read once per call), blocks in
 parallel. One row per block streams W front to back, which beat four interleaved rows on the
 125M model's GEMVs read from DRAM (AMD EPYC, q4: 21-24 vs 16.5 GB/s at 2 threads, 15 vs 9.6
-at 1; q8: 19.3 vs 16.7), as it did for :mod:`.float_gemv`. The VNNI kernels prefetch the weights ``PREFETCH_BYTES`` ahead (the hardware
-prefetchers alone left a decode step's GEMVs at half the speed they reach from cache) and
-sum each row's lanes and offset corrections with a tree of vector adds.
+at 1; q8: 19.3 vs 16.7), as it did for :mod:`.float_gemv`. The VNNI kernels prefetch the
+weights ``PREFETCH_BYTES`` ahead (the hardware prefetchers alone left a decode step's GEMVs at
+half the speed they reach from cache) and sum each row's lanes and offset corrections with a
+tree of vector adds.
 """
 
 from __future__ import annotations
