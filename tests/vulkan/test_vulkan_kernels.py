@@ -13,13 +13,16 @@ decode kernel differs only in its thread count).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
 
-from kernels.test_attention import GQA, MQA_6, Harness, _AttentionModule
 from mpt_relax.compile import pipeline, targets
 from mpt_relax.compile.builder import export_irmodule
 from mpt_relax.kernels.attention import attention_kernels
@@ -27,6 +30,21 @@ from mpt_relax.kernels.attention.common import AttentionSpec
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE
 from mpt_relax.models.mpt.model import LPLayerNorm
+
+
+def _load_attention_tests():
+    """tests/kernels/test_attention.py, loaded by path: the name ``kernels`` is taken by Hugging
+    Face's ``kernels`` package, which transformers imports when it is installed."""
+    path = Path(__file__).parents[1] / "kernels" / "test_attention.py"
+    spec = importlib.util.spec_from_file_location("mpt_relax_tests_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_attention = _load_attention_tests()
+GQA, MQA_6, Harness, _AttentionModule = _attention.GQA, _attention.MQA_6, _attention.Harness, _attention._AttentionModule
 
 pytestmark = pytest.mark.vulkan
 
