@@ -1,5 +1,5 @@
 """The GPU kernels on a Vulkan device: the ALiBi paged-attention kernels (the ones CUDA gets)
-against the dense fp64 reference of tests/kernels/test_attention.py, and the LayerNorm kernel
+against the dense fp64 reference of tests/attention_harness.py, and the LayerNorm kernel
 that int64 thread indices broke on Vulkan.
 
 How the tests know these are CUDA's kernels: the Vulkan build gets its attention PrimFuncs from
@@ -13,16 +13,13 @@ decode kernel differs only in its thread count).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 from tvm.relax.frontend import nn
 
+from attention_harness import GQA, MQA_6, AttentionModule, Harness
 from mpt_relax.compile import pipeline, targets
 from mpt_relax.compile.builder import export_irmodule
 from mpt_relax.kernels.attention import attention_kernels
@@ -30,21 +27,6 @@ from mpt_relax.kernels.attention.common import AttentionSpec
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE
 from mpt_relax.models.mpt.model import LPLayerNorm
-
-
-def _load_attention_tests():
-    """tests/kernels/test_attention.py, loaded by path: the name ``kernels`` is taken by Hugging
-    Face's ``kernels`` package, which transformers imports when it is installed."""
-    path = Path(__file__).parents[1] / "kernels" / "test_attention.py"
-    spec = importlib.util.spec_from_file_location("mpt_relax_tests_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_attention = _load_attention_tests()
-GQA, MQA_6, Harness, _AttentionModule = _attention.GQA, _attention.MQA_6, _attention.Harness, _attention._AttentionModule
 
 pytestmark = pytest.mark.vulkan
 
@@ -58,7 +40,7 @@ def spec(vulkan_device):
 
 
 def _cache_vm(cfg: MPTConfig, dtype: str, spec, device) -> relax.VirtualMachine:
-    module = _AttentionModule(cfg, dtype, spec.target)
+    module = AttentionModule(cfg, dtype, spec.target)
     mod, _ = module.export_tvm(module.spec())
     return relax.VirtualMachine(pipeline.compile_module(mod, spec), device)  # the model's pipeline
 
