@@ -17,9 +17,10 @@ from mpt_relax.kernels.cpu import amx_matmul
 
 
 def has_amx(spec: TargetSpec) -> bool:
-    """Whether ``spec`` is a CPU target whose instruction sets include AMX-BF16."""
+    """Whether ``spec`` is a CPU target whose instruction sets include AMX-BF16 and the AVX-512
+    subsets the kernel uses with it (every CPU with AMX so far has them)."""
     try:
-        return spec.name == "llvm" and target_has_features(["amx-bf16", "amx-tile"], spec.target)
+        return spec.name == "llvm" and target_has_features(amx_matmul.REQUIRED_FEATURES, spec.target)
     except Exception:  # pylint: disable=broad-except  # non-x86 triples
         return False
 

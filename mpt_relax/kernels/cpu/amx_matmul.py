@@ -6,20 +6,28 @@ tile: 8192 multiply-adds per instruction. B must hold pairs of consecutive k per
 (``[K/2, 16, 2]``), A is plain row-major. The kernel computes ``y^T = W @ x^T``, so that the
 operand rebuilt for every block of output columns (the weights) is the row-major one:
 
-1. x is converted once per call into B tiles' layout (``[K/2, M, 2]`` bf16, M padded to 16);
+1. x is converted once per call into B tiles' layout: 16 rows x 32 k at a time, each row
+   rounded to 16 bf16 pairs (``vcvtneps2bf16``), the 16 x 16 block of pairs transposed in
+   registers (:func:`~mpt_relax.kernels.lanes.transpose_16x16`); rows padded with zeros to a
+   multiple of 32;
 2. per block of 32 output columns (blocks in parallel) the 32 weight rows are dequantized once
-   into bf16 rows (two A tiles per 32 k, contiguous, vectorised stores);
-3. for each 16 rows of x: two accumulator tiles, K / 32 steps of two A and one B tile loads
-   and two ``tdpbf16ps``; the tiles (``[n, m]``) are stored and written into y transposed.
+   into bf16 rows (the A tiles), a group of 32 codes at a time: q4 through a 16-entry table of
+   the group's 16 possible values (``vpermw``, low and high nibbles interleaved back into k
+   order), q8 in 16-lane vector arithmetic;
+3. for each 32 rows of x, 2 x 2 accumulator tiles (weight rows 0-15 / 16-31 x rows of x 0-15 /
+   16-31): K / 32 steps of two A and two B tile loads and four ``tdpbf16ps``; each C tile
+   (``[n, m]``) is stored, transposed in registers and written into y as 16 rows of 16.
 
 Numerics: x and the dequantized weights are rounded to bfloat16 (8 significant bits, round to
 nearest even) before the products: about 0.4 % relative per factor, as PyTorch's bf16 path.
-A process must ask Linux for the tile state before its first AMX instruction
-(:func:`mpt_relax.runtime.cpu_features.request_amx`), or it dies of SIGILL.
+A weight is dequantized as the exact path does, ``(code - offset) * scale`` in the scale's
+dtype, then rounded to bf16. A process must ask Linux for the tile state before its first AMX
+instruction (:func:`mpt_relax.runtime.cpu_features.request_amx`), or it dies of SIGILL.
 
 The Linear layers emit :func:`exact_matmul` tagged with :data:`KERNEL_ATTR`;
 :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the target has AMX-BF16
-and leaves the exact kernel (fused and scheduled as usual) elsewhere.
+(and the AVX-512 subsets used above, :data:`REQUIRED_FEATURES`) and leaves the exact kernel
+(fused and scheduled as usual) elsewhere.
 """
 
 from __future__ import annotations
@@ -27,9 +35,14 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from mpt_relax.kernels.lanes import transpose_16x16
+
 KERNEL_ATTR = "mpt_relax.amx_matmul"  # func attr: {"bits", "in", "out", ...}; see compile.amx_kernels
-TILE = 16  # rows of x and columns of W per tile
-BLOCK = 32  # output columns per parallel task (two B tiles)
+# LLVM features the kernel's instructions need: tiles, vcvtneps2bf16, vpermw (256-bit), vpermi2ps
+REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl", "avx512f"]
+BLOCK = 32  # output columns per parallel task (two A tiles), and rows of x per step (two B tiles)
+_INTERLEAVE = [i // 2 + (i % 2) * 16 for i in range(32)]  # [low0, high0, low1, high1, ...] of two 16-lane vectors
+_CONCAT = list(range(32))
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -62,24 +75,37 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale [N, K/32]) -> y [M, N]; see the
     module docstring."""
     N, K = out_features, in_features
-    words, per_word, mask, off = K * bits // 32, 32 // bits, (1 << bits) - 1, 2 ** (bits - 1) - 1
+    words, code_bytes, off = K * bits // 32, K * bits // 8, 2 ** (bits - 1) - 1
     k_steps = K // 32
     w_stride, c_stride = T.int64(K * 2), T.int64(64)  # bytes per tile row
 
     def tile(op, *args):
         return T.call_llvm_intrin("void", op, *args)
 
-    def bf16_bits(value):
-        """float32 -> its bfloat16 bits (round to nearest even), as uint16: bf16 buffers would be
-        widened to float32 by TVM's bf16 legalization, and the tiles read raw bits."""
-        u = T.reinterpret(value, dtype="uint32")
-        return T.Cast("uint16", (u + T.uint32(0x7FFF) + ((u >> T.uint32(16)) & T.uint32(1))) >> T.uint32(16))
+    def bf16x16(value):
+        """float32x16 -> its bfloat16 bits (round to nearest even) as int16x16: bf16 buffers
+        would be widened to float32 by TVM's bf16 legalization, and the tiles read raw bits."""
+        return T.reinterpret(T.call_llvm_pure_intrin("bfloat16x16", "llvm.x86.avx512bf16.cvtneps2bf16.512", value),
+                             dtype="int16x16")
 
-    def weight_bits(qw, qs, n, w, code):
-        """bf16 bits of weight element ``w * per_word + code`` of row n, dequantized in the scale dtype."""
-        value = (T.Cast(scale_dtype, (qw[n, w] >> T.uint32(code * bits)) & T.uint32(mask)) - T.Cast(scale_dtype, off)) \
-            * qs[n, w * per_word // 32]
-        return bf16_bits(T.Cast("float32", value))
+    def dequantized(codes, scale):
+        """16 codes (a 16-lane integer vector) -> bf16 bits of ``(code - off) * scale``, the
+        arithmetic in the scale's dtype as in the exact path."""
+        return bf16x16(T.Cast("float32x16", (T.Cast(f"{scale_dtype}x16", codes) - T.Broadcast(T.Cast(scale_dtype, off), 16))
+                                            * T.Broadcast(scale, 16)))
+
+    def lookup(table, index):
+        return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx512.permvar.hi.256", table, index)
+
+    @T.macro
+    def write_tile(y, tb, M, mb, nb, tile_id):
+        """C tile ``tile_id`` (weight rows ``tile_id // 2``, x rows ``tile_id % 2``) -> y."""
+        tile("llvm.x86.tilestored64", T.int8(tile_id), T.address_of(tb[0, 0]), c_stride)
+        transpose_16x16(tb)
+        for i in T.unroll(16):
+            if mb * 32 + tile_id % 2 * 16 + i < M:
+                y[mb * 32 + tile_id % 2 * 16 + i, T.ramp(nb * 32 + tile_id // 2 * 16, 1, 16)] = T.Cast(
+                    f"{out_dtype}x16", tb[0, T.ramp(i * 16, 1, 16)])
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
@@ -90,42 +116,64 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         qs = T.match_buffer(qs_h, (N, K // 32), scale_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
-            # x^T as B tiles: xb[k // 2, m, k % 2] (pairs of k per row m), rows past M zero
-            xb = T.alloc_buffer((K // 2, (M + 15) // 16 * 16, 2), "uint16")
-            for kk in T.parallel(K // 2):
-                for i, p in T.grid((M + 15) // 16 * 16, 2):
-                    xb[kk, i, p] = T.if_then_else(
-                        i < M, bf16_bits(T.Cast("float32", x[T.min(i, M - 1), kk * 2 + p])), T.uint16(0))
+            qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
+            # x^T as B tiles: xb[k // 2, m] = bf16 pair (x[m, k], x[m, k + 1]) as 32 bits, rows past M zero
+            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")
+            for kc in T.parallel(k_steps):
+                tx = T.alloc_buffer((2, 256), "float32")
+                for mt in range((M + 31) // 32 * 2):
+                    for i in T.unroll(16):
+                        tx[0, T.ramp(i * 16, 1, 16)] = T.if_then_else(
+                            mt * 16 + i < M,
+                            T.reinterpret(T.Shuffle([bf16x16(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
+                                                                                      T.ramp(kc * 32 + h * 16, 1, 16)]))
+                                                     for h in (0, 1)], _CONCAT), dtype="float32x16"),
+                            T.Broadcast(T.float32(0), 16))
+                    transpose_16x16(tx)
+                    for r in T.unroll(16):
+                        xb[kc * 16 + r, T.ramp(mt * 16, 1, 16)] = tx[0, T.ramp(r * 16, 1, 16)]
             for nb in T.parallel(N // 32):
                 cfg = T.alloc_buffer((64,), "uint8")
-                w = T.alloc_buffer((32, K), "uint16")  # the block's 32 weight rows, bf16, row-major: A tiles
-                c = T.alloc_buffer((2, 16, 16), "float32")  # y^T tiles: [n, m]
-                for j in range(32):
-                    for wo in range(words):
-                        for code in T.vectorized(per_word):
-                            w[j, wo * per_word + code] = weight_bits(qw, qs, nb * 32 + j, wo, code)
+                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits, row-major: A tiles
+                tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
+                for j, g in T.grid(32, k_steps):
+                    if bits == 4:  # byte b of a group: k = 2b (low nibble), 2b + 1 (high)
+                        table = dequantized(T.ramp(0, 1, 16), qs[nb * 32 + j, g])
+                        codes = T.Cast("int16x16", qb[nb * 32 + j, T.ramp(g * 16, 1, 16)])
+                        w[j, T.ramp(g * 32, 1, 32)] = T.Shuffle(
+                            [lookup(table, codes & T.Broadcast(T.int16(15), 16)),
+                             lookup(table, codes >> T.Broadcast(T.int16(4), 16))], _INTERLEAVE)
+                    else:
+                        for h in T.unroll(2):
+                            w[j, T.ramp(g * 32 + h * 16, 1, 16)] = dequantized(
+                                qb[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)], qs[nb * 32 + j, g])
                 for i in range(64):
                     cfg[i] = T.uint8(0)
                 cfg[0] = T.uint8(1)  # palette 1
-                for t in range(5):  # tiles 0, 1: C; 2, 3: A (weights); 4: B (x); each 16 rows of 64 bytes
+                for t in range(8):  # tiles 0-3: C; 4, 5: A (weights); 6, 7: B (x); each 16 rows of 64 bytes
                     cfg[16 + 2 * t] = T.uint8(64)
                     cfg[48 + t] = T.uint8(16)
                 tile("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
-                for mb in range((M + 15) // 16):
+                for mb in range((M + 31) // 32):
                     tile("llvm.x86.tilezero", T.int8(0))
                     tile("llvm.x86.tilezero", T.int8(1))
+                    tile("llvm.x86.tilezero", T.int8(2))
+                    tile("llvm.x86.tilezero", T.int8(3))
                     for kc in range(k_steps):
-                        tile("llvm.x86.tileloadd64", T.int8(2), T.address_of(w[0, kc * 32]), w_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(3), T.address_of(w[16, kc * 32]), w_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(xb[kc * 16, mb * 16, 0]),
-                             T.Cast("int64", ((M + 15) // 16 * 16) * 4))
-                        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(2), T.int8(4))
-                        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(3), T.int8(4))
-                    tile("llvm.x86.tilestored64", T.int8(0), T.address_of(c[0, 0, 0]), c_stride)
-                    tile("llvm.x86.tilestored64", T.int8(1), T.address_of(c[1, 0, 0]), c_stride)
-                    for i, t, j in T.grid(16, 2, 16):
-                        if mb * 16 + i < M:
-                            y[mb * 16 + i, nb * 32 + t * 16 + j] = T.Cast(out_dtype, c[t, j, i])
+                        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(w[0, kc * 32]), w_stride)
+                        tile("llvm.x86.tileloadd64", T.int8(5), T.address_of(w[16, kc * 32]), w_stride)
+                        tile("llvm.x86.tileloadd64", T.int8(6), T.address_of(xb[kc * 16, mb * 32]),
+                             T.Cast("int64", (M + 31) // 32 * 32 * 4))
+                        tile("llvm.x86.tileloadd64", T.int8(7), T.address_of(xb[kc * 16, mb * 32 + 16]),
+                             T.Cast("int64", (M + 31) // 32 * 32 * 4))
+                        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+                        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+                        tile("llvm.x86.tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+                        tile("llvm.x86.tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+                    write_tile(y, tb, M, mb, nb, 0)
+                    write_tile(y, tb, M, mb, nb, 1)
+                    write_tile(y, tb, M, mb, nb, 2)
+                    write_tile(y, tb, M, mb, nb, 3)
                 tile("llvm.x86.tilerelease")
 
     return func
