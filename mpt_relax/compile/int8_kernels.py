@@ -12,9 +12,8 @@ refused with one line.
 from __future__ import annotations
 
 import tvm
-from tvm.target.codegen import target_has_features
-
 from mpt_relax.compile.targets import TargetError, TargetSpec
+from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.kernels.cpu import int8_gemv, int8_matmul
 from mpt_relax.quantization import Quantization
 
@@ -29,13 +28,10 @@ def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
 
 def best_isa(target: tvm.target.Target) -> str:
     """The int8 GEMV kernel for ``target``: avx512vnni, avxvnni or generic."""
-    try:
-        if target_has_features(["avx512vnni", "avx512bw"], target):
-            return "avx512vnni"
-        if target_has_features("avxvnni", target):
-            return "avxvnni"
-    except Exception:  # pylint: disable=broad-except  # a non-x86 triple has neither
-        pass
+    if cpu_has(target, ["avx512vnni", "avx512bw"]):
+        return "avx512vnni"
+    if cpu_has(target, ["avxvnni"]):
+        return "avxvnni"
     return "generic"
 
 

@@ -11,7 +11,7 @@ from tvm import relax
 from factory import rel_err
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
-from mpt_relax.compile.float_gemv import select_float_gemv
+from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.kernels.cpu.float_gemv import float_gemv, supported
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
@@ -41,9 +41,9 @@ def test_supported_shapes():
     assert not supported(64, 48)
 
 
-def _exported(quantization: str):
+def _exported(quantization: str, **options):
     cfg = MPTConfig(d_model=64, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
-    net, _ = quantized_model(cfg, get_quantization(quantization))
+    net, _ = quantized_model(cfg, get_quantization(quantization, **options))
     mod, _ = net.export_tvm(spec=net.export_spec())
     return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
 
@@ -57,8 +57,8 @@ def test_pass_rewrites_decode_only(quantization, expected):
     """Each float weight's decode GEMV (q4f16_1: the fp16 tied head only); prefill keeps NT_matmul;
     a GPU target keeps everything."""
     mod = _exported(quantization)
-    out = select_float_gemv(targets.resolve_target("llvm"))(mod)
+    out = select_decode_gemv(targets.resolve_target("llvm"))(mod)
     assert sum(c.startswith("float_gemv_") for c in _callees(out["batch_decode"])) == expected
     assert not any(c.startswith("float_gemv_") for c in _callees(out["prefill"]))
-    gpu = select_float_gemv(targets.resolve_target("cuda"))(mod)
+    gpu = select_decode_gemv(targets.resolve_target("cuda"))(mod)
     assert not any(c.startswith("float_gemv_") for c in _callees(gpu["batch_decode"]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm.script import tirx as T
-from tvm.target.codegen import target_has_features
+from mpt_relax.kernels.cpu.base import cpu_has
 
 from mpt_relax.compile import targets
 from mpt_relax.kernels.lanes import transpose_16x16
@@ -14,7 +14,7 @@ from mpt_relax.kernels.lanes import transpose_16x16
 HOST = targets.llvm_target().target
 
 
-@pytest.mark.skipif(not target_has_features(["avx512f"], HOST), reason="this CPU has no AVX-512F (vpermi2ps)")
+@pytest.mark.skipif(not cpu_has(HOST, ["avx512f"]), reason="this CPU has no AVX-512F (vpermi2ps)")
 def test_transpose_16x16_transposes_in_place():
     @T.prim_func(s_tir=True)
     def main(a_h: T.handle):

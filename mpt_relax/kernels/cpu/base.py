@@ -28,15 +28,21 @@ def dtype_bits(dtype) -> int:
     return int("".join(c for c in str(dtype) if c.isdigit()) or 32)
 
 
+def cpu_has(target: Target, features: list[str]) -> bool:
+    """Whether ``target`` is a CPU (llvm) target whose instruction sets include every one of
+    ``features`` (LLVM names); False for GPU targets and for triples that do not know the names."""
+    try:
+        return target.kind.name == "llvm" and bool(target_has_features(features, target))
+    except Exception:  # pylint: disable=broad-except  # e.g. x86 names on an Arm triple
+        return False
+
+
 def vector_bits(target: Target) -> int:
     """SIMD register width of an LLVM target: 512 (AVX-512), 256 (AVX/AVX2), else 128."""
-    try:
-        if target_has_features("avx512f", target):
-            return 512
-        if target_has_features("avx", target):
-            return 256
-    except Exception:  # pylint: disable=broad-except  # non-x86 triples
-        pass
+    if cpu_has(target, ["avx512f"]):
+        return 512
+    if cpu_has(target, ["avx"]):
+        return 256
     return 128
 
 

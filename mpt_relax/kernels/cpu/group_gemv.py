@@ -1,0 +1,97 @@
+"""Decode GEMV on group-quantized weights, exact: ``y = x @ W^T`` for a few rows of x, W
+q4f16_1 / q8f16_1 (:mod:`mpt_relax.quantization.group`), the math of the fused dequantize +
+``NT_matmul`` it replaces: each weight ``(code - offset) * scale`` in the scale's dtype (fp16),
+then fp32 products and sums; only the order of the sums differs.
+
+- one weight row per parallel task, read front to back, prefetched ``PREFETCH_BYTES`` ahead
+  (as :mod:`.float_gemv`);
+- per group of 32 weights of a row, 16 lanes at a time: q4 looks its codes up in a table of the
+  group's 16 possible weights (fp32, one ``vpermps`` per 16 codes: the low nibbles of the
+  group's 16 bytes are k = 0, 2, ..., 30, the high ones k = 1, 3, ..., 31, so x is permuted once
+  per call into that order); q8 converts its 16 code bytes and dequantizes in 16-lane fp16
+  arithmetic;
+- two groups per step into four accumulator vectors (independent FMA chains), summed by a
+  halving tree; no vector is given a name (TVMScript would store each to a buffer: named
+  tables and codes halved the q4 kernel's speed).
+
+Needs AVX-512F (``vpermps``); :mod:`mpt_relax.compile.decode_gemv` puts it in the decode step of
+llvm targets that have it.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mpt_relax.kernels.lanes import halving_sum
+
+from .float_gemv import PREFETCH_BYTES
+from .int8_gemv import GROUP, code_offset, prefetch
+
+REQUIRED_FEATURES = ["avx512f"]
+CHAINS = 4  # 16-lane fp32 accumulators per row: FMA chains that run side by side
+
+
+def supported(out_features: int, in_features: int) -> bool:
+    """Whether the kernel takes a [out, in] weight: in a multiple of two groups (64)."""
+    return in_features % (2 * GROUP) == 0 and out_features > 0
+
+
+def _x_position(k, bits: int):
+    """Where element ``k`` of x goes in the kernel's order: q4 puts each group's evens first."""
+    if bits == 8:
+        return k
+    i = k % GROUP
+    return k - i + (i % 2) * 16 + i // 2
+
+
+def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
+               scale_dtype: str = "float16") -> tirx.PrimFunc:
+    """PrimFunc (q_weight uint32 [N, K*bits/32], q_scale ``scale_dtype`` [N, K/32], x [M, K]
+    ``x_dtype``) -> y [M, N] ``out_dtype`` (the argument order of the fused kernel it replaces)."""
+    N, K = out_features, in_features
+    G, words, code_bytes, off = K // GROUP, K * bits // 32, K * bits // 8, code_offset(bits)
+    group_bytes = GROUP * bits // 8
+    ahead = max(1, PREFETCH_BYTES // code_bytes)  # rows between a load and its prefetch
+
+    def weights(codes, scale):
+        """16 codes (integer lanes) -> their fp32 weights, dequantized in the scale's dtype."""
+        return T.Cast("float32x16", (T.Cast(f"{scale_dtype}x16", codes) - T.Broadcast(T.Cast(scale_dtype, off), 16))
+                      * T.Broadcast(scale, 16))
+
+    def lookup(table, index):
+        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, index)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(qw_h: T.handle, qs_h: T.handle, x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        qw = T.match_buffer(qw_h, (N, words), "uint32")
+        qs = T.match_buffer(qs_h, (N, G), scale_dtype)
+        x = T.match_buffer(x_h, (M, K), x_dtype)
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
+            xf = T.alloc_buffer((M, K), "float32")  # x in fp32, in the kernel's order
+            acc = T.alloc_buffer((N, CHAINS * 16), "float32")  # a row's accumulators, allocated once per call
+            for m, k in T.grid(M, K):
+                xf[m, _x_position(k, bits)] = T.Cast("float32", x[m, k])
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
+                    for g2, pair in T.grid(G // 2, 2):  # two groups per step: four independent FMA chains
+                        prefetch(qb, T.min(n + ahead, N - 1), (g2 * 2 + pair) * group_bytes)
+                        if bits == 4:  # (no named vectors: each would be a store to a buffer)
+                            for h in T.unroll(2):  # low nibbles (vpermps reads the low 4 bits), then high
+                                acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] = acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] + lookup(
+                                    weights(T.ramp(0, 1, 16), qs[n, g2 * 2 + pair]),
+                                    T.shift_right(T.Cast("int32x16", qb[n, T.ramp((g2 * 2 + pair) * 16, 1, 16)]),
+                                                  T.Broadcast(h * 4, 16))) * xf[m, T.ramp((g2 * 2 + pair) * 32 + h * 16, 1, 16)]
+                        else:
+                            for h in T.unroll(2):
+                                acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] = acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] + weights(
+                                    qb[n, T.ramp((g2 * 2 + pair) * 32 + h * 16, 1, 16)], qs[n, g2 * 2 + pair]) * xf[
+                                        m, T.ramp((g2 * 2 + pair) * 32 + h * 16, 1, 16)]
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, CHAINS * 16)], CHAINS * 16)[0])
+
+    return func
