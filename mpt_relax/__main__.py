@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                    help="q4f16_1/q8f16_1, CPU: decode on activations quantized to int8 per group of 32 "
                         "(VNNI integer dot products; changes logits slightly, see README; default: exact)")
     p.add_argument("--amx-prefill", action="store_true",
-                   help="q4f16_1/q8f16_1, CPU with AMX-BF16: prefill matmuls in bf16 on the AMX tiles "
+                   help="q0f16/q0f32/q4f16_1/q8f16_1, CPU with AMX-BF16: prefill matmuls in bf16 on the AMX tiles "
                         "(exact on other targets; default: exact)")
     p.add_argument("--int8-prefill", action="store_true",
                    help="q4f16_1/q8f16_1, CPU: prefill matmuls on activations quantized to int8 per group of 32 "

@@ -10,19 +10,15 @@ exact kernel stays (fused with its epilogues and scheduled like any matmul), so 
 from __future__ import annotations
 
 import tvm
-from tvm.target.codegen import target_has_features
-
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.kernels.cpu import amx_matmul
+from mpt_relax.kernels.cpu.base import cpu_has
 
 
 def has_amx(spec: TargetSpec) -> bool:
     """Whether ``spec`` is a CPU target whose instruction sets include AMX-BF16 and the AVX-512
     subsets the kernel uses with it (every CPU with AMX so far has them)."""
-    try:
-        return spec.name == "llvm" and target_has_features(amx_matmul.REQUIRED_FEATURES, spec.target)
-    except Exception:  # pylint: disable=broad-except  # non-x86 triples
-        return False
+    return cpu_has(spec.target, amx_matmul.REQUIRED_FEATURES)
 
 
 def select_amx_kernels(spec: TargetSpec) -> tvm.transform.Pass:
@@ -36,7 +32,7 @@ def select_amx_kernels(spec: TargetSpec) -> tvm.transform.Pass:
             info = func.attrs.get(amx_matmul.KERNEL_ATTR) if func.attrs is not None else None
             if info is not None:
                 mod[gvar] = amx_matmul.amx_matmul(int(info["out"]), int(info["in"]), int(info["bits"]),
-                                                  str(info["x_dtype"]), str(info["out_dtype"]), str(info["scale_dtype"]))
+                                                  str(info["x_dtype"]), str(info["out_dtype"]), str(info["w_dtype"]))
         return mod
 
     return _run

@@ -32,6 +32,16 @@ def is_decoding() -> bool:
     return _DECODING.get()
 
 
+def rows_op(x: nn.Tensor, func, name: str, weights: list[nn.Tensor], out_features: int, out_dtype: str,
+            bias: nn.Tensor | None) -> nn.Tensor:
+    """``func`` (a PrimFunc (rows [M, in], *weights) -> [M, out_features]) applied to x [*B, in]
+    as rows, then ``bias`` added: a Linear layer's forward through one hand-written kernel."""
+    rows = nn.op.reshape(x, (-1, x.shape[-1]))
+    y = nn.op.tensor_ir_op(func, name, [rows, *weights], nn.Tensor.placeholder((rows.shape[0], out_features), out_dtype))
+    y = nn.op.reshape(y, (*x.shape[:-1], out_features))
+    return y + bias if bias is not None else y
+
+
 class QuantizationError(MPTRelaxError):
     """An unknown scheme, an invalid one, or a weight a scheme cannot store."""
 
@@ -63,8 +73,6 @@ class Quantization:
             raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
         if self.int8_activations and not self.is_quantized:
             raise QuantizationError(f"{self.name} keeps float weights; int8 activations need q4f16_1 or q8f16_1")
-        if self.amx_prefill and not self.is_quantized:
-            raise QuantizationError(f"{self.name} keeps float weights; the AMX prefill kernels need q4f16_1 or q8f16_1")
         if self.int8_prefill and not self.is_quantized:
             raise QuantizationError(f"{self.name} keeps float weights; int8 prefill needs q4f16_1 or q8f16_1")
         if self.int8_prefill and self.amx_prefill:

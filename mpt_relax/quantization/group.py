@@ -60,7 +60,7 @@ from tvm.relax.frontend import nn
 
 from mpt_relax.kernels.cpu import amx_matmul, int8_gemv, int8_matmul
 from mpt_relax.quantization import group_kernel
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding, rows_op
 
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
@@ -315,13 +315,9 @@ class GroupQuantLinear(nn.Module):
         """Prefill: the exact dequantize + matmul as one kernel that compiling swaps for the AMX
         bf16 one where the target has AMX-BF16 (:mod:`mpt_relax.kernels.cpu.amx_matmul`)."""
         q, k, n = self.quantization, self.in_features, self.out_features
-        rows = nn.op.reshape(x, (-1, k))
         out_dtype = self.out_dtype or q.model_dtype
         func = amx_matmul.exact_matmul(q, n, k, x.dtype, out_dtype, _dequantized)
-        y = nn.op.tensor_ir_op(func, f"amx_matmul_{q.name}", [rows, self.q_weight, self.q_scale],
-                               nn.Tensor.placeholder((rows.shape[0], n), out_dtype))
-        y = nn.op.reshape(y, (*x.shape[:-1], n))
-        return y + self.bias if self.bias is not None else y
+        return rows_op(x, func, f"amx_matmul_{q.name}", [self.q_weight, self.q_scale], n, out_dtype, self.bias)
 
     def _dequantize(self, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
         """TE: q_weight [out, in / pack] uint32, q_scale [out, in / group] -> W [out, in]."""

@@ -34,19 +34,28 @@ def test_amx_is_detected_as_this_cpu_has_it():
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, 16, 32])
 @pytest.mark.parametrize("rows, n_out, k_in", [(1, 32, 64), (37, 96, 320), (128, 64, 768)])
 def test_kernel_matches_numpy_on_bf16_operands(bits, rows, n_out, k_in):
+    """q4/q8 codes dequantized as stored, or fp16/fp32 weights (bits 16/32), rounded to bf16."""
     rng = np.random.default_rng(rows + bits)
-    q = get_quantization(f"q{bits}f16_1")
-    packed = quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05, q)
+    weight = rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
-    w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in))
-    expected = _bf16(x).astype(np.float64) @ _bf16(w.astype(np.float16)).astype(np.float64).T
-    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, bits, "float16", "float32")
+    if bits in (16, 32):
+        w_dtype = f"float{bits}"
+        w = weight.astype(w_dtype)
+        inputs = (x, w)
+    else:
+        q = get_quantization(f"q{bits}f16_1")
+        packed = quantize_weight(weight, q)
+        w_dtype = "float16"
+        w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
+        inputs = (x, packed["q_weight"], packed["q_scale"])
+    expected = _bf16(x).astype(np.float64) @ _bf16(w).astype(np.float64).T
+    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, bits, "float16", "float32", w_dtype)
                                     .with_attr("global_symbol", "main")}), target=HOST.target)
     y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, packed["q_weight"], packed["q_scale"])), y)
+    lib["main"](*(tvm.runtime.tensor(a) for a in inputs), y)
     assert rel_err(y.numpy(), expected) < 1e-5
 
 
@@ -78,7 +87,24 @@ def test_amx_prefill_against_hf_and_the_exact_path(trained_hf, tmp_path):
     assert len(set(greedy)) == 1
 
 
-def test_amx_prefill_needs_a_quantized_scheme():
-    with pytest.raises(QuantizationError, match="AMX prefill kernels need q4f16_1 or q8f16_1"):
-        get_quantization("q0f16", amx_prefill=True)
+def test_amx_prefill_on_float_weights(trained_hf, tmp_path):
+    """q0f16 with amx_prefill: the Linears of prefill in bf16 on AMX (the tied head stays exact),
+    as close to HF fp32 as bf16 products allow; decode stays exact."""
+    ids = list(range(3, 70))
+    with torch.inference_mode():
+        ref = trained_hf(torch.tensor([ids])).logits[0].numpy()
+    exact = mpt_relax.build(TRAINED, target="llvm", quantization="q0f16", output=tmp_path / "exact", quiet=True)
+    amx = mpt_relax.build(TRAINED, target="llvm", quantization="q0f16", amx_prefill=True, output=tmp_path / "amx",
+                          quiet=True)
+    assert amx.name == "amx" and mpt_relax.Engine(amx, device="cpu").meta["quantization"]["tag"] == "q0f16+amx"
+    logits = {a.name: mpt_relax.Engine(a, device="cpu").logits(ids) for a in (exact, amx)}
+    assert rel_err(logits["exact"], ref) < 1e-3 and rel_err(logits["amx"], ref) < 2e-3
+    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == AMX
+    assert np.argmax(logits["amx"][-1]) == np.argmax(logits["exact"][-1])
+
+
+def test_amx_prefill_tags_and_refusals():
+    assert get_quantization("q0f16", amx_prefill=True).dir_tag == "q0f16-amx"
     assert get_quantization("q4f16_1", amx_prefill=True, int8_activations=True).dir_tag == "q4f16_1-a8-amx"
+    with pytest.raises(QuantizationError, match="two prefill kernels; choose one"):
+        get_quantization("q4f16_1", amx_prefill=True, int8_prefill=True)

@@ -43,6 +43,7 @@ REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl
 BLOCK = 32  # output columns per parallel task (two A tiles), and rows of x per step (two B tiles)
 _INTERLEAVE = [i // 2 + (i % 2) * 16 for i in range(32)]  # [low0, high0, low1, high1, ...] of two 16-lane vectors
 _CONCAT = list(range(32))
+_FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -52,30 +53,45 @@ def supported(out_features: int, in_features: int) -> bool:
 
 def exact_matmul(q, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
                  dequantized) -> tirx.PrimFunc:
-    """The exact path as one TE PrimFunc: x [M, K] x_dtype, q_weight, q_scale -> y [M, N] (fp32
-    products and sums, like the fused dequantize + NT_matmul). ``dequantized(q, qw, qs, o, i)``
-    gives one weight element."""
-    m = tirx.Var("m", "int64")
-    x = te.placeholder((m, in_features), x_dtype, name="x")
+    """The exact path of a group-quantized weight as one TE PrimFunc: x [M, K] x_dtype, q_weight,
+    q_scale -> y [M, N] (fp32 products and sums, like the fused dequantize + NT_matmul).
+    ``dequantized(q, qw, qs, o, i)`` gives one weight element."""
     qw = te.placeholder(q.q_weight_shape(out_features, in_features), "uint32", name="q_weight")
     qs = te.placeholder(q.q_scale_shape(out_features, in_features), q.model_dtype, name="q_scale")
-    w = te.compute((out_features, in_features), lambda o, i: dequantized(q, qw, qs, o, i), name="dequantize")
+    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [qw, qs],
+                          lambda o, i: dequantized(q, qw, qs, o, i), q.bits, q.model_dtype)
+
+
+def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    """The exact path of a float weight (q0f16, q0f32) as one TE PrimFunc: x [M, K], W [N, K]
+    ``w_dtype`` -> y [M, N] (fp32 products and sums, like NT_matmul)."""
+    w = te.placeholder((out_features, in_features), w_dtype, name="weight")
+    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [w], lambda o, i: w[o, i],
+                          _FLOAT_BITS[w_dtype], w_dtype)
+
+
+def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weight, bits, w_dtype) -> tirx.PrimFunc:
+    """``x @ W^T`` (W[o, i] = ``weight(o, i)``, read from the placeholders ``weights``), tagged for
+    :mod:`mpt_relax.compile.amx_kernels`."""
+    m = tirx.Var("m", "int64")
+    x = te.placeholder((m, in_features), x_dtype, name="x")
+    w = te.compute((out_features, in_features), weight, name="dequantize")
     r = te.reduce_axis((0, in_features), name="r")
     y = te.compute((m, out_features), lambda i, j: te.sum(x[i, r].astype("float32") * w[j, r].astype("float32"),
                                                            axis=r), name="NT_matmul")
     if out_dtype != "float32":
         y = te.compute(y.shape, lambda i, j: y[i, j].astype(out_dtype), name="cast")
-    func = te.create_prim_func([x, qw, qs, y]).without_attr("global_symbol")  # a private kernel
-    return func.with_attr(KERNEL_ATTR, {"bits": q.bits, "in": in_features, "out": out_features,
-                                        "x_dtype": x_dtype, "out_dtype": out_dtype, "scale_dtype": q.model_dtype})
+    func = te.create_prim_func([x, *weights, y]).without_attr("global_symbol")  # a private kernel
+    return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": in_features, "out": out_features,
+                                        "x_dtype": x_dtype, "out_dtype": out_dtype, "w_dtype": w_dtype})
 
 
 def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
-               scale_dtype: str = "float16") -> tirx.PrimFunc:
-    """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale [N, K/32]) -> y [M, N]; see the
-    module docstring."""
+               w_dtype: str = "float16") -> tirx.PrimFunc:
+    """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale ``w_dtype`` [N, K/32]) -> y [M, N]
+    for bits 4 and 8; (x [M, K], W ``w_dtype`` [N, K]) -> y [M, N] for float weights (bits 16 or
+    32: ``w_dtype``'s width); see the module docstring."""
     N, K = out_features, in_features
-    words, code_bytes, off = K * bits // 32, K * bits // 8, 2 ** (bits - 1) - 1
     k_steps = K // 32
     w_stride, c_stride = T.int64(K * 2), T.int64(64)  # bytes per tile row
 
@@ -91,11 +107,29 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     def dequantized(codes, scale):
         """16 codes (a 16-lane integer vector) -> bf16 bits of ``(code - off) * scale``, the
         arithmetic in the scale's dtype as in the exact path."""
-        return bf16x16(T.Cast("float32x16", (T.Cast(f"{scale_dtype}x16", codes) - T.Broadcast(T.Cast(scale_dtype, off), 16))
+        off = 2 ** (bits - 1) - 1
+        return bf16x16(T.Cast("float32x16", (T.Cast(f"{w_dtype}x16", codes) - T.Broadcast(T.Cast(w_dtype, off), 16))
                                             * T.Broadcast(scale, 16)))
 
     def lookup(table, index):
         return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx512.permvar.hi.256", table, index)
+
+    @T.macro
+    def x_tiles(x, xb, M):
+        """x -> xb[k // 2, m]: the bf16 pair (x[m, k], x[m, k + 1]) as 32 bits, rows past M zero."""
+        for kc in T.parallel(k_steps):
+            tx = T.alloc_buffer((2, 256), "float32")
+            for mt in range((M + 31) // 32 * 2):
+                for i in T.unroll(16):
+                    tx[0, T.ramp(i * 16, 1, 16)] = T.if_then_else(
+                        mt * 16 + i < M,
+                        T.reinterpret(T.Shuffle([bf16x16(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
+                                                                                  T.ramp(kc * 32 + h * 16, 1, 16)]))
+                                                 for h in (0, 1)], _CONCAT), dtype="float32x16"),
+                        T.Broadcast(T.float32(0), 16))
+                transpose_16x16(tx)
+                for r in T.unroll(16):
+                    xb[kc * 16 + r, T.ramp(mt * 16, 1, 16)] = tx[0, T.ramp(r * 16, 1, 16)]
 
     @T.macro
     def write_tile(y, tb, M, mb, nb, tile_id):
@@ -107,35 +141,76 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                 y[mb * 32 + tile_id % 2 * 16 + i, T.ramp(nb * 32 + tile_id // 2 * 16, 1, 16)] = T.Cast(
                     f"{out_dtype}x16", tb[0, T.ramp(i * 16, 1, 16)])
 
+    @T.macro
+    def multiply(w, xb, y, M, nb):
+        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` [32, K] and ``xb``."""
+        cfg = T.alloc_buffer((64,), "uint8")
+        tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)  # palette 1
+        for t in range(8):  # tiles 0-3: C; 4, 5: A (weights); 6, 7: B (x); each 16 rows of 64 bytes
+            cfg[16 + 2 * t] = T.uint8(64)
+            cfg[48 + t] = T.uint8(16)
+        tile("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+        for mb in range((M + 31) // 32):
+            tile("llvm.x86.tilezero", T.int8(0))
+            tile("llvm.x86.tilezero", T.int8(1))
+            tile("llvm.x86.tilezero", T.int8(2))
+            tile("llvm.x86.tilezero", T.int8(3))
+            for kc in range(k_steps):
+                tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(w[0, kc * 32]), w_stride)
+                tile("llvm.x86.tileloadd64", T.int8(5), T.address_of(w[16, kc * 32]), w_stride)
+                tile("llvm.x86.tileloadd64", T.int8(6), T.address_of(xb[kc * 16, mb * 32]),
+                     T.Cast("int64", (M + 31) // 32 * 32 * 4))
+                tile("llvm.x86.tileloadd64", T.int8(7), T.address_of(xb[kc * 16, mb * 32 + 16]),
+                     T.Cast("int64", (M + 31) // 32 * 32 * 4))
+                tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+                tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+                tile("llvm.x86.tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+                tile("llvm.x86.tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+            write_tile(y, tb, M, mb, nb, 0)
+            write_tile(y, tb, M, mb, nb, 1)
+            write_tile(y, tb, M, mb, nb, 2)
+            write_tile(y, tb, M, mb, nb, 3)
+        tile("llvm.x86.tilerelease")
+
+    if bits in _FLOAT_BITS.values():
+        @T.prim_func(private=True, s_tir=True)
+        def float_func(x_h: T.handle, wf_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+            M = T.int64()
+            x = T.match_buffer(x_h, (M, K), x_dtype)
+            wf = T.match_buffer(wf_h, (N, K), w_dtype)
+            y = T.match_buffer(y_h, (M, N), out_dtype)
+            with T.sblock("root"):
+                xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
+                x_tiles(x, xb, M)
+                for nb in T.parallel(N // 32):
+                    w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
+                    for j, g, h in T.grid(32, k_steps, 2):
+                        w[j, T.ramp(g * 32 + h * 16, 1, 16)] = bf16x16(
+                            T.Cast("float32x16", wf[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)]))
+                    multiply(w, xb, y, M, nb)
+
+        return float_func
+
+    words, code_bytes = K * bits // 32, K * bits // 8
+
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
         M = T.int64()
         x = T.match_buffer(x_h, (M, K), x_dtype)
         qw = T.match_buffer(qw_h, (N, words), "uint32")
-        qs = T.match_buffer(qs_h, (N, K // 32), scale_dtype)
+        qs = T.match_buffer(qs_h, (N, K // 32), w_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
             qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
-            # x^T as B tiles: xb[k // 2, m] = bf16 pair (x[m, k], x[m, k + 1]) as 32 bits, rows past M zero
-            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")
-            for kc in T.parallel(k_steps):
-                tx = T.alloc_buffer((2, 256), "float32")
-                for mt in range((M + 31) // 32 * 2):
-                    for i in T.unroll(16):
-                        tx[0, T.ramp(i * 16, 1, 16)] = T.if_then_else(
-                            mt * 16 + i < M,
-                            T.reinterpret(T.Shuffle([bf16x16(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
-                                                                                      T.ramp(kc * 32 + h * 16, 1, 16)]))
-                                                     for h in (0, 1)], _CONCAT), dtype="float32x16"),
-                            T.Broadcast(T.float32(0), 16))
-                    transpose_16x16(tx)
-                    for r in T.unroll(16):
-                        xb[kc * 16 + r, T.ramp(mt * 16, 1, 16)] = tx[0, T.ramp(r * 16, 1, 16)]
+            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
+            x_tiles(x, xb, M)
             for nb in T.parallel(N // 32):
-                cfg = T.alloc_buffer((64,), "uint8")
-                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits, row-major: A tiles
-                tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
+                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
                 for j, g in T.grid(32, k_steps):
                     if bits == 4:  # byte b of a group: k = 2b (low nibble), 2b + 1 (high)
                         table = dequantized(T.ramp(0, 1, 16), qs[nb * 32 + j, g])
@@ -147,33 +222,6 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                         for h in T.unroll(2):
                             w[j, T.ramp(g * 32 + h * 16, 1, 16)] = dequantized(
                                 qb[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)], qs[nb * 32 + j, g])
-                for i in range(64):
-                    cfg[i] = T.uint8(0)
-                cfg[0] = T.uint8(1)  # palette 1
-                for t in range(8):  # tiles 0-3: C; 4, 5: A (weights); 6, 7: B (x); each 16 rows of 64 bytes
-                    cfg[16 + 2 * t] = T.uint8(64)
-                    cfg[48 + t] = T.uint8(16)
-                tile("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
-                for mb in range((M + 31) // 32):
-                    tile("llvm.x86.tilezero", T.int8(0))
-                    tile("llvm.x86.tilezero", T.int8(1))
-                    tile("llvm.x86.tilezero", T.int8(2))
-                    tile("llvm.x86.tilezero", T.int8(3))
-                    for kc in range(k_steps):
-                        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(w[0, kc * 32]), w_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(5), T.address_of(w[16, kc * 32]), w_stride)
-                        tile("llvm.x86.tileloadd64", T.int8(6), T.address_of(xb[kc * 16, mb * 32]),
-                             T.Cast("int64", (M + 31) // 32 * 32 * 4))
-                        tile("llvm.x86.tileloadd64", T.int8(7), T.address_of(xb[kc * 16, mb * 32 + 16]),
-                             T.Cast("int64", (M + 31) // 32 * 32 * 4))
-                        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
-                        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
-                        tile("llvm.x86.tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
-                        tile("llvm.x86.tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
-                    write_tile(y, tb, M, mb, nb, 0)
-                    write_tile(y, tb, M, mb, nb, 1)
-                    write_tile(y, tb, M, mb, nb, 2)
-                    write_tile(y, tb, M, mb, nb, 3)
-                tile("llvm.x86.tilerelease")
+                multiply(w, xb, y, M, nb)
 
     return func
