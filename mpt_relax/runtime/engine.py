@@ -207,8 +207,8 @@ class Engine:
                 f"{self.path} was compiled for CPU {self.meta.get('mcpu')!r}, whose instructions {', '.join(missing[:6])} "
                 "this CPU lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
             )
-        uses_amx = "amx-tile" in required and "prefill" in self.meta.get("quantization", {})  # --amx-prefill kernels
-        if uses_amx and not cpu_features.request_amx():  # they need the tile state first
+        uses_amx = "amx-tile" in required and "+amx" in self.meta.get("quantization", {}).get("tag", "")  # --amx-prefill
+        if uses_amx and not cpu_features.request_amx():  # its kernels need the tile state first
             raise EngineError(f"{self.path} uses AMX kernels but Linux refused this process the AMX tile state; "
                               "rebuild without --amx-prefill")
 

@@ -147,6 +147,27 @@ def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
         mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quantization="q0f32", quiet=True)
 
 
+def test_amx_tile_state_is_asked_for_amx_prefill_builds_only(ckpt, tmp_path, monkeypatch):
+    """Linux's AMX permission is asked for where the library's prefill runs on the tiles, not for
+    every build for an AMX CPU: an exact build loads even where Linux would refuse it."""
+    from mpt_relax.runtime import cpu_features
+
+    art = mpt_relax.build(ckpt[0], output=tmp_path / "exact", quantization="q0f32", quiet=True)
+    meta = json.loads((art / "mpt-config.json").read_text())
+    meta["library_isa_features"]["llvm"] = sorted({*meta["library_isa_features"]["llvm"], "amx-tile", "amx-bf16"})
+    (art / "mpt-config.json").write_text(json.dumps(meta))
+    asked = []
+    monkeypatch.setattr(cpu_features, "missing_features", lambda required, host=None: [])
+    monkeypatch.setattr(cpu_features, "request_amx", lambda: asked.append(True) and False)
+    mpt_relax.Engine(art)
+    assert not asked
+    meta["quantization"]["tag"] += "+amx"
+    (art / "mpt-config.json").write_text(json.dumps(meta))
+    with pytest.raises(mpt_relax.EngineError, match="Linux refused this process the AMX tile state"):
+        mpt_relax.Engine(art)
+    assert asked
+
+
 def test_gpu_targets_compile_here(ckpt, tmp_path):
     path, _ = ckpt
     art = mpt_relax.build(path, target=["cuda", "metal", "llvm"], quantization="q4f16_1", output=tmp_path / "g",
