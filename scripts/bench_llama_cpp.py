@@ -22,7 +22,7 @@ temporary directory and run from there, never from this repository.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
    and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
-   the AMX prefill), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0, its tied head
+   the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0, its tied head
    included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some; and from each of the
    three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own blocks). Each is
    measured by
@@ -35,7 +35,9 @@ temporary directory and run from there, never from this repository.
 
 Both sides report the median over ``--runs`` (bench.py's statistic). The table pairs q0f16 with
 F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax / llama.cpp.
-"/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
+"/HF bf16" is the row's prefill over transformers' ``MptForCausalLM`` in bfloat16 on the same
+checkpoint and prompt (measured once per T, as bench --compare-hf --hf-dtype bfloat16 measures it;
+on a CPU with AMX that is oneDNN on the tiles). "/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
 copy bandwidth per T (measured once, used for both sides) / bytes read per decode token (each
 side's own tensor sizes plus its KV cache). "same" counts the leading greedy tokens both
 engines agree on (random weights give near-ties, so different rounding splits them early).
@@ -92,12 +94,12 @@ from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.tools import bandwidth, bench  # noqa: E402
 
 # the CPU kernels: int8 decode (--int8-activations) with the int8 prefill (--int8-prefill) and,
-# where this CPU has AMX-BF16, with the AMX bf16 prefill (--amx-prefill) instead
-FAST = [{"int8_activations": True, "int8_prefill": True}]
-if {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= (host_features() or frozenset()):  # normal-form names
-    FAST.append({"int8_activations": True, "amx_prefill": True})
+# where this CPU has AMX-BF16, with the AMX bf16 prefill (--amx-prefill) instead (q0f16 too)
+AMX = {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= (host_features() or frozenset())  # normal-form names
+FAST = [{"int8_activations": True, "int8_prefill": True}] + ([{"int8_activations": True, "amx_prefill": True}] if AMX else [])
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
-ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
+ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if AMX else ()),
+        ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
         *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
         *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST))
@@ -215,13 +217,13 @@ def llama_logits(gguf: str, ids: list[int]) -> dict:
 def logits_difference(artifact: Path, gguf: Path, ids: list[int]) -> float:
     """||ours - llama.cpp|| / ||llama.cpp|| over the logits of every prompt position, same GGUF file."""
     ours = mpt_relax.Engine(artifact, device="cpu").logits(ids)
-    theirs = bench._in_child(llama_logits, 1, str(gguf), ids)["logits"]
+    theirs = bench.in_child(llama_logits, 1, str(gguf), ids)["logits"]
     return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
 
 def llama_report(gguf: Path, config: MPTConfig, threads: int, ids: list[int], gen_len: int, runs: int) -> dict:
     """measure_llama's figures plus the bytes read per decode token, from the GGUF file's own tensor sizes."""
-    out = bench._in_child(measure_llama, threads, str(gguf), threads, ids, gen_len, runs)
+    out = bench.in_child(measure_llama, threads, str(gguf), threads, ids, gen_len, runs)
     tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in GGUFReader(gguf).tensors]
     out["bytes_per_token"] = bandwidth.decode_bound(config, tensors, KV_BYTES, len(ids), gen_len, 1.0)["bytes_per_token"]
     return out
@@ -232,16 +234,18 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 
 
 HEADERS = ("mpt_relax", "llama.cpp", "T", "decode: ours", "llama", "ratio", "prefill: ours", "llama", "ratio",
-           "/bound: ours", "llama", "same")
-WIDTHS = (24, 10, 3, 14, 8, 7, 15, 8, 7, 14, 7, 6)
+           "/HF bf16", "/bound: ours", "llama", "same")
+WIDTHS = (24, 10, 3, 14, 8, 7, 15, 8, 7, 9, 14, 7, 6)
 
 
 def line(cells) -> str:
     return "".join(f"{c:{'<' if i < 2 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, WIDTHS)))
 
 
-def table_row(label: str, ftype: str | None, threads: int, bytes_per_s: float, ours: dict, theirs: dict | None) -> str:
-    """One line of the table, "-" in llama.cpp's cells where no file type is paired. "/bound" = bytes read per
+def table_row(label: str, ftype: str | None, threads: int, bytes_per_s: float, ours: dict, theirs: dict | None,
+              hf_prefill: float) -> str:
+    """One line of the table, "-" in llama.cpp's cells where no file type is paired. "/HF bf16" = our prefill
+    tokens/s over ``hf_prefill`` (transformers in bfloat16, the same prompt). "/bound" = bytes read per
     second while decoding / ``bytes_per_s``, one copy bandwidth for both sides."""
     def figures(f: dict) -> dict[str, float]:
         return {"decode": f["decode_tokens_per_s"], "prefill": f["prefill_tokens_per_s"],
@@ -253,6 +257,8 @@ def table_row(label: str, ftype: str | None, threads: int, bytes_per_s: float, o
         cells += [format(a[key], fmt), format(b[key], fmt) if b else "-"]
         if key != "bound":
             cells.append(f"{a[key] / b[key]:.2f}x" if b else "-")
+        if key == "prefill":
+            cells.append(f"{a[key] / hf_prefill:.2f}x")
     cells.append(str(same_prefix(ours["token_ids"], theirs["token_ids"])) if theirs else "-")
     return line(cells)
 
@@ -301,14 +307,16 @@ def main() -> int:
                  f"median of {args.runs} runs, CPU", line(HEADERS)]
         for t in threads:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
-            lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s")
+            hf = bench.in_child(bench.measure_hf, t, str(args.checkpoint), "bfloat16", "cpu", ids, args.gen_len, args.runs)
+            lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s; HF transformers bfloat16: prefill "
+                         f"{hf['prefill_tokens_per_s']:.1f} tokens/s, decode {hf['decode_tokens_per_s']:.1f}")
             theirs: dict[str, dict] = {}
             for name, ftype in [(name, f) for name, _, _, f in rows] + [(f"gguf {f}", f) for f in gguf_rows]:
                 ours = bench.run(artifacts[name], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
                 if ftype and ftype not in theirs:
                     theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
-                lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs.get(ftype)))
+                lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs.get(ftype), hf["prefill_tokens_per_s"]))
                 print(lines[-1], file=sys.stderr, flush=True)
         if gguf_rows:
             lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "

@@ -127,7 +127,7 @@ def _measured(fn: Callable[..., dict], threads: int | None, *args) -> dict[str, 
     return out
 
 
-def _in_child(fn: Callable[..., dict], threads: int | None, *args) -> dict[str, Any]:
+def in_child(fn: Callable[..., dict], threads: int | None, *args) -> dict[str, Any]:
     """Run ``fn(*args)`` in a fresh spawned process; its result plus the child's peak RSS."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
@@ -187,14 +187,14 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
         "quantization": meta["quantization"].get("tag", meta["quantization"]["name"]),
         "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
         "copy_bandwidth_gb_s": bytes_per_s / 1e9,
-        "mpt_relax": bound(_in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
+        "mpt_relax": bound(in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
                            [(r["name"], r["shape"], r["nbytes"]) for _, r in param_records(Path(artifact))],
                            dtype_bytes(meta["model_dtype"])),
         "hf": None, "ratios": None, "same_tokens": None,
     }
     if compare_hf:
         report["hf_dtype"] = hf_dtype
-        hf = _in_child(measure_hf, threads, str(hf_model), hf_dtype, BY_DEVICE[device].hf_device, ids, gen_len, runs)
+        hf = in_child(measure_hf, threads, str(hf_model), hf_dtype, BY_DEVICE[device].hf_device, ids, gen_len, runs)
         ours = report["mpt_relax"]
         report["hf"] = hf = bound(hf, hf.pop("tensors"), dtype_bytes(hf_dtype))
         report["ratios"] = {k: ours[k] / hf[k] for k in RATIO_KEYS}
