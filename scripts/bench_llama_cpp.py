@@ -22,11 +22,11 @@ temporary directory and run from there, never from this repository.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
    and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
-   the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0, its tied head
-   included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some; and from each of the
-   three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own blocks). Each is
-   measured by
-   :func:`mpt_relax.tools.bench.run` (a spawned child, ``TVM_NUM_THREADS`` = T).
+   the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
+   its tied head included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some;
+   and from each of the three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own
+   blocks). Each is measured by :func:`mpt_relax.tools.bench.run` (a spawned child,
+   ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
    only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
    prefill and greedy decoding (numpy argmax over the logits, as the Engine samples on the
@@ -37,10 +37,11 @@ Both sides report the median over ``--runs`` (bench.py's statistic). The table p
 F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax / llama.cpp.
 "/HF bf16" is the row's prefill over transformers' ``MptForCausalLM`` in bfloat16 on the same
 checkpoint and prompt (measured once per T, as bench --compare-hf --hf-dtype bfloat16 measures it;
-on a CPU with AMX that is oneDNN on the tiles). "/bound" is decode tokens/s over the bandwidth bound of :mod:`mpt_relax.tools.bandwidth`: one
-copy bandwidth per T (measured once, used for both sides) / bytes read per decode token (each
-side's own tensor sizes plus its KV cache). "same" counts the leading greedy tokens both
-engines agree on (random weights give near-ties, so different rounding splits them early).
+on a CPU with AMX that is oneDNN on the tiles). "/bound" is decode tokens/s over the bandwidth
+bound of :mod:`mpt_relax.tools.bandwidth`: one copy bandwidth per T (measured once, used for both
+sides) / bytes read per decode token (each side's own tensor sizes plus its KV cache). "same"
+counts the leading greedy tokens both engines agree on (random weights give near-ties, so
+different rounding splits them early).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ exact kernel stays (fused with its epilogues and scheduled like any matmul), so 
 from __future__ import annotations
 
 import tvm
+
 from mpt_relax.compile.targets import TargetSpec
 from mpt_relax.kernels.cpu import amx_matmul
 from mpt_relax.kernels.cpu.base import cpu_has

@@ -12,9 +12,10 @@ refused with one line.
 from __future__ import annotations
 
 import tvm
+
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.kernels.cpu import int8_gemv, int8_matmul
+from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
 
 
