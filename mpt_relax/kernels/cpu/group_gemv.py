@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import halving_sum
 
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import GROUP, code_offset, prefetch
+from .int8_gemv import GROUP, code_offset, group_position, prefetch
 
 REQUIRED_FEATURES = ["avx512f"]
 CHAINS = 4  # 16-lane fp32 accumulators per row: FMA chains that run side by side
@@ -35,14 +35,6 @@ CHAINS = 4  # 16-lane fp32 accumulators per row: FMA chains that run side by sid
 def supported(out_features: int, in_features: int) -> bool:
     """Whether the kernel takes a [out, in] weight: in a multiple of two groups (64)."""
     return in_features % (2 * GROUP) == 0 and out_features > 0
-
-
-def _x_position(k, bits: int):
-    """Where element ``k`` of x goes in the kernel's order: q4 puts each group's evens first."""
-    if bits == 8:
-        return k
-    i = k % GROUP
-    return k - i + (i % 2) * 16 + i // 2
 
 
 def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
@@ -74,8 +66,8 @@ def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out
             qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
             xf = T.alloc_buffer((M, K), "float32")  # x in fp32, in the kernel's order
             acc = T.alloc_buffer((N, CHAINS * 16), "float32")  # a row's accumulators, allocated once per call
-            for m, k in T.grid(M, K):
-                xf[m, _x_position(k, bits)] = T.Cast("float32", x[m, k])
+            for m, g, i in T.grid(M, G, GROUP):
+                xf[m, g * GROUP + group_position(i, bits)] = T.Cast("float32", x[m, g * GROUP + i])
             for n in T.parallel(N):
                 for m in range(M):
                     acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)

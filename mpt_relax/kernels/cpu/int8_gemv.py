@@ -63,8 +63,9 @@ def code_offset(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def _position(i, bits: int):
-    """Where element ``i`` (0..31) of a group is stored in xq: int4 puts evens first, then odds."""
+def group_position(i, bits: int):
+    """Where element ``i`` (0..31) of a group is stored in xq (and in the exact q4 GEMV's x):
+    int4 puts evens first, then odds."""
     return i if bits == 8 else (i % 2) * 16 + i // 2
 
 
@@ -162,7 +163,7 @@ def _generic(N, K, G, words, bits, rows, out_dtype, scale_dtype):
                         for i in range(GROUP):
                             k = g * GROUP + i
                             code = (qw[n, k // per_word] >> T.Cast("uint32", k % per_word * bits)) & T.uint32(mask)
-                            dot[n] = dot[n] + T.Cast("int32", code) * T.Cast("int32", xq[m, g * GROUP + _position(i, bits)])
+                            dot[n] = dot[n] + T.Cast("int32", code) * T.Cast("int32", xq[m, g * GROUP + group_position(i, bits)])
                         acc[n] = acc[n] + T.Cast("float32", qs[n, g]) * (xs[m, g] * T.Cast("float32", dot[n]) - xc[m, g])
                     y[m, n] = T.Cast(out_dtype, acc[n])
 
