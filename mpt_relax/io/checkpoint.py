@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from mpt_relax.errors import MPTRelaxError
 
@@ -160,16 +161,20 @@ def _safetensors_entries(path: Path) -> list[tuple[str, torch.dtype, list[int], 
 
 
 def _read_tensor(handle, offset: int, nbytes: int) -> torch.Tensor:
-    """``nbytes`` bytes at ``offset`` of an unbuffered file, as a uint8 tensor."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view, done = memoryview(buf.numpy()), 0
+    """``nbytes`` bytes at ``offset`` of an unbuffered file, as a uint8 tensor.
+
+    The buffer is a numpy allocation: numpy asks for transparent huge pages on large arrays,
+    which halves the kernel's page-fault work on a fresh buffer (7B: 13 GB of them) next to torch.empty.
+    """
+    buf = np.empty(nbytes, dtype=np.uint8)
+    view, done = memoryview(buf), 0
     handle.seek(offset)
     while done < nbytes:
         n = handle.readinto(view[done:])
         if not n:
             raise EOFError(f"the file ends inside a tensor at byte {offset + done}")
         done += n
-    return buf
+    return torch.from_numpy(buf)
 
 
 def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
