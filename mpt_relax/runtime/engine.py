@@ -32,7 +32,7 @@ from tvm.runtime.vm import VirtualMachine
 from mpt_relax.errors import MPTRelaxError
 from mpt_relax.io import artifact
 from mpt_relax.models.mpt.config import ConfigError, MPTConfig
-from mpt_relax.runtime import cpu_features, generation
+from mpt_relax.runtime import cpu_features, generation, threads
 from mpt_relax.runtime.kv_state import (
     KVCacheCapacityError,
     PagedKVCacheRuntime,
@@ -148,6 +148,8 @@ class Engine:
             )
             self.device = _tvm_device(self._check_device(device))
             self._check_cpu(device)
+            if device == "cpu":
+                threads.use_physical_cores()  # before the first kernel runs: TVM's default is half the cores
             kv_budget = self._check_memory(kv_memory, root)  # before anything is allocated
             if device == "cuda":
                 use_precompiled_cuda(root)  # kernels built with nvcc: no CUDA compiler needed here

@@ -36,6 +36,7 @@ from mpt_relax.io.artifact import param_records, read_config
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.runtime.engine import Engine, EngineError, auto_device
 from mpt_relax.runtime.kv_state import dtype_bytes
+from mpt_relax.runtime.threads import physical_cores
 from mpt_relax.targets import BY_DEVICE
 
 FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
@@ -185,7 +186,7 @@ def run(artifact: str | Path, *, device: str = "auto", prompt_len: int = 128, ge
     report: dict[str, Any] = {
         "artifact": str(artifact), "model": meta["model_name"],
         "quantization": meta["quantization"].get("tag", meta["quantization"]["name"]),
-        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS"),
+        "prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "threads": threads or os.environ.get("TVM_NUM_THREADS") or f"default ({physical_cores()})",
         "copy_bandwidth_gb_s": bytes_per_s / 1e9,
         "mpt_relax": bound(in_child(measure_engine, threads, str(artifact), device, ids, gen_len, runs),
                            [(r["name"], r["shape"], r["nbytes"]) for _, r in param_records(Path(artifact))],
@@ -212,7 +213,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a plain-text table (ratio = mpt_relax / HF)."""
     ours, hf = report["mpt_relax"], report["hf"]
     lines = [f"{report['model']} ({report['quantization']}) on {ours['device']}: prompt {report['prompt_len']} tokens, "
-             f"{report['gen_len']} new tokens, median of {report['runs']} runs, threads {report['threads'] or 'default'}"]
+             f"{report['gen_len']} new tokens, median of {report['runs']} runs, threads {report['threads']}"]
     head = f"{'':26}{'mpt_relax':>12}"
     if hf:
         head += f"{'HF ' + report['hf_dtype']:>16}{'ratio':>9}"

@@ -24,6 +24,7 @@ import mpt_relax
 from factory import hf_checkpoint
 from mpt_relax.tools import bench
 from mpt_relax.tools.demo import train_tokenizer, write_tokenizer
+from mpt_relax.runtime import threads
 from mpt_relax.runtime.generation import GenerationError
 from mpt_relax.runtime.sampling import apply_repetition_penalty, sample
 from mpt_relax.models.mpt.templates import get_template
@@ -335,6 +336,18 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([sys.executable, "-m", "mpt_relax", *args], input=stdin, capture_output=True,
                           text=True, encoding="utf-8", env=env, timeout=300)
+
+
+def test_engine_runs_on_every_physical_core(tiny):
+    """In a fresh process without a user setting, a CPU Engine's kernels run on
+    physical_cores() threads (TVM alone takes half the logical CPUs: 1 of 2 on a VM without SMT)."""
+    env = {k: v for k, v in os.environ.items() if k not in threads.USER_VARIABLES}
+    code = ("import sys, tvm, mpt_relax; e = mpt_relax.Engine(sys.argv[1], device='cpu'); "
+            "e.generate([1, 2, 3], max_new_tokens=2); print(tvm.runtime.num_threads())")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny[2])], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == threads.physical_cores()
 
 
 def test_cli_generate_streams_the_greedy_reply(tiny):
