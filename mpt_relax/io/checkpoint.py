@@ -11,6 +11,7 @@ not the pages of a whole mapped shard.
 from __future__ import annotations
 
 import json
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -121,13 +122,13 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor at a time, read with plain file reads into a fresh buffer (not the mmap that
+    """One tensor at a time, read with plain file reads into reused buffers (not the mmap that
     ``safe_open`` tensors view: its touched pages would stay resident until the shard is closed)."""
     try:
-        entries = _safetensors_entries(path)
+        entries, buffers = _safetensors_entries(path), _ReadBuffers()
         with open(path, "rb", buffering=0) as handle:
             for name, dtype, shape, start, nbytes in entries:
-                yield name, _read_tensor(handle, start, nbytes).view(dtype).reshape(shape)
+                yield name, _read_tensor(handle, start, nbytes, buffers).view(dtype).reshape(shape)
     except CheckpointError:
         raise
     except Exception as err:  # corrupt header or truncated data
@@ -160,13 +161,42 @@ def _safetensors_entries(path: Path) -> list[tuple[str, torch.dtype, list[int], 
     return entries
 
 
-def _read_tensor(handle, offset: int, nbytes: int) -> torch.Tensor:
-    """``nbytes`` bytes at ``offset`` of an unbuffered file, as a uint8 tensor.
+class _ReadBuffers:
+    """Buffers for a stream of tensor reads, each handed out again once its last tensor is gone.
 
-    The buffer is a numpy allocation: numpy asks for transparent huge pages on large arrays,
-    which halves the kernel's page-fault work on a fresh buffer (7B: 13 GB of them) next to torch.empty.
+    Faulting in fresh pages for every tensor costs the kernel as much time as copying the bytes
+    from the page cache (7B: 13 GB); a build holds about three tensors at a time (being read,
+    queued, converted), so a few reused buffers serve the whole stream. A buffer is lent as a
+    slice, which the tensor made from it keeps alive (``torch.from_numpy``) and so does every
+    view of that tensor: the buffer is free again when the slice's weak reference is dead.
+    Buffers are numpy allocations, which ask for transparent huge pages.
     """
-    buf = np.empty(nbytes, dtype=np.uint8)
+
+    KEEP = 4  # buffers kept; a consumer that keeps its tensors only costs fresh ones
+
+    def __init__(self):
+        self._buffers: list[tuple[np.ndarray, weakref.ref]] = []  # (buffer, its lent slice)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` that no live tensor views."""
+        idle = [i for i, (_, lent) in enumerate(self._buffers) if lent() is None]
+        fits = [i for i in idle if self._buffers[i][0].nbytes >= nbytes]
+        if fits:
+            buf = self._buffers.pop(min(fits, key=lambda i: self._buffers[i][0].nbytes))[0]
+        else:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            if len(self._buffers) >= self.KEEP:  # forget the smallest idle buffer, else the oldest
+                self._buffers.pop(min(idle, key=lambda i: self._buffers[i][0].nbytes) if idle else 0)
+        part = buf[:nbytes]
+        self._buffers.append((buf, weakref.ref(part)))
+        return part
+
+
+def _read_tensor(handle, offset: int, nbytes: int, buffers: _ReadBuffers) -> torch.Tensor:
+    """``nbytes`` bytes at ``offset`` of an unbuffered file, as a uint8 tensor in a buffer of ``buffers``."""
+    if not nbytes:  # numpy gives an empty array stride 0, which torch cannot view as another dtype
+        return torch.empty(0, dtype=torch.uint8)
+    buf = buffers.take(nbytes)
     view, done = memoryview(buf), 0
     handle.seek(offset)
     while done < nbytes:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mpt_relax.io.checkpoint import CheckpointError, iter_tensors
+from mpt_relax.io.checkpoint import CheckpointError, _ReadBuffers, iter_tensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -33,3 +34,27 @@ def test_damaged_shard_is_a_checkpoint_error(tmp_path, damage):
     path.write_bytes(data[:-10] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         list(iter_tensors(tmp_path))
+
+
+def test_read_buffers_are_reused_only_once_no_tensor_views_them():
+    buffers = _ReadBuffers()
+    first = torch.from_numpy(buffers.take(64)).view(torch.float32)
+    kept = first.numpy()[2:]  # a view of a view: still holds the buffer
+    del first
+    second = buffers.take(64)
+    assert not np.shares_memory(second, kept)
+    del kept, second
+    third = buffers.take(32)  # both buffers idle again: one of them is lent, none allocated
+    assert len(buffers._buffers) == 2 and third.nbytes == 32
+    assert any(np.shares_memory(third, b) for b, _ in buffers._buffers)
+
+
+def test_a_stream_that_drops_its_tensors_reuses_buffers(tmp_path):
+    tensors = {f"w{i}": torch.randn(64, 32).to(torch.bfloat16) for i in range(12)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    addresses = set()
+    for name, tensor in iter_tensors(tmp_path):
+        assert torch.equal(tensor, tensors[name])
+        addresses.add(tensor.data_ptr())
+        del tensor
+    assert len(addresses) < len(tensors)
