@@ -327,10 +327,17 @@ def _stage(name: str, quiet: bool):
     _log(f"{name} done in {time.perf_counter() - t0:.1f}s", quiet)
 
 
+class _Bar(tqdm):
+    """tqdm without its monitor thread: the next build's compile child can then be forked
+    (:func:`mpt_relax.compile.child.start_method`)."""
+
+    monitor_interval = 0
+
+
 def _progress(items, total: int, quiet: bool):
     if quiet:
         return items
-    return tqdm(items, total=total, unit="tensor", disable=None, file=sys.stderr, leave=False)
+    return _Bar(items, total=total, unit="tensor", disable=None, file=sys.stderr, leave=False)
 
 
 def _up_to_date(out: Path, fingerprint: str, specs: list[targets.TargetSpec]) -> bool:

@@ -4,6 +4,8 @@ the parent, and the child never outlives the build."""
 from __future__ import annotations
 
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +68,29 @@ def _request(tmp_path: Path, target: str) -> dict:
 def test_child_error_is_raised_in_the_parent(tmp_path):
     with child.compile_in_child(_request(tmp_path, "no-such-target")) as job, pytest.raises(TargetError, match="no-such-target"):
         job.result()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is chosen on Linux only")
+def test_child_is_forked_unless_another_python_thread_runs(tmp_path):
+    """Forked, the child starts with TVM imported; beside a running Python thread it is spawned,
+    and either way it compiles and reports the library."""
+    assert child.start_method() == "fork"
+    (tmp_path / "forked").mkdir()
+    with child.compile_in_child(_request(tmp_path / "forked", "llvm")) as job:
+        assert type(job._process).__name__ == "ForkProcess"
+        assert (tmp_path / "forked" / job.result()["llvm"]).is_file()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert child.start_method() == "spawn"
+        with child.compile_in_child(_request(tmp_path, "llvm")) as job:
+            assert type(job._process).__name__ == "SpawnProcess"
+            libraries = job.result()
+        assert (tmp_path / libraries["llvm"]).is_file()
+    finally:
+        release.set()
+        other.join()
 
 
 def test_child_killed_is_one_clear_error(tmp_path):
