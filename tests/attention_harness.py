@@ -28,17 +28,18 @@ GQA = MPTConfig(d_model=256, n_heads=8, n_layers=1, kv_n_heads=2)  # hd 32
 TWO_LAYERS = MPTConfig(d_model=64, n_heads=4, n_layers=2, kv_n_heads=2)
 NO_ALIBI = MPTConfig(d_model=64, n_heads=4, n_layers=1, kv_n_heads=2, alibi=False, softmax_scale=0.3)
 LONG = MPTConfig(d_model=64, n_heads=4, n_layers=1, kv_n_heads=1)
+ODD_HEAD_DIM = MPTConfig(d_model=48, n_heads=2, n_layers=1)  # hd 24: the CPU decode scores one key at a time
 
 
 class AttentionModule(nn.Module):
     """Creates the cache and exposes one attention call per layer (``attention_<layer>``, L <= 2)."""
 
-    def __init__(self, cfg: MPTConfig, dtype: str, target: tvm.target.Target = TARGET):
-        self.cfg, self.dtype, self.target = cfg, dtype, target
+    def __init__(self, cfg: MPTConfig, dtype: str, target: tvm.target.Target = TARGET, page: int = PAGE):
+        self.cfg, self.dtype, self.target, self.page = cfg, dtype, target, page
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size):
         return ALiBiPagedKVCache.create(
-            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, PAGE
+            self.cfg, self.dtype, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size, self.page
         )
 
     def spec(self) -> dict:
@@ -62,8 +63,8 @@ class AttentionModule(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def cache_vm(cfg: MPTConfig, dtype: str) -> relax.VirtualMachine:
-    module = AttentionModule(cfg, dtype)
+def cache_vm(cfg: MPTConfig, dtype: str, page: int = PAGE) -> relax.VirtualMachine:
+    module = AttentionModule(cfg, dtype, page=page)
     mod, _ = module.export_tvm(module.spec())
     return relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
 
@@ -76,12 +77,13 @@ class Harness:
     """A cache plus the full K/V history of every sequence, for the dense reference."""
 
     def __init__(self, cfg: MPTConfig, dtype: str, capacity: int = 4096, chunk: int = 512, seed: int = 0,
-                 vm: relax.VirtualMachine | None = None, device: tvm.runtime.Device | None = None):
-        """``vm`` / ``device``: the compiled cache module and its device (default: LLVM, the CPU)."""
+                 vm: relax.VirtualMachine | None = None, device: tvm.runtime.Device | None = None, page: int = PAGE):
+        """``vm`` / ``device``: the compiled cache module and its device (default: LLVM, the CPU);
+        ``page``: tokens per page of the LLVM module."""
         self.cfg, self.dtype = cfg, dtype
-        self.vm = vm or cache_vm(cfg, dtype)
+        self.vm = vm or cache_vm(cfg, dtype, page)
         self.device = device or tvm.cpu()
-        self.rt = PagedKVCacheRuntime(self.vm["create_paged_kv_cache"](*shape_tuples(8, capacity, chunk)), PAGE)
+        self.rt = PagedKVCacheRuntime(self.vm["create_paged_kv_cache"](*shape_tuples(8, capacity, chunk)), page)
         self.rng = np.random.default_rng(seed)
         self.k: dict[tuple[int, int], np.ndarray] = {}  # (seq, layer) -> [T, KV, hd]
         self.v: dict[tuple[int, int], np.ndarray] = {}

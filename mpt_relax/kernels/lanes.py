@@ -5,14 +5,29 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 
-def halving_sum(v, width: int, until: int = 1):
-    """Fold a [width] vector ``v`` by adding its two halves while the width is even and above
-    ``until``: returns (the folded vector, its width). Each fold is one vector add, so a power
-    of two reaches ``until`` (or 1) in log2 steps; an odd rest is left to the caller."""
+def halving_sum(v, width: int, until: int = 1, combine=lambda a, b: a + b):
+    """Fold a [width] vector ``v`` by adding (or ``combine``-ing) its two halves while the width
+    is even and above ``until``: returns (the folded vector, its width). Each fold is one vector
+    op, so a power of two reaches ``until`` (or 1) in log2 steps; an odd rest is left to the caller."""
     while width > until and width % 2 == 0:
         width //= 2
-        v = T.Shuffle([v], list(range(width))) + T.Shuffle([v], list(range(width, 2 * width)))
+        v = combine(T.Shuffle([v], list(range(width))), T.Shuffle([v], list(range(width, 2 * width))))
     return v, width
+
+
+def transposed_sums(vectors: list, width: int):
+    """The [n] vector of the lane sums of ``n`` [width] vectors (n == width, a power of two):
+    lane t is ``sum(vectors[t])``. A tree of two-vector shuffles and adds: each level pairs the
+    vectors and halves the lanes each one's keys hold, n - 1 adds in all (n horizontal sums would
+    take n * log2(width))."""
+    keys = 1  # sums each vector of the level holds, in order, width // keys lanes each
+    while len(vectors) > 1:
+        lanes, paired = width // keys, []
+        for a, b in zip(vectors[::2], vectors[1::2]):
+            low = [k * lanes + i + part * width for part in (0, 1) for k in range(keys) for i in range(lanes // 2)]
+            paired.append(T.Shuffle([a, b], low) + T.Shuffle([a, b], [i + lanes // 2 for i in low]))
+        vectors, keys = paired, keys * 2
+    return vectors[0]
 
 
 def _butterfly_index(stage, row):

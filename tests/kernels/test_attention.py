@@ -24,6 +24,7 @@ from attention_harness import (
     MHA,
     MQA_6,
     NO_ALIBI,
+    ODD_HEAD_DIM,
     PAGE,
     TOL,
     TWO_LAYERS,
@@ -64,13 +65,21 @@ def test_ragged_prefill_and_cached_prefix(cfg, dtype):
     h.check([(1, 5), (4, 20)])  # a prefix-carrying and a fresh sequence in one ragged batch
 
 
-def test_decode_batch_of_different_lengths():
-    h = Harness(GQA, "float32")
-    for seq, n in enumerate([5, 16, 31, 1]):
+@pytest.mark.parametrize(
+    "cfg, dtype, page",
+    [(GQA, "float32", PAGE), (GQA, "float16", PAGE), (MQA_6, "float16", 32), (MHA, "float16", 8), (MHA, "float32", 24),
+     (ODD_HEAD_DIM, "float16", PAGE), (ODD_HEAD_DIM, "float32", PAGE)],
+    ids=["gqa-fp32", "gqa-fp16", "mqa-fp16-page32", "mha-fp16-page8", "mha-fp32-page24", "hd24-fp16", "hd24-fp32"],
+)
+def test_decode_batch_of_different_lengths(cfg, dtype, page):
+    """The CPU decode kernel scores 16 keys per vector (pages of 8, 24 or 32 keys: partial or
+    several steps per page) or, for a head dim that is no multiple of 16, one key at a time."""
+    h = Harness(cfg, dtype, page=page)
+    for seq, n in enumerate([5, 16, 31, 1, 70]):
         h.add(seq)
-    h.check([(0, 5), (1, 16), (2, 31), (3, 1)])
+    h.check([(0, 5), (1, 16), (2, 31), (3, 1), (4, 70)])
     for _ in range(3):
-        h.check([(0, 1), (1, 1), (2, 1), (3, 1)])
+        h.check([(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)])
 
 
 def test_remove_and_add_sequences_mid_run():

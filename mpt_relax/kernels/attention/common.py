@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -64,15 +65,20 @@ def alibi_bias(spec: AttentionSpec, slope_log2, key_pos, query_pos):
 def fast_exp2(x):
     """fp32 2**x for x <= 127 that vectorizes (LLVM calls libm's exp2f once per lane): 2**n from
     the exponent bits, n = round(x), times e**(f ln 2), f = x - n in [-1/2, 1/2], by its degree-7
-    Taylor polynomial (truncation < 6e-9 relative); 0 below 2**-126 (the softmax's masked keys)."""
+    Taylor polynomial (truncation < 6e-9 relative); 0 below 2**-126 (the softmax's masked keys).
+    ``x``: a float32 scalar or vector expression."""
+    lanes = tvm.DataType(str(x.ty.dtype)).lanes
+    typed = (lambda t: t) if lanes == 1 else (lambda t: f"{t}x{lanes}")
     x = T.max(x, T.float32(-127))
     n = T.nearbyint(x)
     y = (x - n) * T.float32(math.log(2))
     poly = T.float32(1 / 5040)
     for k in range(6, -1, -1):
         poly = poly * y + T.float32(1 / math.factorial(k))
-    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return T.if_then_else(n < T.float32(-126), T.float32(0), poly * scale)
+    scale = T.reinterpret(typed("float32"), T.shift_left(T.Cast(typed("int32"), n) + 127, 23))
+    if lanes == 1:
+        return T.if_then_else(n < T.float32(-126), T.float32(0), poly * scale)
+    return T.Select(n < T.float32(-126), T.Broadcast(T.float32(0), lanes), poly * scale)
 
 
 def paged_kv_len(page_indptr, last_page_len, seq, page_size: int):

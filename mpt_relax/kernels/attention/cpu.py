@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from tvm.script import tirx as T
-from mpt_relax.kernels.lanes import halving_sum
+from mpt_relax.kernels.lanes import halving_sum, transposed_sums
 from .common import (
     alibi_bias,
     AttentionSpec,
@@ -270,14 +270,15 @@ def decode_paged_cpu(spec: AttentionSpec):
     q [b, H, hd], pages [P, 2, KV, page_size, hd], page_indptr [b + 1], page_values [nnz_pages],
     last_page_len [b], k_pos_offset [b], q_pos [b] -> output [b, H, hd], lse [b, H].
 
-    A single query row needs no key tile: each key's score is one vector dot product read
-    straight from its page, and each value row is folded into the fp32 accumulator straight
-    from its page (the prefill kernels' transposed tiles pay off only over many rows). The
-    softmax is the same: online in float32, two sweeps with rounded probabilities otherwise.
+    A single query row needs no key tile: keys and value rows are read straight from their
+    pages. With a head dim that is a multiple of 16 the keys are scored 16 at a time
+    (:func:`_scores_of_16_keys`), and the softmax's max, exponentials and sums run on those 16
+    lanes; otherwise one key at a time. The softmax is the same either way: online in float32,
+    two sweeps with rounded probabilities otherwise (the second sweep scores the keys again).
     """
     H, D, TILE, group, dtype = spec.n_heads, spec.head_dim, spec.page_size, spec.group, spec.dtype
-    SWEEPS, rounded = _cpu_sweeps(spec), _cpu_sweeps(spec) == 2
-    fD = f"float32x{D}"
+    rounded = _cpu_sweeps(spec) == 2
+    fold_keys = _fold_16_keys(spec) if D % _KEYS == 0 else _fold_one_key_at_a_time(spec)
 
     # fmt: off
     @T.macro
@@ -288,8 +289,10 @@ def decode_paged_cpu(spec: AttentionSpec):
                 T.writes()
                 q_f32 = T.sblock_alloc_buffer((D,), "float32")
                 acc = T.sblock_alloc_buffer((D,), "float32")
-                scores = T.sblock_alloc_buffer((TILE,), "float32")
+                scores = T.sblock_alloc_buffer((T.max(TILE, _KEYS),), "float32")
                 state = T.sblock_alloc_buffer((4,), "float32")
+                # the first sweep's scores, read again by the second: room for the longest sequence
+                kept = T.sblock_alloc_buffer((page_values.shape[0] * TILE + _KEYS,), "float32")
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(B):
                     kv_len: T.let[T.int32] = paged_kv_len(page_indptr, last_page_len, b, TILE)
@@ -298,33 +301,13 @@ def decode_paged_cpu(spec: AttentionSpec):
                         acc[x] = T.float32(0)
                     state[_M] = T.float32(NEG)
                     state[_D] = T.float32(0)
-                    for sweep, tile in T.grid(SWEEPS, T.ceildiv(kv_len, TILE)):
-                        page: T.let[T.int32] = page_values[page_indptr[b] + tile]
-                        n_keys: T.let[T.int32] = T.min(TILE, kv_len - tile * TILE)
-                        for t in T.serial(n_keys):
-                            scores[t] = alibi_bias(spec, slope, k_pos_offset[b] + tile * TILE + t, q_pos[b]) + _row_dot(
-                                q_f32[T.ramp(0, 1, D)], T.Cast(fD, pages[page, 0, h // group, t, T.ramp(0, 1, D)]), D)
-                        if sweep == 0:
-                            state[_M_NEW] = state[_M]
-                            for t in T.serial(n_keys):
-                                state[_M_NEW] = T.max(state[_M_NEW], scores[t])
-                            state[_RESCALE] = fast_exp2(state[_M] - state[_M_NEW])
-                            state[_D] *= state[_RESCALE]
-                            for t in T.serial(n_keys):
-                                scores[t] = fast_exp2(scores[t] - state[_M_NEW])
-                                state[_D] += scores[t]
-                            if not rounded:
-                                for x in T.vectorized(D):
-                                    acc[x] *= state[_RESCALE]
-                                for t in T.serial(n_keys):
-                                    for x in T.vectorized(D):
-                                        acc[x] += scores[t] * T.cast(pages[page, 1, h // group, t, x], "float32")
-                            state[_M] = state[_M_NEW]
-                        else:
-                            for t in T.serial(n_keys):
-                                scores[t] = T.cast(T.cast(fast_exp2(scores[t] - state[_M]) / state[_D], dtype), "float32")
-                                for x in T.vectorized(D):
-                                    acc[x] += scores[t] * T.cast(pages[page, 1, h // group, t, x], "float32")
+                    # touched out here, so that TVM's allocation planner keeps the buffer alive across
+                    # the sweeps (it would move it into the innermost loop its accesses share)
+                    kept[0] = T.float32(NEG)
+                    for sweep, tile in T.grid(_cpu_sweeps(spec), T.ceildiv(kv_len, TILE)):
+                        fold_keys(pages, page_values[page_indptr[b] + tile], h // group, tile * TILE,
+                                  T.min(TILE, kv_len - tile * TILE), k_pos_offset[b], q_pos[b], slope, sweep,
+                                  q_f32, acc, scores, state, kept)
                     for x in T.serial(D):
                         if rounded:  # acc holds the normalised sum
                             output[b, h, x] = T.cast(acc[x], dtype)
@@ -333,3 +316,115 @@ def decode_paged_cpu(spec: AttentionSpec):
                     lse[b, h] = T.if_then_else(state[_D] > 0, state[_M] + T.log2(state[_D]), T.float32(NEG))
     # fmt: on
     return decode_kernel(spec, "alibi_decode_paged_cpu", body, _CPU_ATTRS)
+
+
+_KEYS = 16  # keys scored per vector by the decode kernel
+
+
+def _scores_of_16_keys(spec: AttentionSpec, pages, page, kv_head, key0, n_keys, q_f32):
+    """fp32 [16] scores q . k of keys ``key0 ..`` of ``page`` (lanes from ``n_keys`` on: NEG):
+    one [16] vector of partial products per key, then :func:`transposed_sums`. Keys past the
+    page's end (a page size that is no multiple of 16) are not read."""
+    D, TILE = spec.head_dim, spec.page_size
+    partials = []
+    for t in range(_KEYS):
+        total = None
+        for chunk in range(D // _KEYS):
+            x = T.ramp(chunk * _KEYS, 1, _KEYS)
+            term = q_f32[x] * T.Cast(f"float32x{_KEYS}", pages[page, 0, kv_head, key0 + t, x])
+            total = term if total is None else total + term
+        if TILE % _KEYS:
+            total = T.if_then_else(key0 + t < TILE, total, T.Broadcast(T.float32(0), _KEYS))
+        partials.append(total)
+    lane = T.ramp(0, 1, _KEYS)
+    return T.Select(lane < T.Broadcast(n_keys - key0, _KEYS), transposed_sums(partials, _KEYS),
+                    T.Broadcast(T.float32(NEG), _KEYS))
+
+
+def _bias_of_16_keys(spec: AttentionSpec, slope_log2, distance0):
+    """:func:`alibi_bias` of 16 consecutive keys, the first ``distance0`` positions from the query."""
+    if spec.slopes is None:
+        return T.Broadcast(T.float32(0), _KEYS)
+    return T.Broadcast(slope_log2, _KEYS) * T.Cast(f"float32x{_KEYS}", T.Broadcast(distance0, _KEYS) + T.ramp(0, 1, _KEYS))
+
+
+def _fold_16_keys(spec: AttentionSpec):
+    """``fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32,
+    acc, scores, state)``: fold the ``n_keys`` keys of one page (positions ``pos0 ..`` of the
+    sequence) into the softmax state and ``acc``, 16 keys per step."""
+    D, TILE, dtype = spec.head_dim, spec.page_size, spec.dtype
+    rounded = _cpu_sweeps(spec) == 2
+
+    def hmax(v):
+        return halving_sum(v, _KEYS, combine=T.max)[0]
+
+    def hsum(v):
+        return halving_sum(v, _KEYS)[0]
+
+    # fmt: off
+    @T.macro
+    def fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32, acc, scores, state, kept):
+        for step in T.serial(T.ceildiv(n_keys, _KEYS)):
+            key0: T.let[T.int32] = step * _KEYS
+            if sweep == 0:
+                scores[T.ramp(0, 1, _KEYS)] = _scores_of_16_keys(spec, pages, page, kv_head, key0, n_keys, q_f32) + \
+                    _bias_of_16_keys(spec, slope, key_pos_offset + pos0 + key0 - query_pos)
+                if rounded:
+                    kept[T.ramp(pos0 + step * _KEYS, 1, _KEYS)] = scores[T.ramp(0, 1, _KEYS)]
+                state[_M_NEW] = T.max(state[_M], hmax(scores[T.ramp(0, 1, _KEYS)]))
+                state[_RESCALE] = fast_exp2(state[_M] - state[_M_NEW])
+                scores[T.ramp(0, 1, _KEYS)] = fast_exp2(scores[T.ramp(0, 1, _KEYS)] - T.Broadcast(state[_M_NEW], _KEYS))
+                state[_D] = state[_D] * state[_RESCALE] + hsum(scores[T.ramp(0, 1, _KEYS)])
+                if not rounded:
+                    for x in T.vectorized(D):
+                        acc[x] *= state[_RESCALE]
+                    for t in T.serial(T.min(_KEYS, n_keys - key0)):
+                        for x in T.vectorized(D):
+                            acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
+                state[_M] = state[_M_NEW]
+            else:
+                scores[T.ramp(0, 1, _KEYS)] = T.Cast(f"float32x{_KEYS}", T.Cast(f"{dtype}x{_KEYS}", fast_exp2(
+                    kept[T.ramp(pos0 + step * _KEYS, 1, _KEYS)] - T.Broadcast(state[_M], _KEYS)) / T.Broadcast(state[_D], _KEYS)))
+                for t in T.serial(T.min(_KEYS, n_keys - key0)):
+                    for x in T.vectorized(D):
+                        acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
+    # fmt: on
+    return fold
+
+
+def _fold_one_key_at_a_time(spec: AttentionSpec):
+    """:func:`_fold_16_keys` for any head dim: each key's score is one vector dot product."""
+    D, dtype = spec.head_dim, spec.dtype
+    rounded = _cpu_sweeps(spec) == 2
+    fD = f"float32x{D}"
+
+    # fmt: off
+    @T.macro
+    def fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32, acc, scores, state, kept):
+        if sweep == 0:
+            for t in T.serial(n_keys):
+                scores[t] = alibi_bias(spec, slope, key_pos_offset + pos0 + t, query_pos) + _row_dot(
+                    q_f32[T.ramp(0, 1, D)], T.Cast(fD, pages[page, 0, kv_head, t, T.ramp(0, 1, D)]), D)
+                kept[pos0 + t] = scores[t]
+            state[_M_NEW] = state[_M]
+            for t in T.serial(n_keys):
+                state[_M_NEW] = T.max(state[_M_NEW], scores[t])
+            state[_RESCALE] = fast_exp2(state[_M] - state[_M_NEW])
+            state[_D] *= state[_RESCALE]
+            for t in T.serial(n_keys):
+                scores[t] = fast_exp2(scores[t] - state[_M_NEW])
+                state[_D] += scores[t]
+            if not rounded:
+                for x in T.vectorized(D):
+                    acc[x] *= state[_RESCALE]
+                for t in T.serial(n_keys):
+                    for x in T.vectorized(D):
+                        acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, t, x], "float32")
+            state[_M] = state[_M_NEW]
+        else:
+            for t in T.serial(n_keys):
+                scores[t] = T.cast(T.cast(fast_exp2(kept[pos0 + t] - state[_M]) / state[_D], dtype), "float32")
+                for x in T.vectorized(D):
+                    acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, t, x], "float32")
+    # fmt: on
+    return fold
