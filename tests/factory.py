@@ -89,6 +89,14 @@ def raw_checkpoint(path: Path, config: dict, seed: int = 0) -> dict[str, torch.T
 
 
 # ------------------------------------------------------------------ comparisons shared by the parity tests
+def with_top_codes(packed: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """``quantize_weight``'s output with the first code of every row set to the largest one a
+    code can hold (15 / 255): our quantizer never writes it, a repacked GGUF Q4_0 / Q8_0 block does."""
+    q_weight = packed["q_weight"].copy()
+    q_weight[:, 0] |= np.uint32((1 << bits) - 1)
+    return {**packed, "q_weight": q_weight}
+
+
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 

@@ -5,9 +5,12 @@ tensor types (:meth:`GGUFQuantization.bind`). Every 2-D weight (the Linear layer
 embedding, an untied head, learned positions) becomes a :class:`GGUFLinear` /
 :class:`GGUFEmbedding` whose one parameter ``<path>.q_blocks`` holds the file's bytes as they
 are (see :mod:`.gguf_blocks` for the layouts and the decoding); its dequantize compute, named
-``dequantize_gguf_<type>``, is fused into the matmul like a group-quantized layer's. 1-D
-tensors (norms, biases) are stored in the model dtype, float16. Types without a decoder are
-refused in one line naming the type and the tensor.
+``dequantize_gguf_<type>``, is fused into the matmul like a group-quantized layer's. Q4_0 and
+Q8_0 weights are the exception: their blocks are rewritten without loss as q4f16_1 / q8f16_1
+codes and scales (:mod:`.gguf_repack`) and become group-quantized layers, which run on the
+group schemes' kernels (the decode GEMVs; ``--int8-activations``, ``--amx-prefill`` and
+``--int8-prefill`` where asked for). 1-D tensors (norms, biases) are stored in the model
+dtype, float16. Types without a decoder are refused in one line naming the type and the tensor.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from tvm.relax.frontend import nn
 
 from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
+from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
+from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear
 
 STORED_SUFFIX = "q_blocks"
 
@@ -36,11 +41,9 @@ class GGUFQuantization(Quantization):
     kind: ClassVar[str] = "gguf"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.embedding:
             raise QuantizationError(f"{self.name} keeps the embedding in the file's own type; drop --quantize-embedding")
-        if self.int8_activations or self.amx_prefill or self.int8_prefill:
-            raise QuantizationError(f"{self.name} has no int8-activation or AMX kernels yet; drop --int8-activations, "
-                                    "--amx-prefill and --int8-prefill (or build the file with q4f16_1 / q8f16_1)")
 
     @property
     def is_quantized(self) -> bool:
@@ -64,16 +67,30 @@ class GGUFQuantization(Quantization):
     def _type_of(self, name: str) -> BlockType:
         return BLOCK_TYPES[dict(self.types)[name]]
 
+    def _group_of(self, name: str) -> GroupQuantization | None:
+        """The group scheme a kept Q4_0 / Q8_0 weight is repacked into (this scheme's kernel
+        options included), or None for the other types."""
+        scheme = GROUP_SCHEMES.get(dict(self.types).get(name, ""))
+        if scheme is None:
+            return None
+        return GroupQuantization(*scheme, self.model_dtype, 32, int8_activations=self.int8_activations,
+                                 amx_prefill=self.amx_prefill, int8_prefill=self.int8_prefill)
+
     def quantize_model(self, model: nn.Module) -> nn.Module:
         """Replace every Linear / Embedding whose weight is in ``types`` with its GGUF layer."""
         if not self.types:
             raise QuantizationError(f"{self.name} keeps a GGUF file's own blocks: build from a .gguf file, or choose "
                                     "another quantization (q4f16_1, q0f16, ...)")
-        kept = dict(self.types)
+        kept, group_of = dict(self.types), self._group_of
 
         class Replace(nn.Mutator):
             def visit_module(self, path: str, node: nn.Module) -> nn.Module:
                 block = BLOCK_TYPES.get(kept.get(f"{path}.weight", ""))
+                group = group_of(f"{path}.weight")
+                if group is not None and isinstance(node, nn.Embedding):
+                    return GroupQuantEmbedding.from_embedding(node, group)
+                if group is not None and isinstance(node, nn.Linear):
+                    return GroupQuantLinear.from_linear(node, group)
                 if block is not None and isinstance(node, nn.Embedding):
                     return GGUFEmbedding(node.num, node.dim, block, node.weight.dtype)
                 if block is not None and isinstance(node, nn.Linear):
@@ -87,7 +104,8 @@ class GGUFQuantization(Quantization):
         return frozenset(dict(self.types))
 
     def stored_names(self, name: str) -> tuple[str, ...]:
-        return (f"{name.removesuffix('.weight')}.{STORED_SUFFIX}",)
+        path = name.removesuffix(".weight")
+        return (f"{path}.q_weight", f"{path}.q_scale") if self._group_of(name) else (f"{path}.{STORED_SUFFIX}",)
 
     def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
         """A kept weight -> ``{<path>.q_blocks: array}``, ``array`` being the tensor as the file
@@ -98,6 +116,9 @@ class GGUFQuantization(Quantization):
         if array.dtype != np.dtype(block.storage_dtype):
             raise QuantizationError(f"{self.name}: {name} must come as the file's {block.name} data "
                                     f"({block.storage_dtype}), got {array.dtype}")
+        if self._group_of(name) is not None:
+            shape = (array.shape[0], array.shape[1] // block.type_size * block.block)
+            return dict(zip(self.stored_names(name), repack(block.name, array, shape).values()))
         return {self.stored_names(name)[0]: array}
 
     def info(self) -> dict[str, Any]:
@@ -106,14 +127,17 @@ class GGUFQuantization(Quantization):
                 "quantized": "every 2-D weight, in the GGUF file's own type (norms and biases in float16)",
                 "embedding": "kept in the GGUF file's own type (it is also the tied LM head)",
                 "ggml_types": dict(sorted(counts.items())),
+                "repacked": {t: GROUP_SCHEMES[t][0] for t in sorted(counts) if t in GROUP_SCHEMES},
                 "bits_per_weight": {t: BLOCK_TYPES[t].bits_per_weight for t in sorted(counts)}}
 
     def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
-        if not output.endswith(f".{STORED_SUFFIX}"):
+        path, role = output.rsplit(".", 1)
+        name = f"{path}.weight"
+        if name not in dict(self.types) or output not in self.stored_names(name):
             return None  # a norm or a bias, stored as float16
-        name = output.removesuffix(f".{STORED_SUFFIX}") + ".weight"
+        group = self._group_of(name)
         return {"scheme": self.name, "ggml_type": self._type_of(name).name, "source": source,
-                "source_shape": list(source_shape), "role": STORED_SUFFIX}
+                "source_shape": list(source_shape), "role": role, **({"repacked_as": group.name} if group else {})}
 
 
 class GGUFLinear(nn.Module):

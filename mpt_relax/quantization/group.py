@@ -16,8 +16,9 @@ int4, 127 for int8), ``group_size = 32``, all arithmetic in float32 (the weight 
 
 The codes are computed from the float16-rounded scale, so |w - w'| <= scale / 2 except where
 rounding the scale down pushed |w / scale| past max_int (then by at most max_int times the
-scale's rounding error). A 4-bit code is in [0, 14] (15 is never written), an 8-bit code in
-[0, 254]. Codes are packed along the input dimension into uint32 words, lowest bits first:
+scale's rounding error). This quantizer writes 4-bit codes in [0, 14] and 8-bit codes in
+[0, 254]; every kernel takes the whole range (a GGUF Q4_0 / Q8_0 block repacked by
+:mod:`.gguf_repack` can hold 15 / 255). Codes are packed along the input dimension into uint32 words, lowest bits first:
 with ``pack = 32 // bits`` (8 for int4, 4 for int8)::
 
     q_weight[o, j] = sum_k code[o, pack*j + k] << (bits * k),   k = 0 .. pack-1
@@ -228,7 +229,7 @@ def dequantize_weight(
 
 def _dequantize_rows(q_weight: np.ndarray, q_scale: np.ndarray, q: GroupQuantization) -> np.ndarray:
     """uint32 [rows, in / pack_factor], scales [rows, in / group_size] -> float32 [rows, in]."""
-    codes = _unpack(q_weight, q.bits).view(np.int8) - np.int8(q.max_int)  # wraps back to [-max_int, max_int]
+    codes = _unpack(q_weight, q.bits).astype(np.int16) - q.max_int  # every byte: a repacked Q8_0 block may hold 255
     groups = codes.reshape(*q_scale.shape, q.group_size) * q_scale.astype(np.float32)[..., None]
     return groups.reshape(codes.shape)
 

@@ -18,6 +18,7 @@ from factory import hf_greedy, hf_logits, hf_model, our_greedy, rel_err
 from gguf_kit import encode, oracle, tiny_mpt, write_gguf
 from mpt_relax.quantization import dequantize_weight, fuse_dequantize_matmul, get_quantization, quantize_weight
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES
+from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
 from mpt_relax.quantization.gguf_scheme import GGUFEmbedding, GGUFLinear
 
 IDS = np.random.default_rng(3).integers(2, 4096, size=24).tolist()
@@ -79,6 +80,8 @@ def test_gguf_scheme_matches_hf_on_the_files_values(family, tmp_path):
     records = [r for s in json.loads((art / "tensor-cache.json").read_text())["records"] for r in s["records"]]
     kept = {r["quantization"]["source"]: r["quantization"]["ggml_type"] for r in records if "quantization" in r}
     assert kept["token_embd.weight"] == family[0] and len(kept) == 1 + 4 * 4
+    repacked = {r["quantization"]["source"]: r["quantization"].get("repacked_as") for r in records if "quantization" in r}
+    assert all((repacked[src] is not None) == (t in ("Q4_0", "Q8_0")) for src, t in kept.items())
     eng = mpt_relax.Engine(art, device="cpu")
     ref = oracle(model, stored)
     err = rel_err(eng.logits(IDS), hf_logits(ref, IDS))
@@ -88,6 +91,49 @@ def test_gguf_scheme_matches_hf_on_the_files_values(family, tmp_path):
     assert meta["tokenizer_files"] == ["tokenizer.json", "special_tokens_map.json"]
     reply = eng.generate("def read_config(path):", max_new_tokens=6, temperature=0.0, ignore_eos=True)
     assert len(reply.token_ids) == 6 and isinstance(reply.text, str)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
+def test_repacked_blocks_keep_every_weight(type_name):
+    """Q4_0 / Q8_0 blocks as q4f16_1 / q8f16_1 codes and scales: the same float16 weights
+    (Q8_0's -128 included, which becomes code 255)."""
+    rows, cols = 6, 256
+    values = np.random.default_rng(5).standard_normal((rows, cols)).astype(np.float32)
+    raw = encode(values, type_name)
+    if type_name == "Q8_0":
+        raw.reshape(rows, -1, 34)[0, 0, 2] = np.uint8(128)  # q = -128
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols)
+    packed = repack(type_name, raw, (rows, cols))
+    q = get_quantization(GROUP_SCHEMES[type_name][0])
+    got = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (rows, cols))
+    np.testing.assert_array_equal(got.astype(np.float16), expected.astype(np.float16))
+    assert packed["q_weight"].shape == q.q_weight_shape(rows, cols) and packed["q_scale"].dtype == np.float16
+
+
+@pytest.mark.parametrize("flags", [dict(int8_activations=True), dict(int8_prefill=True)], ids=["a8", "p8"])
+def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
+    """A Q4_0 / Q8_0 file built with an int8 kernel option: the repacked layers take it. With int8
+    decode activations prefill is unchanged and the decode step moves by their rounding only;
+    with int8 prefill the prefill moves, and the decode over its cache stays close."""
+    model = tiny_mpt()
+    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_1", "Q4_0", "Q8_0"]))
+    exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
+    fast = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "fast", quiet=True, **flags)
+    meta = json.loads((fast / "mpt-config.json").read_text())["quantization"]
+    assert meta["tag"] == "gguf+" + ("a8" if "int8_activations" in flags else "p8")
+    assert meta["repacked"] == {"Q4_0": "q4f16_1", "Q8_0": "q8f16_1"}
+
+    def steps(art):
+        eng = mpt_relax.Engine(art, device="cpu")
+        seq = eng.add_sequence()
+        return eng.forward([seq], [IDS[:-1]]), eng.forward([seq], [IDS[-1:]])
+
+    (p_exact, d_exact), (p_fast, d_fast) = steps(exact), steps(fast)
+    if "int8_activations" in flags:
+        np.testing.assert_array_equal(p_fast, p_exact)
+    else:
+        assert 0 < rel_err(p_fast, p_exact) < 3e-2
+    assert 0 < rel_err(d_fast, d_exact) < 3e-2
 
 
 def _requantized(model, scheme: str):

@@ -11,7 +11,7 @@ import torch
 import tvm
 
 import mpt_relax
-from factory import rel_err
+from factory import rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.compile.amx_kernels import has_amx
 from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
@@ -47,7 +47,7 @@ def test_kernel_matches_numpy_on_bf16_operands(bits, rows, n_out, k_in):
         inputs = (x, w)
     else:
         q = get_quantization(f"q{bits}f16_1")
-        packed = quantize_weight(weight, q)
+        packed = with_top_codes(quantize_weight(weight, q), bits)
         w_dtype = "float16"
         w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
         inputs = (x, packed["q_weight"], packed["q_scale"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from factory import rel_err
+from factory import rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
@@ -27,7 +27,7 @@ def test_kernel_matches_numpy(bits, out_dtype, rows, n_out, k_in):
     """fp32 sums of x times the weights dequantized in fp16, as the fused exact kernel computes."""
     rng = np.random.default_rng(rows * 10 + bits)
     q = get_quantization(f"q{bits}f16_1")
-    packed = quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05, q)
+    packed = with_top_codes(quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05, q), bits)
     w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
     lib = tvm.compile(tvm.IRModule({"main": group_gemv(n_out, k_in, bits, "float16", out_dtype)

@@ -8,7 +8,7 @@ import pytest
 import tvm
 
 import mpt_relax
-from factory import hf_checkpoint, rel_err
+from factory import hf_checkpoint, rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.io import artifact
 from mpt_relax.compile.int8_kernels import best_isa
@@ -39,7 +39,7 @@ def _numpy_quantize(x: np.ndarray):
 def test_kernels_match_numpy(bits, rows, n_out, k_in):
     rng = np.random.default_rng(bits + rows)
     q = get_quantization(f"q{bits}f16_1")
-    packed = quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32), q)
+    packed = with_top_codes(quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32), q), bits)
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
     x[0, :32] = 0  # an all-zero group: scale 0, codes 0
     dev = tvm.cpu()

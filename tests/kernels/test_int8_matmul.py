@@ -12,7 +12,7 @@ import torch
 import tvm
 
 import mpt_relax
-from factory import hf_checkpoint, rel_err
+from factory import hf_checkpoint, rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.compile.int8_kernels import best_isa
 from mpt_relax.compile.targets import TargetError
@@ -58,7 +58,8 @@ def test_gemm_matches_the_generic_gemv(bits, rows, n_out, k_in):
     """Every row tile, the ragged last one included, equals the generic kernel's integer math
     (up to the order of the fp32 sums)."""
     rng = np.random.default_rng(bits * rows)
-    packed = quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32), get_quantization(f"q{bits}f16_1"))
+    packed = with_top_codes(quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32),
+                                            get_quantization(f"q{bits}f16_1")), bits)
     dev = tvm.cpu()
     qw, qs = tvm.runtime.tensor(packed["q_weight"], dev), tvm.runtime.tensor(packed["q_scale"], dev)
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
