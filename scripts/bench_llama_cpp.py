@@ -25,7 +25,8 @@ temporary directory and run from there, never from this repository.
    the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
    its tied head included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some;
    and from each of the three GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own
-   blocks). Each is measured by :func:`mpt_relax.tools.bench.run` (a spawned child,
+   blocks; Q8_0 / Q4_0 repacked into our group layout, so also with the fastest int8 options:
+   "gguf Q4_0-a8-amx"). Each is measured by :func:`mpt_relax.tools.bench.run` (a spawned child,
    ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
    only) runs the same token-id prompt in a spawned child: a warm-up, then ``--runs`` runs of a
@@ -105,7 +106,14 @@ ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": 
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
         *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST))
 
-GGUF_ROWS = ("F16", "Q8_0", "Q4_0")  # mpt_relax built from llama.cpp's own file (--quantization gguf)
+# mpt_relax built from llama.cpp's own file (--quantization gguf): as it is, and for Q8_0 / Q4_0
+# (repacked into our group layout) with the fastest int8 kernel options too
+GGUF_ROWS = (("F16", {}), ("Q8_0", {}), ("Q4_0", {}), ("Q8_0", FAST[-1]), ("Q4_0", FAST[-1]))
+
+
+def gguf_label(ftype: str, options: dict) -> str:
+    """gguf Q4_0-a8-amx: a row built from llama.cpp's ``ftype`` file with ``options``."""
+    return f"gguf {ftype}{label('', options)}"
 
 
 def label(q: str, options: dict) -> str:
@@ -285,7 +293,7 @@ def main() -> int:
         p.error(f"--llama-src {args.llama_src} does not exist")
     if args.convert_only and not args.keep_gguf:
         p.error("--convert-only needs --keep-gguf DIR")
-    names = [label(q, o) for q, o, _ in ROWS] + [f"gguf {f}" for f in GGUF_ROWS]
+    names = [label(q, o) for q, o, _ in ROWS] + [gguf_label(f, o) for f, o in GGUF_ROWS]
     wanted = set(names) if args.rows is None else {r.strip() for r in args.rows.split(",")}
     if wanted - set(names):
         p.error(f"--rows: unknown {', '.join(sorted(wanted - set(names)))}; rows are {', '.join(names)}")
@@ -298,9 +306,9 @@ def main() -> int:
         rows = [(label(q, o), q, o, f) for q, o, f in ROWS if label(q, o) in wanted]
         artifacts = {name: mpt_relax.build(args.checkpoint, target="llvm", quantization=q, quiet=True, **o)
                      for name, q, o, _ in rows}
-        gguf_rows = [f for f in GGUF_ROWS if f"gguf {f}" in wanted]
-        artifacts.update({f"gguf {f}": mpt_relax.build(ggufs[f], target="llvm", quiet=True,
-                                                       output=Path(tmp) / f"gguf-{f}") for f in gguf_rows})
+        gguf_rows = [(gguf_label(f, o), f, o) for f, o in GGUF_ROWS if gguf_label(f, o) in wanted]
+        artifacts.update({name: mpt_relax.build(ggufs[f], target="llvm", quiet=True, **o,
+                                                output=Path(tmp) / name.replace(" ", "-")) for name, f, o in gguf_rows})
         meta = read_config(next(iter(artifacts.values())))
         config = MPTConfig.from_dict(meta["model_config"])
         ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
@@ -312,7 +320,7 @@ def main() -> int:
             lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s; HF transformers bfloat16: prefill "
                          f"{hf['prefill_tokens_per_s']:.1f} tokens/s, decode {hf['decode_tokens_per_s']:.1f}")
             theirs: dict[str, dict] = {}
-            for name, ftype in [(name, f) for name, _, _, f in rows] + [(f"gguf {f}", f) for f in gguf_rows]:
+            for name, ftype in [(name, f) for name, _, _, f in rows] + [(name, f) for name, f, _ in gguf_rows]:
                 ours = bench.run(artifacts[name], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
                 if ftype and ftype not in theirs:
@@ -322,7 +330,8 @@ def main() -> int:
         if gguf_rows:
             lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "
                          "(||ours - llama|| / ||llama||): " + ", ".join(
-                             f"{f} {logits_difference(artifacts[f'gguf {f}'], ggufs[f], ids):.2e}" for f in gguf_rows))
+                             f"{name.removeprefix('gguf ')} {logits_difference(artifacts[name], ggufs[f], ids):.2e}"
+                             for name, f, _ in gguf_rows))
     print("\n".join(lines))
     return 0
 
