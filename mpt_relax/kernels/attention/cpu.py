@@ -274,7 +274,8 @@ def decode_paged_cpu(spec: AttentionSpec):
     pages. With a head dim that is a multiple of 16 the keys are scored 16 at a time
     (:func:`_scores_of_16_keys`), and the softmax's max, exponentials and sums run on those 16
     lanes; otherwise one key at a time. The softmax is the same either way: online in float32,
-    two sweeps with rounded probabilities otherwise (the second sweep scores the keys again).
+    two sweeps with rounded probabilities otherwise; the second reads the first's scores back
+    from a per-head buffer instead of the keys, so every key and value row is read once.
     """
     H, D, TILE, group, dtype = spec.n_heads, spec.head_dim, spec.page_size, spec.group, spec.dtype
     rounded = _cpu_sweeps(spec) == 2
@@ -350,8 +351,9 @@ def _bias_of_16_keys(spec: AttentionSpec, slope_log2, distance0):
 
 def _fold_16_keys(spec: AttentionSpec):
     """``fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32,
-    acc, scores, state)``: fold the ``n_keys`` keys of one page (positions ``pos0 ..`` of the
-    sequence) into the softmax state and ``acc``, 16 keys per step."""
+    acc, scores, state, kept)``: fold the ``n_keys`` keys of one page (positions ``pos0 ..`` of
+    the sequence) into the softmax state and ``acc``, 16 keys per step; ``kept`` holds the first
+    sweep's scores by position for the second."""
     D, TILE, dtype = spec.head_dim, spec.page_size, spec.dtype
     rounded = _cpu_sweeps(spec) == 2
 
@@ -370,7 +372,7 @@ def _fold_16_keys(spec: AttentionSpec):
                 scores[T.ramp(0, 1, _KEYS)] = _scores_of_16_keys(spec, pages, page, kv_head, key0, n_keys, q_f32) + \
                     _bias_of_16_keys(spec, slope, key_pos_offset + pos0 + key0 - query_pos)
                 if rounded:
-                    kept[T.ramp(pos0 + step * _KEYS, 1, _KEYS)] = scores[T.ramp(0, 1, _KEYS)]
+                    kept[T.ramp(pos0 + key0, 1, _KEYS)] = scores[T.ramp(0, 1, _KEYS)]
                 state[_M_NEW] = T.max(state[_M], hmax(scores[T.ramp(0, 1, _KEYS)]))
                 state[_RESCALE] = fast_exp2(state[_M] - state[_M_NEW])
                 scores[T.ramp(0, 1, _KEYS)] = fast_exp2(scores[T.ramp(0, 1, _KEYS)] - T.Broadcast(state[_M_NEW], _KEYS))
@@ -384,7 +386,7 @@ def _fold_16_keys(spec: AttentionSpec):
                 state[_M] = state[_M_NEW]
             else:
                 scores[T.ramp(0, 1, _KEYS)] = T.Cast(f"float32x{_KEYS}", T.Cast(f"{dtype}x{_KEYS}", fast_exp2(
-                    kept[T.ramp(pos0 + step * _KEYS, 1, _KEYS)] - T.Broadcast(state[_M], _KEYS)) / T.Broadcast(state[_D], _KEYS)))
+                    kept[T.ramp(pos0 + key0, 1, _KEYS)] - T.Broadcast(state[_M], _KEYS)) / T.Broadcast(state[_D], _KEYS)))
                 for t in T.serial(T.min(_KEYS, n_keys - key0)):
                     for x in T.vectorized(D):
                         acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
@@ -405,7 +407,8 @@ def _fold_one_key_at_a_time(spec: AttentionSpec):
             for t in T.serial(n_keys):
                 scores[t] = alibi_bias(spec, slope, key_pos_offset + pos0 + t, query_pos) + _row_dot(
                     q_f32[T.ramp(0, 1, D)], T.Cast(fD, pages[page, 0, kv_head, t, T.ramp(0, 1, D)]), D)
-                kept[pos0 + t] = scores[t]
+                if rounded:
+                    kept[pos0 + t] = scores[t]
             state[_M_NEW] = state[_M]
             for t in T.serial(n_keys):
                 state[_M_NEW] = T.max(state[_M_NEW], scores[t])
