@@ -5,7 +5,9 @@ tensor types (:meth:`GGUFQuantization.bind`). Every 2-D weight (the Linear layer
 embedding, an untied head, learned positions) becomes a :class:`GGUFLinear` /
 :class:`GGUFEmbedding` whose one parameter ``<path>.q_blocks`` holds the file's bytes as they
 are (see :mod:`.gguf_blocks` for the layouts and the decoding); its dequantize compute, named
-``dequantize_gguf_<type>``, is fused into the matmul like a group-quantized layer's. Q4_0 and
+``dequantize_gguf_<type>``, is fused into the matmul like a group-quantized layer's. An F16
+weight is the model dtype's own array: its layer stays a plain Linear / Embedding (q0f16's
+kernels). Q4_0 and
 Q8_0 weights are the exception: their blocks are rewritten without loss as q4f16_1 / q8f16_1
 codes and scales (:mod:`.gguf_repack`) and become group-quantized layers, which run on the
 group schemes' kernels (the decode GEMVs; ``--int8-activations``, ``--amx-prefill`` and
@@ -81,12 +83,14 @@ class GGUFQuantization(Quantization):
         if not self.types:
             raise QuantizationError(f"{self.name} keeps a GGUF file's own blocks: build from a .gguf file, or choose "
                                     "another quantization (q4f16_1, q0f16, ...)")
-        kept, group_of = dict(self.types), self._group_of
+        kept, group_of, plain = dict(self.types), self._group_of, self._plain
 
         class Replace(nn.Mutator):
             def visit_module(self, path: str, node: nn.Module) -> nn.Module:
                 block = BLOCK_TYPES.get(kept.get(f"{path}.weight", ""))
                 group = group_of(f"{path}.weight")
+                if plain(f"{path}.weight") and isinstance(node, (nn.Embedding, nn.Linear)):
+                    return node
                 if group is not None and isinstance(node, nn.Embedding):
                     return GroupQuantEmbedding.from_embedding(node, group)
                 if group is not None and isinstance(node, nn.Linear):
@@ -103,8 +107,14 @@ class GGUFQuantization(Quantization):
     def quantized_names(self, model: nn.Module) -> frozenset[str]:
         return frozenset(dict(self.types))
 
+    def _plain(self, name: str) -> bool:
+        """Whether a kept weight is an F16 array in a float16 model: a plain weight, as q0f16's."""
+        return dict(self.types).get(name) == "F16" and self.model_dtype == "float16"
+
     def stored_names(self, name: str) -> tuple[str, ...]:
         path = name.removesuffix(".weight")
+        if self._plain(name):
+            return (name,)
         return (f"{path}.q_weight", f"{path}.q_scale") if self._group_of(name) else (f"{path}.{STORED_SUFFIX}",)
 
     def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:

@@ -82,6 +82,8 @@ def test_gguf_scheme_matches_hf_on_the_files_values(family, tmp_path):
     assert kept["token_embd.weight"] == family[0] and len(kept) == 1 + 4 * 4
     repacked = {r["quantization"]["source"]: r["quantization"].get("repacked_as") for r in records if "quantization" in r}
     assert all((repacked[src] is not None) == (t in ("Q4_0", "Q8_0")) for src, t in kept.items())
+    roles = {r["quantization"]["source"]: r["quantization"]["role"] for r in records if "quantization" in r}
+    assert all((roles[src] == "weight") == (t == "F16") for src, t in kept.items())  # F16: a plain fp16 weight
     eng = mpt_relax.Engine(art, device="cpu")
     ref = oracle(model, stored)
     err = rel_err(eng.logits(IDS), hf_logits(ref, IDS))
