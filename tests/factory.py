@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tvm
 from safetensors.torch import save_file
 from transformers import MptConfig, MptForCausalLM
+
+import mpt_relax
 
 
 def _randomize(state: dict[str, torch.Tensor], seed: int, std: float) -> dict[str, torch.Tensor]:
@@ -95,6 +98,27 @@ def with_top_codes(packed: dict[str, np.ndarray], bits: int) -> dict[str, np.nda
     q_weight = packed["q_weight"].copy()
     q_weight[:, 0] |= np.uint32((1 << bits) - 1)
     return {**packed, "q_weight": q_weight}
+
+
+def gemv_error(func, target, inputs: tuple, x: np.ndarray, w: np.ndarray, out_dtype: str) -> float:
+    """Compile a GEMV PrimFunc for ``target``, run it on ``inputs`` (its arguments before y) and
+    return the relative error of y against float64 ``x @ w^T``."""
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    y = tvm.runtime.tensor(np.full((x.shape[0], w.shape[0]), np.nan, out_dtype))
+    lib["main"](*(tvm.runtime.tensor(a) for a in inputs), y)
+    return rel_err(y.numpy().astype(np.float64), x.astype(np.float64) @ w.astype(np.float64).T)
+
+
+def callees(func) -> list[str]:
+    """The PrimFuncs a Relax function calls through ``call_tir``, in order."""
+    return [line.split("R.call_tir(")[1].split(",")[0] for line in func.script().splitlines() if "R.call_tir(" in line]
+
+
+def prefill_then_decode(art, ids) -> tuple[np.ndarray, np.ndarray]:
+    """A CPU Engine's logits on artifact ``art``: the prefill of ``ids[:-1]``, then the decode step of ``ids[-1]``."""
+    eng = mpt_relax.Engine(art, device="cpu")
+    seq = eng.add_sequence()
+    return eng.forward([seq], [ids[:-1]]), eng.forward([seq], [ids[-1:]])
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:

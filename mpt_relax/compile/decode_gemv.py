@@ -61,12 +61,12 @@ class _DecodeGEMVs(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, group_kernels: bool):
         super().__init__(mod)
         self.group_kernels = group_kernels
-        self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.kernels: dict[str, relax.GlobalVar] = {}  # by name: each name spells out its kernel's arguments
 
-    def _kernel(self, key: tuple, name: str, make) -> relax.GlobalVar:
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(make(), name)
-        return self.kernels[key]
+    def _kernel(self, name: str, make) -> relax.GlobalVar:
+        if name not in self.kernels:
+            self.kernels[name] = self.builder_.add_func(make(), name)
+        return self.kernels[name]
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
         call = super().visit_call_(call)
@@ -91,7 +91,7 @@ class _DecodeGEMVs(relax.PyExprMutator):
                 or not float_gemv.supported(*w_shape)):
             return None
         key = (*w_shape, x.ty.dtype, w.ty.dtype, out_info.dtype)
-        kernel = self._kernel(key, "float_gemv_{}x{}_{}_{}_{}".format(*key), lambda: float_gemv.float_gemv(*key))
+        kernel = self._kernel("float_gemv_{}x{}_{}_{}_{}".format(*key), lambda: float_gemv.float_gemv(*key))
         return relax.call_tir(kernel, relax.Tuple([x, w]), out_info)
 
     def _group(self, q: GroupQuantization, args, out_info) -> relax.Call | None:
@@ -105,9 +105,8 @@ class _DecodeGEMVs(relax.PyExprMutator):
                 or not group_gemv.supported(n, k)):
             return None
         key = (n, k, q.bits, x.ty.dtype, out_info.dtype, q.model_dtype)
-        kernel = self._kernel(key, "group_gemv_{}x{}_q{}_{}_{}_{}".format(*key), lambda: group_gemv.group_gemv(*key))
+        kernel = self._kernel("group_gemv_{}x{}_q{}_{}_{}_{}".format(*key), lambda: group_gemv.group_gemv(*key))
         return relax.call_tir(kernel, relax.Tuple([q_weight, q_scale, x]), out_info)
-
 
     def _q6k(self, args, out_info) -> relax.Call | None:
         blocks, x = args
@@ -119,7 +118,7 @@ class _DecodeGEMVs(relax.PyExprMutator):
                 * q6k_gemv.BLOCK_BYTES or x.ty.dtype not in _FLOATS or out_info.dtype not in _FLOATS):
             return None
         key = (n, k, x.ty.dtype, out_info.dtype)
-        kernel = self._kernel(("q6k", *key), "q6k_gemv_{}x{}_{}_{}".format(*key), lambda: q6k_gemv.q6k_gemv(*key))
+        kernel = self._kernel("q6k_gemv_{}x{}_{}_{}".format(*key), lambda: q6k_gemv.q6k_gemv(*key))
         return relax.call_tir(kernel, relax.Tuple([blocks, x]), out_info)
 
 
@@ -139,4 +138,3 @@ def select_decode_gemv(spec: TargetSpec) -> tvm.transform.Pass:
         return out
 
     return _run
-

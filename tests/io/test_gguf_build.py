@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 import mpt_relax
-from factory import hf_greedy, hf_logits, hf_model, our_greedy, rel_err
+from factory import hf_greedy, hf_logits, hf_model, our_greedy, prefill_then_decode, rel_err
 from gguf_kit import encode, oracle, tiny_mpt, write_gguf
 from mpt_relax.quantization import dequantize_weight, fuse_dequantize_matmul, get_quantization, quantize_weight
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES
@@ -124,13 +124,7 @@ def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
     meta = json.loads((fast / "mpt-config.json").read_text())["quantization"]
     assert meta["tag"] == "gguf+" + ("a8" if "int8_activations" in flags else "p8")
     assert meta["repacked"] == {"Q4_0": "q4f16_1", "Q8_0": "q8f16_1"}
-
-    def steps(art):
-        eng = mpt_relax.Engine(art, device="cpu")
-        seq = eng.add_sequence()
-        return eng.forward([seq], [IDS[:-1]]), eng.forward([seq], [IDS[-1:]])
-
-    (p_exact, d_exact), (p_fast, d_fast) = steps(exact), steps(fast)
+    (p_exact, d_exact), (p_fast, d_fast) = prefill_then_decode(exact, IDS), prefill_then_decode(fast, IDS)
     if "int8_activations" in flags:
         np.testing.assert_array_equal(p_fast, p_exact)
     else:

@@ -10,7 +10,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from factory import rel_err
+from factory import callees, gemv_error
 from gguf_kit import encode
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
@@ -30,12 +30,8 @@ def test_kernel_matches_numpy(out_dtype, rows, n_out, k_in):
     raw = encode(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1, "Q6_K", seed=rows)
     w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(n_out, k_in).astype(np.float16)
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
-    lib = tvm.compile(tvm.IRModule({"main": q6k_gemv(n_out, k_in, "float16", out_dtype).with_attr("global_symbol", "main")}),
-                      target=HOST.target)
-    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, out_dtype))
-    lib["main"](tvm.runtime.tensor(raw), tvm.runtime.tensor(x), y)
-    expected = x.astype(np.float64) @ w.astype(np.float64).T
-    assert rel_err(y.numpy().astype(np.float64), expected) < (1e-6 if out_dtype == "float32" else 1e-3)
+    err = gemv_error(q6k_gemv(n_out, k_in, "float16", out_dtype), HOST.target, (raw, x), x, w, out_dtype)
+    assert err < (1e-6 if out_dtype == "float32" else 1e-3)
 
 
 def test_supported_shapes():
@@ -53,12 +49,8 @@ def test_pass_rewrites_the_q6_k_decode_gemvs():
     mod, _ = net.export_tvm(spec=net.export_spec())
     mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
     out = select_decode_gemv(HOST)(mod)
-    assert sum(c.startswith("q6k_gemv_") for c in _callees(out["batch_decode"])) == len(weights)
-    assert not any(c.startswith("q6k_gemv_") for c in _callees(out["prefill"]))
+    assert sum(c.startswith("q6k_gemv_") for c in callees(out["batch_decode"])) == len(weights)
+    assert not any(c.startswith("q6k_gemv_") for c in callees(out["prefill"]))
     gpu = select_decode_gemv(targets.resolve_target("cuda"))(mod)
-    assert not any(c.startswith("q6k_gemv_") for c in _callees(gpu["batch_decode"]))
+    assert not any(c.startswith("q6k_gemv_") for c in callees(gpu["batch_decode"]))
 
-
-
-def _callees(func) -> list[str]:
-    return [line.split("R.call_tir(")[1].split(",")[0] for line in func.script().splitlines() if "R.call_tir(" in line]

@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from factory import rel_err
+from factory import callees, gemv_error
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
@@ -28,12 +28,8 @@ def test_kernel_matches_numpy(x_dtype, w_dtype, out_dtype, rows, n_out, k_in):
     rng = np.random.default_rng(rows + n_out)
     x = rng.standard_normal((rows, k_in)).astype(x_dtype)
     w = rng.standard_normal((n_out, k_in)).astype(w_dtype)
-    lib = tvm.compile(tvm.IRModule({"main": float_gemv(n_out, k_in, x_dtype, w_dtype, out_dtype)
-                                    .with_attr("global_symbol", "main")}), target=HOST)
-    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, out_dtype))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
-    expected = x.astype(np.float64) @ w.astype(np.float64).T
-    assert rel_err(y.numpy().astype(np.float64), expected) < (1e-6 if out_dtype == "float32" else 1e-3)
+    err = gemv_error(float_gemv(n_out, k_in, x_dtype, w_dtype, out_dtype), HOST, (x, w), x, w, out_dtype)
+    assert err < (1e-6 if out_dtype == "float32" else 1e-3)
 
 
 def test_supported_shapes():
@@ -48,17 +44,13 @@ def _exported(quantization: str, **options):
     return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
 
 
-def _callees(func) -> list[str]:
-    return [line.split("R.call_tir(")[1].split(",")[0] for line in func.script().splitlines() if "R.call_tir(" in line]
-
-
 @pytest.mark.parametrize("quantization, expected", [("q0f16", 5), ("q0f32", 5), ("q4f16_1", 1)])
 def test_pass_rewrites_decode_only(quantization, expected):
     """Each float weight's decode GEMV (q4f16_1: the fp16 tied head only); prefill keeps NT_matmul;
     a GPU target keeps everything."""
     mod = _exported(quantization)
     out = select_decode_gemv(targets.resolve_target("llvm"))(mod)
-    assert sum(c.startswith("float_gemv_") for c in _callees(out["batch_decode"])) == expected
-    assert not any(c.startswith("float_gemv_") for c in _callees(out["prefill"]))
+    assert sum(c.startswith("float_gemv_") for c in callees(out["batch_decode"])) == expected
+    assert not any(c.startswith("float_gemv_") for c in callees(out["prefill"]))
     gpu = select_decode_gemv(targets.resolve_target("cuda"))(mod)
-    assert not any(c.startswith("float_gemv_") for c in _callees(gpu["batch_decode"]))
+    assert not any(c.startswith("float_gemv_") for c in callees(gpu["batch_decode"]))

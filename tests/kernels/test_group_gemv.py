@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 
-from factory import rel_err, with_top_codes
+from factory import callees, gemv_error, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.kernels.cpu.group_gemv import REQUIRED_FEATURES, group_gemv, supported
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
-from test_float_gemv import _callees, _exported
+from test_float_gemv import _exported
 
 HOST = targets.llvm_target()
 RUNS_HERE = cpu_has(HOST.target, REQUIRED_FEATURES)
@@ -30,12 +29,9 @@ def test_kernel_matches_numpy(bits, out_dtype, rows, n_out, k_in):
     packed = with_top_codes(quantize_weight(rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05, q), bits)
     w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
     x = rng.standard_normal((rows, k_in)).astype(np.float16)
-    lib = tvm.compile(tvm.IRModule({"main": group_gemv(n_out, k_in, bits, "float16", out_dtype)
-                                    .with_attr("global_symbol", "main")}), target=HOST.target)
-    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, out_dtype))
-    lib["main"](tvm.runtime.tensor(packed["q_weight"]), tvm.runtime.tensor(packed["q_scale"]), tvm.runtime.tensor(x), y)
-    expected = x.astype(np.float64) @ w.astype(np.float64).T
-    assert rel_err(y.numpy().astype(np.float64), expected) < (1e-6 if out_dtype == "float32" else 1e-3)
+    err = gemv_error(group_gemv(n_out, k_in, bits, "float16", out_dtype), HOST.target,
+                     (packed["q_weight"], packed["q_scale"], x), x, w, out_dtype)
+    assert err < (1e-6 if out_dtype == "float32" else 1e-3)
 
 
 def test_supported_shapes():
@@ -50,15 +46,15 @@ def test_pass_rewrites_exact_decode_only(quantization, embedding, expected):
     mod = _exported(quantization, embedding=embedding)
     if RUNS_HERE:
         out = select_decode_gemv(HOST)(mod)
-        assert sum(c.startswith("group_gemv_") for c in _callees(out["batch_decode"])) == expected
-        assert not any(c.startswith("fused_dequantize") for c in _callees(out["batch_decode"]))
-        assert not any(c.startswith("group_gemv_") for c in _callees(out["prefill"]))
+        assert sum(c.startswith("group_gemv_") for c in callees(out["batch_decode"])) == expected
+        assert not any(c.startswith("fused_dequantize") for c in callees(out["batch_decode"]))
+        assert not any(c.startswith("group_gemv_") for c in callees(out["prefill"]))
     for other in (targets.resolve_target("cuda"), targets.llvm_target("x86-64-v3")):
         kept = select_decode_gemv(other)(mod)
-        assert not any(c.startswith("group_gemv_") for c in _callees(kept["batch_decode"]))
+        assert not any(c.startswith("group_gemv_") for c in callees(kept["batch_decode"]))
 
 
 def test_pass_leaves_int8_activation_schemes_alone():
     """Decode on int8 activations has no exact GEMV left to rewrite."""
     out = select_decode_gemv(HOST)(_exported("q4f16_1", int8_activations=True))
-    assert not any(c.startswith("group_gemv_") for c in _callees(out["batch_decode"]))
+    assert not any(c.startswith("group_gemv_") for c in callees(out["batch_decode"]))

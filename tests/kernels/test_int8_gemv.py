@@ -8,7 +8,7 @@ import pytest
 import tvm
 
 import mpt_relax
-from factory import hf_checkpoint, rel_err, with_top_codes
+from factory import hf_checkpoint, prefill_then_decode, rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.io import artifact
 from mpt_relax.compile.int8_kernels import best_isa
@@ -77,13 +77,6 @@ def tiny(tmp_path_factory):
     return path
 
 
-def _decode_logits(art, ids):
-    eng = mpt_relax.Engine(art, device="cpu")
-    seq = eng.add_sequence()
-    prefill = eng.forward([seq], [ids[:-1]])
-    return prefill, eng.forward([seq], [ids[-1:]])
-
-
 @pytest.mark.parametrize("quantization", ["q4f16_1", "q8f16_1"])
 def test_model_decodes_on_int8_activations(tiny, tmp_path, quantization):
     """Prefill is the exact path, bit for bit; a decode step moves the logits by the activation
@@ -94,7 +87,7 @@ def test_model_decodes_on_int8_activations(tiny, tmp_path, quantization):
     a8 = mpt_relax.build(path, target="llvm", quantization=quantization, int8_activations=True,
                          output=tmp_path / "a8", quiet=True)
     assert a8.name == "a8" and artifact.read_config(a8)["quantization"]["tag"] == f"{quantization}+a8"
-    (p_exact, d_exact), (p_a8, d_a8) = _decode_logits(exact, ids), _decode_logits(a8, ids)
+    (p_exact, d_exact), (p_a8, d_a8) = prefill_then_decode(exact, ids), prefill_then_decode(a8, ids)
     np.testing.assert_array_equal(p_a8, p_exact)
     bound = 3e-2 if quantization == "q4f16_1" else 2e-2
     assert 0 < rel_err(d_a8, d_exact) < bound
@@ -109,7 +102,7 @@ def test_portable_build_uses_the_generic_kernel(tiny, tmp_path):
     portable = mpt_relax.build(path, target="llvm", quantization="q4f16_1", int8_activations=True,
                                mcpu="x86-64-v3", output=tmp_path / "v3", quiet=True)
     # the same up to fp32 summation order (the int8 decode moves logits ~1e-2 from the exact path)
-    assert rel_err(_decode_logits(portable, ids)[1], _decode_logits(fast, ids)[1]) < 1e-4
+    assert rel_err(prefill_then_decode(portable, ids)[1], prefill_then_decode(fast, ids)[1]) < 1e-4
 
 
 def test_refused_where_it_cannot_run(tiny, tmp_path):

@@ -354,7 +354,7 @@ def _fold_16_keys(spec: AttentionSpec):
     acc, scores, state, kept)``: fold the ``n_keys`` keys of one page (positions ``pos0 ..`` of
     the sequence) into the softmax state and ``acc``, 16 keys per step; ``kept`` holds the first
     sweep's scores by position for the second."""
-    D, TILE, dtype = spec.head_dim, spec.page_size, spec.dtype
+    D, dtype = spec.head_dim, spec.dtype
     rounded = _cpu_sweeps(spec) == 2
 
     def hmax(v):
