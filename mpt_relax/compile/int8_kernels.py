@@ -4,7 +4,8 @@ The model (:mod:`mpt_relax.quantization.group`, schemes built with ``int8_activa
 the portable ``generic`` kernel of :mod:`mpt_relax.kernels.cpu.int8_gemv`; this pass replaces
 it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bit
 ``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
-numbers more slowly (e.g. ``--mcpu x86-64-v3``). A prefill's GEMV (``int8_prefill`` schemes)
+numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K weights
+(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`) have an AVX512-VNNI kernel and the generic one. A prefill's GEMV (``int8_prefill`` schemes)
 becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import tvm
 
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu import int8_gemv, int8_matmul
+from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q6k_int8_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
 
@@ -43,21 +44,28 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         isa = None
         for gvar, func in list(mod.functions.items()):
-            info = func.attrs.get(int8_gemv.KERNEL_ATTR) if func.attrs is not None else None
-            if info is None:
+            attrs = func.attrs if func.attrs is not None else {}
+            key = next((k for k in (int8_gemv.KERNEL_ATTR, q6k_int8_gemv.KERNEL_ATTR) if attrs.get(k) is not None), None)
+            if key is None:
                 continue
             if spec.name != "llvm":
                 raise TargetError(f"{gvar.name_hint} is an int8-activation CPU kernel; target {spec.name} cannot run it "
                                   "(build without --int8-activations / --int8-prefill)")
             isa = isa or best_isa(spec.target)
-            shape = int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]), str(info["scale_dtype"])
-            if bool(info["prefill"]) and isa == "avx512vnni" and int8_matmul.supported(*shape[:2]):
-                kernel = int8_matmul.int8_matmul(*shape)
+            info = attrs[key]
+            if key == q6k_int8_gemv.KERNEL_ATTR:
+                kernel = q6k_int8_gemv.q6k_int8_gemv(int(info["out"]), int(info["in"]), str(info["out_dtype"]),
+                                                     isa if isa in q6k_int8_gemv.ISAS else "generic")
             else:
-                kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]))
-            for key, value in func.attrs.items():
-                if key != int8_gemv.KERNEL_ATTR:
-                    kernel = kernel.with_attr(key, value)
+                shape = (int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
+                         str(info["scale_dtype"]))
+                if bool(info["prefill"]) and isa == "avx512vnni" and int8_matmul.supported(*shape[:2]):
+                    kernel = int8_matmul.int8_matmul(*shape)
+                else:
+                    kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]))
+            for name, value in func.attrs.items():
+                if name != key:
+                    kernel = kernel.with_attr(name, value)
             mod[gvar] = kernel
         return mod
 

@@ -11,7 +11,9 @@ kernels). Q4_0 and
 Q8_0 weights are the exception: their blocks are rewritten without loss as q4f16_1 / q8f16_1
 codes and scales (:mod:`.gguf_repack`) and become group-quantized layers, which run on the
 group schemes' kernels (the decode GEMVs; ``--int8-activations``, ``--amx-prefill`` and
-``--int8-prefill`` where asked for). 1-D tensors (norms, biases) are stored in the model
+``--int8-prefill`` where asked for). With ``--int8-activations`` a decode step's Q6_K weights
+(llama.cpp's Q4_0 / Q4_K_M files keep the tied head in Q6_K) also multiply int8 activations
+(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`); the other K types stay exact. 1-D tensors (norms, biases) are stored in the model
 dtype, float16. Types without a decoder are refused in one line naming the type and the tensor.
 """
 
@@ -25,10 +27,11 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
+from mpt_relax.kernels.cpu import q6k_int8_gemv
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
 from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
-from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear
+from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear, quantized_activation
 
 STORED_SUFFIX = "q_blocks"
 
@@ -83,7 +86,7 @@ class GGUFQuantization(Quantization):
         if not self.types:
             raise QuantizationError(f"{self.name} keeps a GGUF file's own blocks: build from a .gguf file, or choose "
                                     "another quantization (q4f16_1, q0f16, ...)")
-        kept, group_of, plain = dict(self.types), self._group_of, self._plain
+        kept, group_of, plain, int8 = dict(self.types), self._group_of, self._plain, self.int8_activations
 
         class Replace(nn.Mutator):
             def visit_module(self, path: str, node: nn.Module) -> nn.Module:
@@ -96,10 +99,10 @@ class GGUFQuantization(Quantization):
                 if group is not None and isinstance(node, nn.Linear):
                     return GroupQuantLinear.from_linear(node, group)
                 if block is not None and isinstance(node, nn.Embedding):
-                    return GGUFEmbedding(node.num, node.dim, block, node.weight.dtype)
+                    return GGUFEmbedding(node.num, node.dim, block, node.weight.dtype, int8)
                 if block is not None and isinstance(node, nn.Linear):
                     return GGUFLinear(node.in_features, node.out_features, block, node.weight.dtype,
-                                      node.bias is not None, node.out_dtype)
+                                      node.bias is not None, node.out_dtype, int8)
                 return self.visit(path, node)
 
         return Replace().visit("", model)
@@ -153,23 +156,41 @@ class GGUFQuantization(Quantization):
 class GGUFLinear(nn.Module):
     """``y = x @ W^T + b`` with W [out, in] kept in a GGML encoding: ``q_blocks`` (uint8 blocks,
     or float32 / float16 [out, in]), optional ``bias`` [out]. The forward dequantizes W into
-    ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``)."""
+    ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``), except a
+    decode step's Q6_K weight with ``int8_activations``: x quantized to int8 per group of 32,
+    :mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`."""
 
     def __init__(self, in_features: int, out_features: int, block: BlockType, dtype: str, bias: bool = False,
-                 out_dtype: str | None = None):
+                 out_dtype: str | None = None, int8_activations: bool = False):
         super().__init__()
         if in_features % block.block:
             raise QuantizationError(f"{block.name}: in_features {in_features} is not a multiple of its "
                                     f"{block.block}-weight blocks")
         self.in_features, self.out_features = in_features, out_features
         self.block, self.dtype, self.out_dtype = block, dtype, out_dtype
+        self.int8_activations = int8_activations and block.name == "Q6_K"
         self.q_blocks = nn.Parameter(block.storage_shape(out_features, in_features), block.storage_dtype)
         self.bias = nn.Parameter((out_features,), out_dtype or dtype) if bias else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         """x: [*B, in] -> [*B, out] (``out_dtype`` if set)."""
+        if self.int8_activations and is_decoding():
+            return self._int8_forward(x)
         w = nn.op.tensor_expr_op(self._dequantize, self._kernel_name(DEQUANTIZE_PREFIX), [self.q_blocks])
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def _int8_forward(self, x: nn.Tensor) -> nn.Tensor:
+        """Q6_K: x quantized to int8 per group, the codes multiplied in integers (the target's
+        fastest kernel is chosen when compiling)."""
+        k, n = self.in_features, self.out_features
+        rows = nn.op.reshape(x, (-1, k))
+        m = rows.shape[0]
+        xq, xs, _ = quantized_activation(rows, 8)
+        out_dtype = self.out_dtype or self.dtype
+        y = nn.op.tensor_ir_op(q6k_int8_gemv.q6k_int8_gemv(n, k, out_dtype), "q6k_int8_gemv", [xq, xs, self.q_blocks],
+                               nn.Tensor.placeholder((m, n), out_dtype))
+        y = nn.op.reshape(y, (*x.shape[:-1], n))
         return y + self.bias if self.bias is not None else y
 
     def _kernel_name(self, prefix: str) -> str:
@@ -190,8 +211,8 @@ class GGUFEmbedding(GGUFLinear):
     """A table [num, dim] kept in a GGML encoding: ``forward(ids)`` looks rows up (ids clipped to
     range, decoding only those rows), :meth:`head` is the tied LM head with fp32 logits."""
 
-    def __init__(self, num: int, dim: int, block: BlockType, dtype: str):
-        super().__init__(dim, num, block, dtype, bias=False, out_dtype="float32")
+    def __init__(self, num: int, dim: int, block: BlockType, dtype: str, int8_activations: bool = False):
+        super().__init__(dim, num, block, dtype, bias=False, out_dtype="float32", int8_activations=int8_activations)
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
         """ids [n] int32 -> rows [n, dim] in ``dtype``."""

@@ -300,11 +300,7 @@ class GroupQuantLinear(nn.Module):
         q, k, n = self.quantization, self.in_features, self.out_features
         rows = nn.op.reshape(x, (-1, k))
         m = rows.shape[0]
-        groups = k // int8_gemv.GROUP
-        xq, xs, xc = nn.op.tensor_ir_op(
-            int8_gemv.quantize_activation(k, q.bits, x.dtype), "quantize_activation_int8", [rows],
-            [nn.Tensor.placeholder((m, k), "int8"), nn.Tensor.placeholder((m, groups), "float32"),
-             nn.Tensor.placeholder((m, groups), "float32")])
+        xq, xs, xc = quantized_activation(rows, q.bits)
         out_dtype = self.out_dtype or q.model_dtype
         kernel = int8_gemv.int8_gemv(n, k, q.bits, out_dtype, q.model_dtype, prefill=prefill)
         y = nn.op.tensor_ir_op(kernel, f"int8_{'matmul' if prefill else 'gemv'}_{q.name}",
@@ -332,6 +328,16 @@ class GroupQuantLinear(nn.Module):
         """Like ``nn.Linear.to``: only the bias follows ``dtype``; codes and scales are fixed by the scheme."""
         if self.bias is not None and self.out_dtype is None:
             self.bias.to(dtype=dtype)
+
+
+def quantized_activation(rows: nn.Tensor, bits: int) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
+    """rows [M, K] -> (xq int8 [M, K], xs, xc float32 [M, K/32]): :func:`~mpt_relax.kernels.cpu.int8_gemv.quantize_activation`
+    for ``bits``-bit weights."""
+    (m, k), groups = rows.shape, rows.shape[1] // int8_gemv.GROUP
+    return nn.op.tensor_ir_op(
+        int8_gemv.quantize_activation(k, bits, rows.dtype), "quantize_activation_int8", [rows],
+        [nn.Tensor.placeholder((m, k), "int8"), nn.Tensor.placeholder((m, groups), "float32"),
+         nn.Tensor.placeholder((m, groups), "float32")])
 
 
 def _dequantized(q: GroupQuantization, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:

@@ -1,0 +1,152 @@
+"""Decode GEMV on GGUF Q6_K weights and int8 activations (``gguf`` built with
+``--int8-activations``): ``y = x @ W^T``, x quantized per group of 32 as
+:func:`mpt_relax.kernels.cpu.int8_gemv.quantize_activation` does for int8 weights (natural
+order), the 6-bit codes multiplied with it in integer lanes.
+
+The math, per 256-weight block (``d`` fp16, ``sc[j]`` the int8 scale of sub-block ``j`` of
+16 weights, ``q`` the unsigned 6-bit code, ``xs[g]`` the activation scale of group ``g`` of 32)::
+
+    y[m, n] = sum_blocks d * sum_j sc[j] * xs[m, g(j)] * sum_{k in j} (q[k] - 32) * xq[m, k]
+
+The inner sums are exact integers; the only rounding beyond the exact path is x's (as for the
+other int8-activation kernels), and the weights are not rounded to fp16 first (``d * sc * (q -
+32)`` in fp32, which the exact kernel rounds).
+
+``avx512vnni``: a block is four 64-weight vectors. Half ``h`` of the block (128 weights) is 64
+bytes of low nibbles ``ql`` and 32 bytes of 2-bit highs ``qh``; with ``qhv`` = ``qh`` followed
+by ``qh >> 2``, its weights 0..63 are ``(ql & 15) | ((qhv << 4) & 48)`` and 64..127 are
+``(ql >> 4) | (qhv & 48)``, byte for byte in order. One ``vpdpbusd`` per vector sums four
+code-by-activation products into each of 16 int32 lanes, starting from ``-32 * (the four
+activations' sum)`` (computed once per call), which folds the codes' offset in for free. Lane
+``l`` belongs to sub-block ``4c + l // 4`` of vector ``c`` and to group ``l // 8``: one fp32 FMA
+per vector applies ``d * sc * xs``. ``generic``: plain integer loops, the same numbers on any CPU.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mpt_relax.kernels.lanes import halving_sum
+
+from .float_gemv import PREFETCH_BYTES
+from .int8_gemv import GROUP, prefetch
+from .q6k_gemv import BLOCK, BLOCK_BYTES, supported  # noqa: F401  (the same shapes)
+
+KERNEL_ATTR = "mpt_relax.q6k_int8_gemv"  # func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
+ISAS = ("avx512vnni", "generic")
+_DOT = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def q6k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
+    """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 210]) -> y [M, N]
+    ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown Q6_K int8 GEMV kernel {isa!r}; one of {ISAS}")
+    func = (_vnni if isa == "avx512vnni" else _generic)(out_features, in_features, out_dtype)
+    return func.with_attr(KERNEL_ATTR, {"in": in_features, "out": out_features, "out_dtype": out_dtype, "isa": isa})
+
+
+def _generic(N, K, out_dtype):
+    B, row_bytes = K // BLOCK, K // BLOCK * BLOCK_BYTES
+
+    def code(raw, n, k):
+        """The unsigned 6-bit code of weight k of row n."""
+        b, j = k // BLOCK, k % BLOCK
+        half, r = j // 128, j % 128
+        low = T.shift_right(T.Cast("int32", raw[n, b * BLOCK_BYTES + half * 64 + r % 64]), r // 64 * 4) & 15
+        high = T.shift_right(T.Cast("int32", raw[n, b * BLOCK_BYTES + 128 + half * 32 + r % 32]), r // 32 * 2) & 3
+        return low | T.shift_left(high, 4)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, K // GROUP), "float32")
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            sc = T.decl_buffer((N, row_bytes), "int8", data=raw.data)
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
+            dot = T.alloc_buffer((N,), "int32")
+            acc = T.alloc_buffer((N,), "float32")
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n] = T.float32(0)
+                    for b, j in T.grid(B, 16):
+                        dot[n] = 0
+                        for i in range(16):
+                            k = b * BLOCK + j * 16 + i
+                            dot[n] = dot[n] + (code(raw, n, k) - 32) * T.Cast("int32", xq[m, k])
+                        acc[n] = acc[n] + T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + 104])) * T.Cast(
+                            "float32", sc[n, b * BLOCK_BYTES + 192 + j]) * xs[m, (b * BLOCK + j * 16) // GROUP] * T.Cast("float32", dot[n])
+                    y[m, n] = T.Cast(out_dtype, acc[n])
+
+    return func
+
+
+def _vnni(N, K, out_dtype):
+    B, row_bytes = K // BLOCK, K // BLOCK * BLOCK_BYTES
+    ahead = max(1, PREFETCH_BYTES // row_bytes)
+    i8 = "int8x64"
+
+    def bcast(value, lanes=64):
+        return T.broadcast(T.uint8(value), lanes)
+
+    def codes(raw, n, b, h, part):
+        """The 64 codes of part ``part`` (0: low nibbles, 1: high) of half ``h`` of block ``b``:
+        weights 128h + 64part .. + 63, as int8 lanes (``h`` may be a loop variable, ``part`` not)."""
+        ql = raw[n, T.ramp(b * BLOCK_BYTES + h * 64, 1, 64)]
+        qh = raw[n, T.ramp(b * BLOCK_BYTES + 128 + h * 32, 1, 32)]
+        qhv = T.Shuffle([qh, T.shift_right(qh, bcast(2, 32))], list(range(64)))
+        if part == 0:
+            v = T.bitwise_or(T.bitwise_and(ql, bcast(15)), T.bitwise_and(T.shift_left(qhv, bcast(4)), bcast(48)))
+        else:
+            v = T.bitwise_or(T.shift_right(ql, bcast(4)), T.bitwise_and(qhv, bcast(48)))
+        return T.reinterpret(v, dtype=i8)
+
+    def scales(sc, d16, n, b, h, part):
+        """fp32 [16]: ``d * sc`` of each lane's sub-block (4 lanes each) in that vector."""
+        d = T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + 104]))
+        four = T.Cast("float32x4", sc[n, T.ramp(b * BLOCK_BYTES + 192 + h * 8 + part * 4, 1, 4)]) * T.broadcast(d, 4)
+        return T.Shuffle([four, four, four, four], [lane // 4 for lane in range(16)])
+
+    def step(raw, sc, d16, xq, offset, lane_xs, m, n, b, h, part):
+        """fp32 [16]: one vector's lanes, scaled."""
+        k = b * BLOCK + h * 128 + part * 64
+        dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_DOT), offset[m, T.ramp(k // 4, 1, 16)],
+                                      codes(raw, n, b, h, part), T.reinterpret(xq[m, T.ramp(k, 1, 64)], dtype=i8),
+                                      dtype="int32x16")
+        return T.Cast("float32x16", dot) * (scales(sc, d16, n, b, h, part) * lane_xs[m, T.ramp(k // 4, 1, 16)])
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, K // GROUP), "float32")
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            sc = T.decl_buffer((N, row_bytes), "int8", data=raw.data)
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
+            offset = T.alloc_buffer((M, K // 4), "int32")  # -32 * the sum of each 4 activations
+            lane_xs = T.alloc_buffer((M, K // 4), "float32")  # each lane's activation scale
+            acc = T.alloc_buffer((N, 16), "float32")
+            for m, lane in T.grid(M, K // 4):
+                offset[m, lane] = T.int32(-32) * (T.Cast("int32", xq[m, lane * 4]) + T.Cast("int32", xq[m, lane * 4 + 1])
+                                                  + T.Cast("int32", xq[m, lane * 4 + 2]) + T.Cast("int32", xq[m, lane * 4 + 3]))
+                lane_xs[m, lane] = xs[m, lane * 4 // GROUP]
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+                    for b in range(B):
+                        for line in T.unroll(4):  # the block's 210 bytes span up to 4 cache lines
+                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
+                        for h in T.unroll(2):
+                            acc[n, T.ramp(0, 1, 16)] = acc[n, T.ramp(0, 1, 16)] + step(
+                                raw, sc, d16, xq, offset, lane_xs, m, n, b, h, 0) + step(raw, sc, d16, xq, offset, lane_xs, m, n, b, h, 1)
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)], 16)[0])
+
+    return func
