@@ -12,10 +12,7 @@ The inner sums are exact integers; the only rounding beyond the exact path is x'
 other int8-activation kernels), and the weights are not rounded to fp16 first (``d * sc * (q -
 32)`` in fp32, which the exact kernel rounds).
 
-``avx512vnni``: a block is four 64-weight vectors. Half ``h`` of the block (128 weights) is 64
-bytes of low nibbles ``ql`` and 32 bytes of 2-bit highs ``qh``; with ``qhv`` = ``qh`` followed
-by ``qh >> 2``, its weights 0..63 are ``(ql & 15) | ((qhv << 4) & 48)`` and 64..127 are
-``(ql >> 4) | (qhv & 48)``, byte for byte in order. One ``vpdpbusd`` per vector sums four
+``avx512vnni``: a block is four vectors of 64 codes (:func:`.q6k_gemv.codes`). One ``vpdpbusd`` per vector sums four
 code-by-activation products into each of 16 int32 lanes, starting from ``-32 * (the four
 activations' sum)`` (computed once per call), which folds the codes' offset in for free. Lane
 ``l`` belongs to sub-block ``4c + l // 4`` of vector ``c`` and to group ``l // 8``: one fp32 FMA
@@ -31,7 +28,7 @@ from mpt_relax.kernels.lanes import halving_sum
 
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, prefetch
-from .q6k_gemv import BLOCK, BLOCK_BYTES, supported  # noqa: F401  (the same shapes)
+from .q6k_gemv import BLOCK, BLOCK_BYTES, codes, supported  # noqa: F401  (the same shapes)
 
 KERNEL_ATTR = "mpt_relax.q6k_int8_gemv"  # func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
 ISAS = ("avx512vnni", "generic")
@@ -91,21 +88,6 @@ def _vnni(N, K, out_dtype):
     ahead = max(1, PREFETCH_BYTES // row_bytes)
     i8 = "int8x64"
 
-    def bcast(value, lanes=64):
-        return T.broadcast(T.uint8(value), lanes)
-
-    def codes(raw, n, b, h, part):
-        """The 64 codes of part ``part`` (0: low nibbles, 1: high) of half ``h`` of block ``b``:
-        weights 128h + 64part .. + 63, as int8 lanes (``h`` may be a loop variable, ``part`` not)."""
-        ql = raw[n, T.ramp(b * BLOCK_BYTES + h * 64, 1, 64)]
-        qh = raw[n, T.ramp(b * BLOCK_BYTES + 128 + h * 32, 1, 32)]
-        qhv = T.Shuffle([qh, T.shift_right(qh, bcast(2, 32))], list(range(64)))
-        if part == 0:
-            v = T.bitwise_or(T.bitwise_and(ql, bcast(15)), T.bitwise_and(T.shift_left(qhv, bcast(4)), bcast(48)))
-        else:
-            v = T.bitwise_or(T.shift_right(ql, bcast(4)), T.bitwise_and(qhv, bcast(48)))
-        return T.reinterpret(v, dtype=i8)
-
     def scales(sc, d16, n, b, h, part):
         """fp32 [16]: ``d * sc`` of each lane's sub-block (4 lanes each) in that vector."""
         d = T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + 104]))
@@ -116,7 +98,7 @@ def _vnni(N, K, out_dtype):
         """fp32 [16]: one vector's lanes, scaled."""
         k = b * BLOCK + h * 128 + part * 64
         dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(_DOT), offset[m, T.ramp(k // 4, 1, 16)],
-                                      codes(raw, n, b, h, part), T.reinterpret(xq[m, T.ramp(k, 1, 64)], dtype=i8),
+                                      T.reinterpret(codes(raw, n, b, h, part), dtype=i8), T.reinterpret(xq[m, T.ramp(k, 1, 64)], dtype=i8),
                                       dtype="int32x16")
         return T.Cast("float32x16", dot) * (scales(sc, d16, n, b, h, part) * lane_xs[m, T.ramp(k // 4, 1, 16)])
 
