@@ -247,8 +247,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization",
                    help=f"q0f32, q0f16, q4f16_1 or q8f16_1 (default {defaults.QUANTIZATION}); gguf for a .gguf "
                    "model (its default): every weight kept in the file's own type")
-    p.add_argument("--quantize-embedding", action="store_true",
-                   help="q4f16_1/q8f16_1: quantize the token embedding (the tied LM head) too (default: kept fp16)")
+    p.add_argument("--quantize-embedding", nargs="?", const=True, default=False, type=int, choices=[4, 8], metavar="BITS",
+                   help="q4f16_1/q8f16_1: quantize the token embedding (the tied LM head) too, in the scheme's bits "
+                        "or in BITS (8: q8f16_1 codes under q4f16_1, as llama.cpp keeps the head in more bits) "
+                        "(default: kept fp16)")
     p.add_argument("--int8-activations", action="store_true",
                    help="q4f16_1/q8f16_1, CPU: decode on activations quantized to int8 per group of 32 "
                         "(VNNI integer dot products; changes logits slightly, see README; default: exact)")

@@ -104,7 +104,9 @@ ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": 
         ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
         *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
-        *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST))
+        *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST),
+        # llama.cpp's Q4_0 keeps the tied head in Q6_K: ours in 8 bits is the nearest mix with as many bits
+        ("q4f16_1", {"quantize_embedding": 8}, "Q4_0"), *(("q4f16_1", {"quantize_embedding": 8, **f}, "Q4_0") for f in FAST))
 
 # mpt_relax built from llama.cpp's own file (--quantization gguf): as it is, and for Q8_0 / Q4_0
 # (repacked into our group layout) with the fastest int8 kernel options too
@@ -118,8 +120,10 @@ def gguf_label(ftype: str, options: dict) -> str:
 
 def label(q: str, options: dict) -> str:
     """q4f16_1-emb-a8-p8: the scheme and its options, as in artifact directory names."""
-    return q + "".join(suffix for key, suffix in (("quantize_embedding", "-emb"), ("int8_activations", "-a8"),
-                                                   ("amx_prefill", "-amx"), ("int8_prefill", "-p8")) if options.get(key))
+    embedding = options.get("quantize_embedding")
+    return q + ("-emb" + ("" if embedding is True else str(embedding)) if embedding else "") + "".join(
+        suffix for key, suffix in (("int8_activations", "-a8"), ("amx_prefill", "-amx"), ("int8_prefill", "-p8"))
+        if options.get(key))
 
 
 FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}

@@ -168,7 +168,7 @@ def build(
     max_seq_len: int | None = None,
     cuda_arch: str | None = None,
     mcpu: str | None = None,
-    quantize_embedding: bool = False,
+    quantize_embedding: bool | int = False,
     int8_activations: bool = False,
     amx_prefill: bool = False,
     int8_prefill: bool = False,
@@ -185,7 +185,7 @@ def build(
     ``quantization``: q0f32, q0f16, q4f16_1 (default) or q8f16_1 (weights quantized while streaming);
     from a ``.gguf`` file also gguf (its default: every weight kept in the file's own type);
     ``quantize_embedding``: quantize the token embedding (the tied LM head) too, not only the
-    Linear layers.
+    Linear layers: True in the scheme's bits, 8 as q8f16_1 under a q4f16_1 model.
     ``int8_activations``: with q4f16_1 / q8f16_1 on the CPU, decode on activations quantized to
     int8 per group of 32 with integer dot products (VNNI; :mod:`mpt_relax.kernels.cpu.int8_gemv`);
     prefill stays exact.
@@ -243,7 +243,7 @@ def build(
                     nbytes = artifact.write_params(
                         tmp,
                         _progress(params, len(param_names), quiet),
-                        extra=_quantization_records(rules, q),
+                        extra=_quantization_records(rules, q, q.quantized_names(net).embeddings),
                     )
                 _log(f"  {nbytes / 1e6:.1f} MB of weights", quiet)
             if job is not None:
@@ -308,12 +308,14 @@ def _weight_bytes(src: ModelSource) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _quantization_records(rules, q: Quantization) -> dict[str, dict]:
-    """tensor-cache.json fields of the stored tensors the scheme made: scheme and source tensor."""
-    records = {}
+def _quantization_records(rules, q: Quantization, embeddings: frozenset[str]) -> dict[str, dict]:
+    """tensor-cache.json fields of the stored tensors the scheme made: scheme and source tensor.
+    ``embeddings``: the float names of the embedding tables (stored in ``q.embedding_scheme``)."""
+    records, tables = {}, {out for name in embeddings for out in q.stored_names(name)}
     for rule in rules.values():
         for out_name in rule.outputs:
-            record = q.tensor_record(out_name, rule.source, rule.shape) if out_name != rule.source else None
+            record = (q.tensor_record(out_name, rule.source, rule.shape, embedding=out_name in tables)
+                      if out_name != rule.source else None)
             if record is not None:
                 records[out_name] = {"quantization": record}
     return records

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames
 from mpt_relax.quantization.fuse import fuse_dequantize_matmul
 from mpt_relax.quantization.group import (
     GroupQuantEmbedding,
@@ -51,20 +51,22 @@ for _q in (Q0F32, Q0F16, GroupQuantization("q4f16_1", 4, "float16", 32), GroupQu
     register(_q)
 
 
-def get_quantization(name: str, embedding: bool = False, int8_activations: bool = False,
+def get_quantization(name: str, embedding: bool | int = False, int8_activations: bool = False,
                      amx_prefill: bool = False, int8_prefill: bool = False) -> Quantization:
-    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too;
-    ``int8_activations``: decoding on int8 activations; ``amx_prefill``: prefill in bf16 on AMX;
-    ``int8_prefill``: prefill on int8 activations);
-    :class:`QuantizationError` listing the valid names otherwise."""
+    """The registered scheme called ``name`` (with ``embedding``: quantizing the embeddings too,
+    True in the scheme's own bits, 4 or 8 in that many; ``int8_activations``: decoding on int8
+    activations; ``amx_prefill``: prefill in bf16 on AMX; ``int8_prefill``: prefill on int8
+    activations); :class:`QuantizationError` listing the valid names otherwise."""
     try:
         q = QUANTIZATIONS[name]
     except (KeyError, TypeError):
         raise QuantizationError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}") from None
+    bits = 0 if isinstance(embedding, bool) else int(embedding)
     if embedding or int8_activations or amx_prefill or int8_prefill:
-        q = dataclasses.replace(q, embedding=embedding or q.embedding,
+        q = dataclasses.replace(q, embedding=bool(embedding) or q.embedding,
                                 int8_activations=int8_activations or q.int8_activations,
-                                amx_prefill=amx_prefill or q.amx_prefill, int8_prefill=int8_prefill or q.int8_prefill)
+                                amx_prefill=amx_prefill or q.amx_prefill, int8_prefill=int8_prefill or q.int8_prefill,
+                                **({"embedding_bits": bits} if bits else {}))
     return q
 
 
@@ -77,6 +79,7 @@ __all__ = [
     "GroupQuantization",
     "Quantization",
     "QuantizationError",
+    "QuantizedNames",
     "dequantize_weight",
     "fuse_dequantize_matmul",
     "get_quantization",

@@ -42,6 +42,16 @@ def rows_op(x: nn.Tensor, func, name: str, weights: list[nn.Tensor], out_feature
     return y + bias if bias is not None else y
 
 
+class QuantizedNames(frozenset):
+    """The float parameter names (``<path>.weight``) a scheme replaces; ``embeddings``: those
+    of them that are embedding tables (the tied LM head among them)."""
+
+    def __new__(cls, names=(), embeddings=()):
+        obj = super().__new__(cls, names)
+        obj.embeddings = frozenset(embeddings)
+        return obj
+
+
 class QuantizationError(MPTRelaxError):
     """An unknown scheme, an invalid one, or a weight a scheme cannot store."""
 
@@ -60,6 +70,7 @@ class Quantization:
     bits: int  # bits per stored weight
     model_dtype: str  # activations, norms and unquantized weights
     embedding: bool = dataclasses.field(default=False, kw_only=True)  # also quantize the embeddings (the tied head)
+    embedding_bits: int = dataclasses.field(default=0, kw_only=True)  # their bits, if not ``bits`` (group schemes)
     # decode GEMVs quantize x to int8 per group and sum in integers (mpt_relax.kernels.cpu.int8_gemv)
     int8_activations: bool = dataclasses.field(default=False, kw_only=True)
     # prefill matmuls in bf16 on the AMX tiles where the target has them (mpt_relax.kernels.cpu.amx_matmul)
@@ -71,6 +82,8 @@ class Quantization:
     def __post_init__(self) -> None:
         if self.embedding and not self.is_quantized:
             raise QuantizationError(f"{self.name} does not quantize weights, so it cannot quantize the embedding either")
+        if self.embedding_bits and not self.embedding:
+            raise QuantizationError(f"{self.name}: embedding bits without quantizing the embedding")
         if self.int8_activations and not self.is_quantized:
             raise QuantizationError(f"{self.name} keeps float weights; int8 activations need q4f16_1 or q8f16_1")
         if self.int8_prefill and not self.is_quantized:
@@ -80,9 +93,10 @@ class Quantization:
 
     @property
     def tag(self) -> str:
-        """``name``, plus ``+embedding`` / ``+a8`` / ``+amx`` / ``+p8`` for the embeddings quantized
-        too, int8 decode activations, the AMX prefill, int8 prefill activations."""
-        return (self.name + ("+embedding" if self.embedding else "") + ("+a8" if self.int8_activations else "")
+        """``name``, plus ``+embedding`` (``+embedding8``: in 8 bits) / ``+a8`` / ``+amx`` / ``+p8`` for
+        the embeddings quantized too, int8 decode activations, the AMX prefill, int8 prefill activations."""
+        embedding = "+embedding" + (str(self.embedding_bits) if self.embedding_bits else "") if self.embedding else ""
+        return (self.name + embedding + ("+a8" if self.int8_activations else "")
                 + ("+amx" if self.amx_prefill else "") + ("+p8" if self.int8_prefill else ""))
 
     @property
@@ -99,16 +113,17 @@ class Quantization:
         """The model to export, built in ``model_dtype`` (returned as is here)."""
         return model
 
-    def quantized_names(self, model: nn.Module) -> frozenset[str]:
+    def quantized_names(self, model: nn.Module) -> QuantizedNames:
         """Float parameter names (``<path>.weight``) that :meth:`quantize_param` replaces."""
-        return frozenset()
+        return QuantizedNames()
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         """The stored parameters a replaced float parameter ``name`` becomes."""
         return (name,)
 
-    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
-        """One float parameter -> the stored parameters (here: the same name in ``model_dtype``)."""
+    def quantize_param(self, name: str, array: np.ndarray, quantized: QuantizedNames) -> dict[str, np.ndarray]:
+        """One float parameter -> the stored parameters (here: the same name in ``model_dtype``);
+        ``quantized``: what :meth:`quantized_names` gave."""
         return {name: array.astype(self.model_dtype, copy=False)}
 
     def info(self) -> dict[str, Any]:
@@ -120,6 +135,8 @@ class Quantization:
                 else "int8 per group of 32, integer dot products" if self.int8_prefill else "exact",
                 "embedding": f"{self.model_dtype}, like every weight"}
 
-    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
-        """The ``quantization`` field of one stored tensor's ``tensor-cache.json`` record, if any."""
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...], embedding: bool = False
+                      ) -> dict[str, Any] | None:
+        """The ``quantization`` field of one stored tensor's ``tensor-cache.json`` record, if any
+        (``embedding``: the tensor stores an embedding table)."""
         return None

@@ -28,7 +28,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from mpt_relax.kernels.cpu import q6k_int8_gemv
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding
+from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames, is_decoding
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
 from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
 from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear, quantized_activation
@@ -107,8 +107,8 @@ class GGUFQuantization(Quantization):
 
         return Replace().visit("", model)
 
-    def quantized_names(self, model: nn.Module) -> frozenset[str]:
-        return frozenset(dict(self.types))
+    def quantized_names(self, model: nn.Module) -> QuantizedNames:
+        return QuantizedNames(dict(self.types))
 
     def _plain(self, name: str) -> bool:
         """Whether a kept weight is an F16 array in a float16 model: a plain weight, as q0f16's."""
@@ -120,7 +120,7 @@ class GGUFQuantization(Quantization):
             return (name,)
         return (f"{path}.q_weight", f"{path}.q_scale") if self._group_of(name) else (f"{path}.{STORED_SUFFIX}",)
 
-    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
+    def quantize_param(self, name: str, array: np.ndarray, quantized: QuantizedNames) -> dict[str, np.ndarray]:
         """A kept weight -> ``{<path>.q_blocks: array}``, ``array`` being the tensor as the file
         stores it (uint8 blocks, or float32 / float16); anything else -> float16."""
         if name not in quantized:
@@ -143,7 +143,8 @@ class GGUFQuantization(Quantization):
                 "repacked": {t: GROUP_SCHEMES[t][0] for t in sorted(counts) if t in GROUP_SCHEMES},
                 "bits_per_weight": {t: BLOCK_TYPES[t].bits_per_weight for t in sorted(counts)}}
 
-    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...], embedding: bool = False
+                      ) -> dict[str, Any] | None:
         path, role = output.rsplit(".", 1)
         name = f"{path}.weight"
         if name not in dict(self.types) or output not in self.stored_names(name):

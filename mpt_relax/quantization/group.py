@@ -43,7 +43,9 @@ an ``nn.Linear`` and is quantized like the other layers. ``get_quantization(name
 embedding=True)`` (``--quantize-embedding``; MLC-LLM's q4f16_1 does the same) quantizes the
 embeddings too, with the same layout (``GroupQuantEmbedding``): for a small model, whose
 tied head is a large share of the bytes each decoded token reads, that is most of the speed
-and memory quantization can give.
+and memory quantization can give. ``embedding_bits=8`` (``--quantize-embedding 8``) stores them
+as q8f16_1 codes under a q4f16_1 model instead: llama.cpp's Q4_0 / Q4_K_M files likewise keep
+the tied head in more bits (Q6_K) than the rest.
 
 The loader side streams one tensor at a time: ``q.quantized_names(model)`` names the weights
 (e.g. ``blocks.0.attn.Wqkv.weight``), and ``q.quantize_param`` maps one float parameter to the
@@ -61,7 +63,8 @@ from tvm.relax.frontend import nn
 
 from mpt_relax.kernels.cpu import amx_matmul, int8_gemv, int8_matmul
 from mpt_relax.quantization import group_kernel
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, is_decoding, rows_op
+from mpt_relax.quantization.base import (DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames, is_decoding,
+                                         rows_op)
 
 STORAGE_DTYPE = "uint32"
 _STORAGE_BITS = 32
@@ -83,6 +86,10 @@ class GroupQuantization(Quantization):
                 f"{self.name}: need bits 4 or 8 and a power-of-two group size that is a multiple of "
                 f"32 // bits, got bits={self.bits}, group_size={self.group_size}"
             )
+        if self.embedding_bits not in (0, 4, 8):
+            raise QuantizationError(f"{self.name}: the embedding can be quantized in 4 or 8 bits, not {self.embedding_bits}")
+        if self.embedding_bits == self.bits:
+            object.__setattr__(self, "embedding_bits", 0)  # the default: one spelling per scheme
         if (self.int8_activations or self.int8_prefill) and self.group_size != int8_gemv.GROUP:
             raise QuantizationError(f"{self.name}: int8 activations need groups of {int8_gemv.GROUP}, "
                                     f"not {self.group_size}")
@@ -90,6 +97,15 @@ class GroupQuantization(Quantization):
     @property
     def is_quantized(self) -> bool:
         return True
+
+    @property
+    def embedding_scheme(self) -> GroupQuantization:
+        """The scheme the embeddings are stored in: this one, or its ``embedding_bits`` sibling
+        (``q8f16_1`` for a q4f16_1 with 8-bit embeddings), with the same kernel options."""
+        if not self.embedding_bits:
+            return self
+        name = self.name.replace(f"q{self.bits}", f"q{self.embedding_bits}", 1)
+        return dataclasses.replace(self, name=name, bits=self.embedding_bits, embedding_bits=0)
 
     @property
     def pack_factor(self) -> int:
@@ -133,49 +149,55 @@ class GroupQuantization(Quantization):
                 return layer
             try:
                 if isinstance(layer, nn.Embedding):
-                    return GroupQuantEmbedding.from_embedding(layer, self)
+                    return GroupQuantEmbedding.from_embedding(layer, self.embedding_scheme)
                 return GroupQuantLinear.from_linear(layer, self)
             except QuantizationError as err:
                 raise QuantizationError(f"{path}: {err}") from None
 
         return _QuantizableMutator(replace, self.embedding).visit("", model)
 
-    def quantized_names(self, model: nn.Module) -> frozenset[str]:
+    def quantized_names(self, model: nn.Module) -> QuantizedNames:
         """Float names (``<path>.weight``) of the layers :meth:`quantize_model` quantizes: the
         Linear layers, and the embeddings when ``embedding``. Works on the model before or after
         :meth:`quantize_model` (GroupQuantLinear counts too)."""
         names: set[str] = set()
+        embeddings: set[str] = set()
 
         def record(path: str, layer: nn.Module) -> nn.Module:
             names.add(f"{path}.weight")
+            if isinstance(layer, (nn.Embedding, GroupQuantEmbedding)):
+                embeddings.add(f"{path}.weight")
             return layer
 
         _QuantizableMutator(record, self.embedding).visit("", model)
-        return frozenset(names)
+        return QuantizedNames(names, embeddings)
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         prefix = name.removesuffix(".weight")
         return (f"{prefix}.q_weight", f"{prefix}.q_scale")
 
-    def quantize_param(self, name: str, array: np.ndarray, quantized: frozenset[str]) -> dict[str, np.ndarray]:
+    def quantize_param(self, name: str, array: np.ndarray, quantized: QuantizedNames) -> dict[str, np.ndarray]:
         """``<path>.weight`` [out, in] in ``quantized`` -> ``{"<path>.q_weight": uint32,
-        "<path>.q_scale": model dtype}``; any other parameter -> ``{name: array in model dtype}``."""
+        "<path>.q_scale": model dtype}`` (an embedding's in :attr:`embedding_scheme`); any other
+        parameter -> ``{name: array in model dtype}``."""
         if name in quantized:
-            packed = quantize_weight(array, self)
+            packed = quantize_weight(array, self.embedding_scheme if name in quantized.embeddings else self)
             return dict(zip(self.stored_names(name), (packed["q_weight"], packed["q_scale"])))
         return super().quantize_param(name, array, quantized)
 
     def info(self) -> dict[str, Any]:
         if self.embedding:
-            embedding = f"{self.name} group-quantized like the Linear weights (it is also the tied LM head)"
+            embedding = (f"{self.embedding_scheme.name} group-quantized" + (" like the Linear weights" if not self.embedding_bits
+                         else "") + " (it is also the tied LM head)")
         else:
             embedding = (f"{self.model_dtype}, unquantized: it is also the tied LM head, whose errors reach the "
                          "sampled token directly (about 3% of MPT-7B's parameters)")
         return {**super().info(), "group_size": self.group_size, "embedding_quantized": self.embedding,
                 "quantized": "Linear weights (Wqkv, out_proj, up_proj, down_proj, untied lm_head)", "embedding": embedding}
 
-    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...]) -> dict[str, Any] | None:
-        return {"scheme": self.name, "source": source, "source_shape": list(source_shape),
+    def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...], embedding: bool = False
+                      ) -> dict[str, Any] | None:
+        return {"scheme": (self.embedding_scheme if embedding else self).name, "source": source, "source_shape": list(source_shape),
                 "role": output.rsplit(".", 1)[1]}
 
 

@@ -32,31 +32,40 @@ def _logits(model, ids) -> np.ndarray:
         return model(torch.tensor([list(ids)])).logits[0].float().numpy()
 
 
-def _dequantized_copy(model, scheme: str, embedding: bool = False):
-    """The HF model with every Linear weight (and with ``embedding`` the tied embedding/head)
-    replaced by dequantize(quantize(W)) (fp32)."""
+def _dequantized_copy(model, scheme: str, embedding: bool | int = False):
+    """The HF model with every Linear weight (and with ``embedding`` the tied embedding/head, in
+    ``embedding`` bits if an int) replaced by dequantize(quantize(W)) (fp32)."""
     q = get_quantization(scheme)
+    table_q = get_quantization(f"q{embedding}f16_1") if embedding is not True and embedding else q
     clone = type(model)(model.config).eval()
     clone.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, mod in clone.named_modules():
             if (isinstance(mod, torch.nn.Linear) and name != "lm_head") or (embedding and name == "transformer.wte"):
                 w = mod.weight.numpy()
-                packed = quantize_weight(w, q)
-                mod.weight.copy_(torch.from_numpy(dequantize_weight(packed["q_weight"], packed["q_scale"], q, w.shape)))
+                wq = table_q if name == "transformer.wte" else q
+                packed = quantize_weight(w, wq)
+                mod.weight.copy_(torch.from_numpy(dequantize_weight(packed["q_weight"], packed["q_scale"], wq, w.shape)))
     return clone
 
 
 @pytest.mark.parametrize("scheme, embedding, vs_float_bound", [("q8f16_1", False, 3e-2), ("q4f16_1", False, 0.25),
-                                                               ("q8f16_1", True, 3e-2), ("q4f16_1", True, 0.3)])
+                                                               ("q8f16_1", True, 3e-2), ("q4f16_1", True, 0.3),
+                                                               ("q4f16_1", 8, 0.25)])
 def test_quantized_artifact_matches_hf(ckpt, tmp_path, engine_for, scheme, embedding, vs_float_bound):
     path, model = ckpt
     if embedding:
-        art = mpt_relax.build(path, quantization=scheme, quantize_embedding=True, output=tmp_path / "e", quiet=True)
+        art = mpt_relax.build(path, quantization=scheme, quantize_embedding=embedding, output=tmp_path / "e", quiet=True)
         meta = json.loads((art / "mpt-config.json").read_text())
         assert meta["quantization"]["embedding_quantized"] is True
-        assert meta["quantization"]["tag"] == f"{scheme}+embedding"
+        assert meta["quantization"]["tag"] == f"{scheme}+embedding" + ("" if embedding is True else str(embedding))
         assert {"transformer.wte.q_weight", "transformer.wte.q_scale"} <= set(meta["param_names"])
+        cache = json.loads((art / "tensor-cache.json").read_text())
+        records = {r["name"]: r for shard in cache["records"] for r in shard["records"]}
+        table_bits = 8 if embedding == 8 or scheme == "q8f16_1" else 4
+        wte = records["transformer.wte.q_weight"]
+        assert wte["shape"][1] == 128 * table_bits // 32 and wte["quantization"]["scheme"] == f"q{table_bits}f16_1"
+        assert records["transformer.blocks.0.ffn.up_proj.q_weight"]["quantization"]["scheme"] == scheme
         ours = mpt_relax.Engine(art).logits(IDS)
     else:
         ours = engine_for(path, scheme).logits(IDS)

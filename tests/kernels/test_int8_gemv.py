@@ -77,16 +77,18 @@ def tiny(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("quantization", ["q4f16_1", "q8f16_1"])
-def test_model_decodes_on_int8_activations(tiny, tmp_path, quantization):
+@pytest.mark.parametrize("quantization, embedding", [("q4f16_1", False), ("q8f16_1", False), ("q4f16_1", 8)])
+def test_model_decodes_on_int8_activations(tiny, tmp_path, quantization, embedding):
     """Prefill is the exact path, bit for bit; a decode step moves the logits by the activation
-    rounding only: close to the exact path and to HF on the same dequantized weights."""
+    rounding only: close to the exact path and to HF on the same dequantized weights (with
+    ``embedding=8`` the tied head decodes on the q8 int8 kernel)."""
     path = tiny
     ids = [3, 17, 99, 4, 250, 8, 61]
-    exact = mpt_relax.build(path, target="llvm", quantization=quantization, output=tmp_path / "exact", quiet=True)
-    a8 = mpt_relax.build(path, target="llvm", quantization=quantization, int8_activations=True,
-                         output=tmp_path / "a8", quiet=True)
-    assert a8.name == "a8" and artifact.read_config(a8)["quantization"]["tag"] == f"{quantization}+a8"
+    options = dict(target="llvm", quantization=quantization, quantize_embedding=embedding, quiet=True)
+    exact = mpt_relax.build(path, output=tmp_path / "exact", **options)
+    a8 = mpt_relax.build(path, int8_activations=True, output=tmp_path / "a8", **options)
+    tag = quantization + ("+embedding8" if embedding else "") + "+a8"
+    assert a8.name == "a8" and artifact.read_config(a8)["quantization"]["tag"] == tag
     (p_exact, d_exact), (p_a8, d_a8) = prefill_then_decode(exact, ids), prefill_then_decode(a8, ids)
     np.testing.assert_array_equal(p_a8, p_exact)
     bound = 3e-2 if quantization == "q4f16_1" else 2e-2

@@ -11,6 +11,7 @@ from mpt_relax.quantization import (
     GroupQuantEmbedding,
     GroupQuantLinear,
     GroupQuantization,
+    QuantizationError,
     dequantize_weight,
     fuse_dequantize_matmul,
     get_quantization,
@@ -231,6 +232,25 @@ def test_quantize_module_with_embeddings():
     assert {"wte.q_weight", "wte.q_scale"} <= {name for name, _ in model.named_parameters()}
     with pytest.raises(ValueError, match="cannot quantize the embedding"):
         get_quantization("q0f16", embedding=True)
+
+
+def test_embedding_in_8_bits_under_q4():
+    """``embedding=8``: the Linear layers in q4f16_1, the tables in q8f16_1 (kernel options shared);
+    the scheme's own bits are the plain ``embedding=True``."""
+    q = get_quantization("q4f16_1", embedding=8, int8_activations=True)
+    assert q.tag == "q4f16_1+embedding8+a8" and q.dir_tag == "q4f16_1-emb8-a8"
+    assert q.embedding_scheme.name == "q8f16_1" and q.embedding_scheme.int8_activations
+    assert get_quantization("q8f16_1", embedding=8) == get_quantization("q8f16_1", embedding=True)
+    model = TinyModel()
+    names = q.quantized_names(model)
+    assert names.embeddings == {"wte.weight"} and "wte.weight" in names
+    table = np.random.default_rng(0).standard_normal((80, 64)).astype(np.float32)
+    stored = q.quantize_param("wte.weight", table, names)
+    assert stored["wte.q_weight"].shape == (80, 64 * 8 // 32)
+    q.quantize_model(model)
+    assert model.wte.quantization.bits == 8 and model.blocks[0].attn.Wqkv.quantization.bits == 4
+    with pytest.raises(QuantizationError, match="4 or 8 bits"):
+        get_quantization("q4f16_1", embedding=6)
 
 
 # ------------------------------------------------------------------------------ module rewrite

@@ -17,7 +17,7 @@ import torch
 from mpt_relax.io.gguf_file import GGUFFile
 from mpt_relax.models.mpt.loader import WeightRule, check_tensors, gguf_name
 from mpt_relax.models.mpt.model import MPTForCausalLM
-from mpt_relax.quantization import GGUFQuantization, Quantization
+from mpt_relax.quantization import GGUFQuantization, Quantization, QuantizedNames
 
 
 def bind(q: Quantization, gguf: GGUFFile) -> Quantization:
@@ -44,6 +44,6 @@ def stream_gguf(gguf: GGUFFile, rules: dict[str, WeightRule], q: Quantization) -
     for source, rule in rules.items():
         tensor = gguf.tensors[source]
         if source in kept:
-            yield from q.quantize_param(kept[source], tensor.raw, frozenset(kept.values())).items()
+            yield from q.quantize_param(kept[source], tensor.raw, QuantizedNames(kept.values())).items()
         else:
             yield from rule.transform(torch.from_numpy(tensor.floats())).items()
