@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
+
+
+def bound(value, use):
+    """``use(v)`` with ``value`` bound to a variable ``v`` once (a TIR ``Let``), so that an
+    expression using a vector several times does not copy its expression tree each time (the
+    copies double per level of a tree of shuffles, which the TIR passes then walk)."""
+    if isinstance(value, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
+        return use(value)
+    var = tirx.Var("v", value.ty)
+    return tirx.Let(var, value, use(var))
 
 
 def halving_sum(v, width: int, until: int = 1, combine=lambda a, b: a + b):
@@ -19,13 +30,14 @@ def transposed_sums(vectors: list, width: int):
     """The [n] vector of the lane sums of ``n`` [width] vectors (n == width, a power of two):
     lane t is ``sum(vectors[t])``. A tree of two-vector shuffles and adds: each level pairs the
     vectors and halves the lanes each one's keys hold, n - 1 adds in all (n horizontal sums would
-    take n * log2(width))."""
+    take n * log2(width)). Each vector is used twice, so it is :func:`bound` first."""
     keys = 1  # sums each vector of the level holds, in order, width // keys lanes each
     while len(vectors) > 1:
         lanes, paired = width // keys, []
+        low = [k * lanes + i + part * width for part in (0, 1) for k in range(keys) for i in range(lanes // 2)]
+        high = [i + lanes // 2 for i in low]
         for a, b in zip(vectors[::2], vectors[1::2]):
-            low = [k * lanes + i + part * width for part in (0, 1) for k in range(keys) for i in range(lanes // 2)]
-            paired.append(T.Shuffle([a, b], low) + T.Shuffle([a, b], [i + lanes // 2 for i in low]))
+            paired.append(bound(a, lambda a, b=b: bound(b, lambda b, a=a: T.Shuffle([a, b], low) + T.Shuffle([a, b], high))))
         vectors, keys = paired, keys * 2
     return vectors[0]
 
