@@ -4,8 +4,9 @@ The model (:mod:`mpt_relax.quantization.group`, schemes built with ``int8_activa
 the portable ``generic`` kernel of :mod:`mpt_relax.kernels.cpu.int8_gemv`; this pass replaces
 it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bit
 ``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
-numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K weights
-(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`) have an AVX512-VNNI kernel and the generic one. A prefill's GEMV (``int8_prefill`` schemes)
+numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K and Q4_K weights
+(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`, :mod:`mpt_relax.kernels.cpu.q4k_gemv`) have an
+AVX512-VNNI kernel and the generic one. A prefill's GEMV (``int8_prefill`` schemes)
 becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import tvm
 
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q6k_int8_gemv
+from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q4k_gemv, q6k_int8_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
 
@@ -26,6 +27,11 @@ def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
     if (q.int8_activations or q.int8_prefill) and gpus:
         raise TargetError(f"int8 activations ({q.tag}) are CPU kernels; build {', '.join(gpus)} without "
                           "--int8-activations / --int8-prefill (or target llvm only)")
+
+
+# GGUF block kernels: their attribute -> (constructor (out, in, out_dtype, isa), the isas it has)
+_BLOCK_KERNELS = {q6k_int8_gemv.KERNEL_ATTR: (q6k_int8_gemv.q6k_int8_gemv, q6k_int8_gemv.ISAS),
+                  q4k_gemv.KERNEL_ATTR: (q4k_gemv.q4k_int8_gemv, q4k_gemv.ISAS)}
 
 
 def best_isa(target: tvm.target.Target) -> str:
@@ -45,7 +51,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
         isa = None
         for gvar, func in list(mod.functions.items()):
             attrs = func.attrs if func.attrs is not None else {}
-            key = next((k for k in (int8_gemv.KERNEL_ATTR, q6k_int8_gemv.KERNEL_ATTR) if attrs.get(k) is not None), None)
+            key = next((k for k in (int8_gemv.KERNEL_ATTR, *_BLOCK_KERNELS) if attrs.get(k) is not None), None)
             if key is None:
                 continue
             if spec.name != "llvm":
@@ -53,9 +59,9 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
                                   "(build without --int8-activations / --int8-prefill)")
             isa = isa or best_isa(spec.target)
             info = attrs[key]
-            if key == q6k_int8_gemv.KERNEL_ATTR:
-                kernel = q6k_int8_gemv.q6k_int8_gemv(int(info["out"]), int(info["in"]), str(info["out_dtype"]),
-                                                     isa if isa in q6k_int8_gemv.ISAS else "generic")
+            if key in _BLOCK_KERNELS:
+                make, isas = _BLOCK_KERNELS[key]
+                kernel = make(int(info["out"]), int(info["in"]), str(info["out_dtype"]), isa if isa in isas else "generic")
             else:
                 shape = (int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
                          str(info["scale_dtype"]))

@@ -11,9 +11,9 @@ kernels). Q4_0 and
 Q8_0 weights are the exception: their blocks are rewritten without loss as q4f16_1 / q8f16_1
 codes and scales (:mod:`.gguf_repack`) and become group-quantized layers, which run on the
 group schemes' kernels (the decode GEMVs; ``--int8-activations``, ``--amx-prefill`` and
-``--int8-prefill`` where asked for). With ``--int8-activations`` a decode step's Q6_K weights
-(llama.cpp's Q4_0 / Q4_K_M files keep the tied head in Q6_K) also multiply int8 activations
-(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`); the other K types stay exact. 1-D tensors (norms, biases) are stored in the model
+``--int8-prefill`` where asked for). With ``--int8-activations`` a decode step's Q6_K and Q4_K
+weights (llama.cpp's Q4_K_M files: Q4_K, some layers and the tied head in Q6_K) also multiply
+int8 activations (:data:`INT8_GEMVS`); Q5_K stays exact. 1-D tensors (norms, biases) are stored in the model
 dtype, float16. Types without a decoder are refused in one line naming the type and the tensor.
 """
 
@@ -27,13 +27,15 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import q6k_int8_gemv
+from mpt_relax.kernels.cpu import q4k_gemv, q6k_int8_gemv
 from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames, is_decoding
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
 from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
 from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear, quantized_activation
 
 STORED_SUFFIX = "q_blocks"
+# the block types with a decode GEMV on int8 activations: (out, in, out_dtype) -> its generic kernel
+INT8_GEMVS = {"Q6_K": q6k_int8_gemv.q6k_int8_gemv, "Q4_K": q4k_gemv.q4k_int8_gemv}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +160,8 @@ class GGUFLinear(nn.Module):
     """``y = x @ W^T + b`` with W [out, in] kept in a GGML encoding: ``q_blocks`` (uint8 blocks,
     or float32 / float16 [out, in]), optional ``bias`` [out]. The forward dequantizes W into
     ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``), except a
-    decode step's Q6_K weight with ``int8_activations``: x quantized to int8 per group of 32,
-    :mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`."""
+    decode step's Q6_K / Q4_K weight with ``int8_activations``: x quantized to int8 per group
+    of 32, :data:`INT8_GEMVS`."""
 
     def __init__(self, in_features: int, out_features: int, block: BlockType, dtype: str, bias: bool = False,
                  out_dtype: str | None = None, int8_activations: bool = False):
@@ -169,7 +171,7 @@ class GGUFLinear(nn.Module):
                                     f"{block.block}-weight blocks")
         self.in_features, self.out_features = in_features, out_features
         self.block, self.dtype, self.out_dtype = block, dtype, out_dtype
-        self.int8_activations = int8_activations and block.name == "Q6_K"
+        self.int8_activations = int8_activations and block.name in INT8_GEMVS
         self.q_blocks = nn.Parameter(block.storage_shape(out_features, in_features), block.storage_dtype)
         self.bias = nn.Parameter((out_features,), out_dtype or dtype) if bias else None
 
@@ -182,14 +184,15 @@ class GGUFLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def _int8_forward(self, x: nn.Tensor) -> nn.Tensor:
-        """Q6_K: x quantized to int8 per group, the codes multiplied in integers (the target's
-        fastest kernel is chosen when compiling)."""
+        """Q6_K / Q4_K: x quantized to int8 per group, the codes multiplied in integers (the
+        target's fastest kernel is chosen when compiling)."""
         k, n = self.in_features, self.out_features
         rows = nn.op.reshape(x, (-1, k))
         m = rows.shape[0]
         xq, xs, _ = quantized_activation(rows, 8)
         out_dtype = self.out_dtype or self.dtype
-        y = nn.op.tensor_ir_op(q6k_int8_gemv.q6k_int8_gemv(n, k, out_dtype), "q6k_int8_gemv", [xq, xs, self.q_blocks],
+        make = INT8_GEMVS[self.block.name]
+        y = nn.op.tensor_ir_op(make(n, k, out_dtype), make.__name__, [xq, xs, self.q_blocks],
                                nn.Tensor.placeholder((m, n), out_dtype))
         y = nn.op.reshape(y, (*x.shape[:-1], n))
         return y + self.bias if self.bias is not None else y

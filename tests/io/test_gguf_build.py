@@ -114,12 +114,12 @@ def test_repacked_blocks_keep_every_weight(type_name):
 
 @pytest.mark.parametrize("flags", [dict(int8_activations=True), dict(int8_prefill=True)], ids=["a8", "p8"])
 def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
-    """A Q4_0 / Q8_0 / Q6_K file built with an int8 kernel option: the repacked layers take it (and
-    the Q6_K ones, for decode). With int8 decode activations prefill is unchanged and the decode
+    """A Q4_0 / Q8_0 / Q6_K / Q4_K file built with an int8 kernel option: the repacked layers take it (and
+    the K ones, for decode). With int8 decode activations prefill is unchanged and the decode
     step moves by their rounding only; with int8 prefill the prefill moves, and the decode over
     its cache stays close."""
     model = tiny_mpt()
-    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_1", "Q4_0", "Q8_0", "Q6_K"]))
+    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_1", "Q4_0", "Q8_0", "Q6_K", "Q4_K"]))
     exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
     fast = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "fast", quiet=True, **flags)
     meta = json.loads((fast / "mpt-config.json").read_text())["quantization"]

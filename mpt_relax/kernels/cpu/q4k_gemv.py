@@ -1,0 +1,206 @@
+"""Decode GEMVs on GGUF Q4_K weights (most of a llama.cpp Q4_K_M file): ``y = x @ W^T`` for a
+few rows of x, W kept in the file's blocks (:mod:`mpt_relax.quantization.gguf_blocks`).
+
+A 256-weight block is 144 bytes: fp16 ``d`` and ``dmin``, 12 bytes of 6-bit (scale, min)
+pairs for its eight sub-blocks of 32, then 128 bytes of nibbles; 32 bytes ``c`` (0..3) hold
+weights 64c .. 64c + 31 in their low nibbles and the next 32 in their high ones, so one
+64-lane vector of codes is those 32 bytes' low nibbles followed by their high ones. A weight is
+``(d * scale) * q - dmin * min`` in fp32.
+
+- :func:`q4k_gemv`, exact: each weight rounded to the model dtype as the fused dequantize does,
+  fp32 products and sums (only their order differs); 16 weights per FMA, four chains.
+- :func:`q4k_int8_gemv`, on x quantized per group of 32 (a sub-block) as
+  :func:`mpt_relax.kernels.cpu.int8_gemv.quantize_activation` does for int8 weights::
+
+      y[m, n] = sum_sub xs[m, g] * (d * scale * sum_k q[k] * xq[m, k] - dmin * min * sum_k xq[m, k])
+
+  the inner sums exact integers. ``avx512vnni``: one ``vpdpbusd`` per 64 codes, lanes 0-7 of
+  its 16 int32 lanes in one sub-block and 8-15 in the next; the mins' term once per block as an
+  8-lane FMA with each group's ``xs * sum xq`` (computed once per call). ``generic``: plain
+  integer loops, the same numbers on any CPU.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mpt_relax.kernels.lanes import halving_sum
+
+from .float_gemv import PREFETCH_BYTES
+from .int8_gemv import GROUP, prefetch
+
+BLOCK, BLOCK_BYTES = 256, 144
+CHAINS = 4  # 16-lane fp32 accumulators per row (exact kernel)
+KERNEL_ATTR = "mpt_relax.q4k_int8_gemv"  # func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
+ISAS = ("avx512vnni", "generic")
+_DOT = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def supported(out_features: int, in_features: int) -> bool:
+    """Whether the kernels take a [out, in] weight: whole blocks."""
+    return in_features % BLOCK == 0 and out_features > 0
+
+
+def _half(d16, n, b, offset: int):
+    """The fp16 at byte ``offset`` (0: d, 2: dmin) of block ``b``, as fp32."""
+    return T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + offset // 2]))
+
+
+def _scales_mins(raw, n, b):
+    """(scales, mins): int32x8 vectors of the block's eight 6-bit (scale, min) pairs."""
+    def four(start):
+        return T.Cast("int32x4", raw[n, T.ramp(b * BLOCK_BYTES + start, 1, 4)])
+
+    def c(v):
+        return T.Broadcast(T.int32(v), 4)
+
+    low, mid, high = four(4), four(8), four(12)
+    scales = T.Shuffle([low & c(63), (high & c(15)) | (T.shift_right(low, c(2)) & c(48))], list(range(8)))
+    mins = T.Shuffle([mid & c(63), T.shift_right(high, c(4)) | (T.shift_right(mid, c(2)) & c(48))], list(range(8)))
+    return scales, mins
+
+
+def _codes(raw, n, b, c):
+    """uint8 [64]: the codes of weights 64c .. 64c + 63 of block ``b`` (``c`` may be a loop variable)."""
+    qs = raw[n, T.ramp(b * BLOCK_BYTES + 16 + c * 32, 1, 32)]
+    return T.Shuffle([qs & T.Broadcast(T.uint8(15), 32), T.shift_right(qs, T.Broadcast(T.uint8(4), 32))], list(range(64)))
+
+
+def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    """PrimFunc (blocks uint8 [N, K / 256 * 144], x [M, K] ``x_dtype``) -> y [M, N] ``out_dtype``
+    (the argument order of the fused kernel it replaces), exact."""
+    N, K = out_features, in_features
+    B, row_bytes = K // BLOCK, K // BLOCK * BLOCK_BYTES
+    ahead = max(1, PREFETCH_BYTES // row_bytes)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(raw_h: T.handle, x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        x = T.match_buffer(x_h, (M, K), x_dtype)
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
+            xf = T.alloc_buffer((M, K), "float32")
+            acc = T.alloc_buffer((N, CHAINS * 16), "float32")
+            cb = T.alloc_buffer((N, 64), "uint8")  # one vector of codes
+            sm = T.alloc_buffer((N, 16), "float32")  # the block's d * scale (0..7), dmin * min (8..15)
+            for m, k in T.grid(M, K):
+                xf[m, k] = T.Cast("float32", x[m, k])
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
+                    for b in range(B):
+                        for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
+                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
+                        sm[n, T.ramp(0, 1, 8)] = T.Broadcast(_half(d16, n, b, 0), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[0])
+                        sm[n, T.ramp(8, 1, 8)] = T.Broadcast(_half(d16, n, b, 2), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[1])
+                        for c in T.unroll(4):
+                            cb[n, T.ramp(0, 1, 64)] = _codes(raw, n, b, c)
+                            for quarter in T.unroll(4):  # sub-block 2c + quarter // 2
+                                acc[n, T.ramp(quarter * 16, 1, 16)] = acc[n, T.ramp(quarter * 16, 1, 16)] + T.Cast(
+                                    "float32x16", T.Cast(f"{x_dtype}x16", T.Broadcast(sm[n, c * 2 + quarter // 2], 16) * T.Cast(
+                                        "float32x16", cb[n, T.ramp(quarter * 16, 1, 16)]) - T.Broadcast(sm[n, 8 + c * 2 + quarter // 2], 16))
+                                ) * xf[m, T.ramp(b * BLOCK + c * 64 + quarter * 16, 1, 16)]
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, CHAINS * 16)], CHAINS * 16)[0])
+
+    return func
+
+
+def q4k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
+    """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 144]) -> y [M, N]
+    ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown Q4_K int8 GEMV kernel {isa!r}; one of {ISAS}")
+    func = (_vnni if isa == "avx512vnni" else _generic)(out_features, in_features, out_dtype)
+    return func.with_attr(KERNEL_ATTR, {"in": in_features, "out": out_features, "out_dtype": out_dtype, "isa": isa})
+
+
+def _generic(N, K, out_dtype):
+    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * BLOCK_BYTES
+
+    def code(raw, n, k):
+        b, j = k // BLOCK, k % BLOCK
+        return T.shift_right(T.Cast("int32", raw[n, b * BLOCK_BYTES + 16 + j // 64 * 32 + j % 32]), j // 32 % 2 * 4) & 15
+
+    def pair(raw, n, b, sub):
+        """(scale, min) of sub-block ``sub`` as int32 (the formula of gguf_blocks)."""
+        k = sub % 4
+        low, mid, high = (T.Cast("int32", raw[n, b * BLOCK_BYTES + start + k]) for start in (4, 8, 12))
+        scale = T.Select(sub < 4, low & 63, (high & 15) | (T.shift_right(low, 2) & 48))
+        minimum = T.Select(sub < 4, mid & 63, T.shift_right(high, 4) | (T.shift_right(mid, 2) & 48))
+        return scale, minimum
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, G), "float32")
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
+            dot = T.alloc_buffer((N, 2), "int32")  # sum q * xq, sum xq of one sub-block
+            acc = T.alloc_buffer((N,), "float32")
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n] = T.float32(0)
+                    for b, sub in T.grid(B, 8):
+                        dot[n, 0] = 0
+                        dot[n, 1] = 0
+                        for i in range(GROUP):
+                            k = b * BLOCK + sub * GROUP + i
+                            dot[n, 0] = dot[n, 0] + code(raw, n, k) * T.Cast("int32", xq[m, k])
+                            dot[n, 1] = dot[n, 1] + T.Cast("int32", xq[m, k])
+                        acc[n] = acc[n] + xs[m, b * 8 + sub] * (
+                            _half(d16, n, b, 0) * T.Cast("float32", pair(raw, n, b, sub)[0]) * T.Cast("float32", dot[n, 0])
+                            - _half(d16, n, b, 2) * T.Cast("float32", pair(raw, n, b, sub)[1]) * T.Cast("float32", dot[n, 1]))
+                    y[m, n] = T.Cast(out_dtype, acc[n])
+
+    return func
+
+
+def _vnni(N, K, out_dtype):
+    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * BLOCK_BYTES
+    ahead = max(1, PREFETCH_BYTES // row_bytes)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        xq = T.match_buffer(xq_h, (M, K), "int8")
+        xs = T.match_buffer(xs_h, (M, G), "float32")
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
+            group_sum = T.alloc_buffer((M, G), "float32")  # xs * sum of the group's xq
+            acc = T.alloc_buffer((N, 16), "float32")
+            low = T.alloc_buffer((N, 8), "float32")  # the mins' term, per sub-block lane
+            sm = T.alloc_buffer((N, 8), "float32")  # the block's d * scale
+            for m, g in T.grid(M, G):
+                group_sum[m, g] = xs[m, g] * T.Cast("float32", halving_sum(
+                    T.Cast(f"int32x{GROUP}", xq[m, T.ramp(g * GROUP, 1, GROUP)]), GROUP)[0])
+            for n in T.parallel(N):
+                for m in range(M):
+                    acc[n, T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                    low[n, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    for b in range(B):
+                        for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
+                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
+                        sm[n, T.ramp(0, 1, 8)] = T.Broadcast(_half(d16, n, b, 0), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[0])
+                        low[n, T.ramp(0, 1, 8)] = low[n, T.ramp(0, 1, 8)] + T.Broadcast(_half(d16, n, b, 2), 8) * T.Cast(
+                            "float32x8", _scales_mins(raw, n, b)[1]) * group_sum[m, T.ramp(b * 8, 1, 8)]
+                        for c in T.unroll(4):
+                            acc[n, T.ramp(0, 1, 16)] = acc[n, T.ramp(0, 1, 16)] + T.Cast("float32x16", T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
+                                T.reinterpret(_codes(raw, n, b, c), dtype="int8x64"),
+                                T.reinterpret(xq[m, T.ramp(b * BLOCK + c * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")) * T.Shuffle(
+                                [T.Broadcast(sm[n, c * 2] * xs[m, b * 8 + c * 2], 8), T.Broadcast(sm[n, c * 2 + 1] * xs[m, b * 8 + c * 2 + 1], 8)],
+                                list(range(16)))
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)], 16)[0] - halving_sum(low[n, T.ramp(0, 1, 8)], 8)[0])
+
+    return func
