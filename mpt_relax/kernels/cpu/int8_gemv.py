@@ -58,6 +58,16 @@ def prefetch(buf, row, col):
     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), T.int32(0), T.int32(3), T.int32(1)))
 
 
+def block_kernel(type_name: str, attr: str, builders: dict, out_features: int, in_features: int, out_dtype: str,
+                 isa: str) -> tirx.PrimFunc:
+    """A GGUF block type's int8-activation GEMV: ``builders[isa](N, K, out_dtype)``, tagged with
+    ``attr`` = {"in", "out", "out_dtype", "isa"} for :mod:`mpt_relax.compile.int8_kernels`."""
+    if isa not in builders:
+        raise ValueError(f"unknown {type_name} int8 GEMV kernel {isa!r}; one of {tuple(builders)}")
+    func = builders[isa](out_features, in_features, out_dtype)
+    return func.with_attr(attr, {"in": in_features, "out": out_features, "out_dtype": out_dtype, "isa": isa})
+
+
 def code_offset(bits: int) -> int:
     """The offset stored codes carry: 7 (int4), 127 (int8)."""
     return 2 ** (bits - 1) - 1

@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import halving_sum
 
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import GROUP, prefetch
+from .int8_gemv import GROUP, block_kernel, prefetch
 
 BLOCK, BLOCK_BYTES = 256, 144
 CHAINS = 4  # 16-lane fp32 accumulators per row (exact kernel)
@@ -112,10 +112,8 @@ def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
 def q4k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
     """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 144]) -> y [M, N]
     ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
-    if isa not in ISAS:
-        raise ValueError(f"unknown Q4_K int8 GEMV kernel {isa!r}; one of {ISAS}")
-    func = (_vnni if isa == "avx512vnni" else _generic)(out_features, in_features, out_dtype)
-    return func.with_attr(KERNEL_ATTR, {"in": in_features, "out": out_features, "out_dtype": out_dtype, "isa": isa})
+    return block_kernel("Q4_K", KERNEL_ATTR, {"avx512vnni": _vnni, "generic": _generic}, out_features, in_features,
+                        out_dtype, isa)
 
 
 def _generic(N, K, out_dtype):
