@@ -319,7 +319,7 @@ def main() -> int:
         meta = read_config(next(iter(artifacts.values())))
         config = MPTConfig.from_dict(meta["model_config"])
         ids = bench.prompt_ids(config.vocab_size, args.prompt_len)  # the ids bench.run uses (seed 0)
-        lines = [f"{meta['model_name']}: prompt {args.prompt_len} token ids, {args.gen_len} greedy new tokens, "
+        lines = [f"{args.checkpoint.name}: prompt {args.prompt_len} token ids, {args.gen_len} greedy new tokens, "
                  f"median of {args.runs} runs, CPU", line(HEADERS)]
         for t in threads:
             bytes_per_s = bench.measure_bandwidth("cpu", t)
