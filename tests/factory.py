@@ -121,6 +121,11 @@ def prefill_then_decode(art, ids) -> tuple[np.ndarray, np.ndarray]:
     return eng.forward([seq], [ids[:-1]]), eng.forward([seq], [ids[-1:]])
 
 
+def bf16(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16 (nearest even), as float32."""
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(torch.bfloat16).float().numpy()
+
+
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 

@@ -33,7 +33,8 @@ def select_amx_kernels(spec: TargetSpec) -> tvm.transform.Pass:
             info = func.attrs.get(amx_matmul.KERNEL_ATTR) if func.attrs is not None else None
             if info is not None:
                 mod[gvar] = amx_matmul.amx_matmul(int(info["out"]), int(info["in"]), int(info["bits"]),
-                                                  str(info["x_dtype"]), str(info["out_dtype"]), str(info["w_dtype"]))
+                                                  str(info["x_dtype"]), str(info["out_dtype"]), str(info["w_dtype"]),
+                                                  str(info.get("block", "")))
         return mod
 
     return _run

@@ -27,8 +27,9 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import q4k_gemv, q6k_int8_gemv
-from mpt_relax.quantization.base import DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames, is_decoding
+from mpt_relax.kernels.cpu import amx_matmul, q4k_gemv, q6k_int8_gemv
+from mpt_relax.quantization.base import (DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames,
+                                         is_decoding, rows_op)
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
 from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
 from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear, quantized_activation
@@ -88,7 +89,7 @@ class GGUFQuantization(Quantization):
         if not self.types:
             raise QuantizationError(f"{self.name} keeps a GGUF file's own blocks: build from a .gguf file, or choose "
                                     "another quantization (q4f16_1, q0f16, ...)")
-        kept, group_of, plain, int8 = dict(self.types), self._group_of, self._plain, self.int8_activations
+        kept, group_of, plain, int8, amx = dict(self.types), self._group_of, self._plain, self.int8_activations, self.amx_prefill
 
         class Replace(nn.Mutator):
             def visit_module(self, path: str, node: nn.Module) -> nn.Module:
@@ -104,7 +105,7 @@ class GGUFQuantization(Quantization):
                     return GGUFEmbedding(node.num, node.dim, block, node.weight.dtype, int8)
                 if block is not None and isinstance(node, nn.Linear):
                     return GGUFLinear(node.in_features, node.out_features, block, node.weight.dtype,
-                                      node.bias is not None, node.out_dtype, int8)
+                                      node.bias is not None, node.out_dtype, int8, amx)
                 return self.visit(path, node)
 
         return Replace().visit("", model)
@@ -161,10 +162,11 @@ class GGUFLinear(nn.Module):
     or float32 / float16 [out, in]), optional ``bias`` [out]. The forward dequantizes W into
     ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``), except a
     decode step's Q6_K / Q4_K weight with ``int8_activations``: x quantized to int8 per group
-    of 32, :data:`INT8_GEMVS`."""
+    of 32, :data:`INT8_GEMVS`; and a prefill's with ``amx_prefill``: one kernel that compiling
+    puts on the AMX tiles where the target has them (:mod:`mpt_relax.kernels.cpu.amx_matmul`)."""
 
     def __init__(self, in_features: int, out_features: int, block: BlockType, dtype: str, bias: bool = False,
-                 out_dtype: str | None = None, int8_activations: bool = False):
+                 out_dtype: str | None = None, int8_activations: bool = False, amx_prefill: bool = False):
         super().__init__()
         if in_features % block.block:
             raise QuantizationError(f"{block.name}: in_features {in_features} is not a multiple of its "
@@ -172,6 +174,8 @@ class GGUFLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.block, self.dtype, self.out_dtype = block, dtype, out_dtype
         self.int8_activations = int8_activations and block.name in INT8_GEMVS
+        self.amx_prefill = (amx_prefill and block.name in amx_matmul.BLOCK_TYPES
+                            and amx_matmul.supported(out_features, in_features))
         self.q_blocks = nn.Parameter(block.storage_shape(out_features, in_features), block.storage_dtype)
         self.bias = nn.Parameter((out_features,), out_dtype or dtype) if bias else None
 
@@ -179,6 +183,12 @@ class GGUFLinear(nn.Module):
         """x: [*B, in] -> [*B, out] (``out_dtype`` if set)."""
         if self.int8_activations and is_decoding():
             return self._int8_forward(x)
+        if self.amx_prefill and not is_decoding():
+            out_dtype = self.out_dtype or self.dtype
+            func = amx_matmul.exact_block_matmul(self.block, self.out_features, self.in_features, x.dtype, out_dtype,
+                                                 self.dtype)
+            return rows_op(x, func, f"amx_matmul_gguf_{self.block.name.lower()}", [self.q_blocks], self.out_features,
+                           out_dtype, self.bias)
         w = nn.op.tensor_expr_op(self._dequantize, self._kernel_name(DEQUANTIZE_PREFIX), [self.q_blocks])
         y = nn.op.matmul(x, nn.op.permute_dims(w), out_dtype=self.out_dtype)
         return y + self.bias if self.bias is not None else y

@@ -14,7 +14,13 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 import mpt_relax
-from factory import hf_greedy, hf_logits, hf_model, our_greedy, prefill_then_decode, rel_err
+from mpt_relax.compile import targets
+from mpt_relax.compile.amx_kernels import has_amx
+from mpt_relax.compile.builder import quantized_model
+from mpt_relax.io.gguf_file import GGUFFile
+from mpt_relax.models.mpt import gguf_loader
+from mpt_relax.models.mpt.config import MPTConfig
+from factory import callees, hf_greedy, hf_logits, hf_model, our_greedy, prefill_then_decode, rel_err
 from gguf_kit import encode, oracle, tiny_mpt, write_gguf
 from mpt_relax.quantization import dequantize_weight, fuse_dequantize_matmul, get_quantization, quantize_weight
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES
@@ -131,6 +137,26 @@ def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
     else:
         assert 0 < rel_err(p_fast, p_exact) < 3e-2
     assert 0 < rel_err(d_fast, d_exact) < 3e-2
+
+
+def test_k_quant_prefill_on_amx(tmp_path):
+    """A Q4_K / Q6_K file built with --amx-prefill: its prefill projections are the tagged AMX
+    kernel (the exact one where the CPU has no AMX); on an AMX CPU the prefill moves by the bf16
+    rounding only, and the decode step over that cache stays close."""
+    model = tiny_mpt()
+    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_K", "Q6_K"]))
+    exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
+    amx = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "amx", quiet=True, amx_prefill=True)
+    q = gguf_loader.bind(get_quantization("gguf", amx_prefill=True), GGUFFile(tmp_path / "m.gguf"))
+    net, _ = quantized_model(MPTConfig.from_dict(json.loads((amx / "mpt-config.json").read_text())["model_config"]), q)
+    mod, _ = net.export_tvm(spec=net.export_spec())
+    kernels = [c for c in callees(mod["prefill"]) if c.startswith("amx_matmul_gguf_")]
+    assert {c[:len("amx_matmul_gguf_q4_k")] for c in kernels} == {"amx_matmul_gguf_q4_k", "amx_matmul_gguf_q6_k"}
+    (p_exact, d_exact), (p_amx, d_amx) = prefill_then_decode(exact, IDS), prefill_then_decode(amx, IDS)
+    if has_amx(targets.llvm_target()):
+        assert 0 < rel_err(p_amx, p_exact) < 3e-2 and rel_err(d_amx, d_exact) < 3e-2
+    else:
+        np.testing.assert_array_equal(p_amx, p_exact)
 
 
 def _requantized(model, scheme: str):

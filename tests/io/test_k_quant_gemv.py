@@ -1,7 +1,8 @@
-"""The decode GEMVs on GGUF Q6_K and Q4_K blocks. Exact: each kernel against float64 numpy on
-the weights ``gguf.quants`` decodes (rounded to fp16, as the layer does), and the pass that puts
-it in ``batch_decode`` of llvm targets. On int8 activations: each kernel against float64 numpy on
-the same quantized activations, and the pass that picks the target's kernel."""
+"""The kernels on GGUF Q6_K and Q4_K blocks. Exact decode GEMVs: each kernel against float64
+numpy on the weights ``gguf.quants`` decodes (rounded to fp16, as the layer does), and the pass
+that puts it in ``batch_decode`` of llvm targets. On int8 activations: each kernel against
+float64 numpy on the same quantized activations, and the pass that picks the target's kernel.
+The AMX prefill matmul (where this CPU has AMX): against numpy on bf16-rounded operands."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import pytest
 import tvm
 from tvm import relax
 
-from factory import callees, gemv_error, rel_err
+from factory import bf16, callees, gemv_error, rel_err
 from gguf_kit import encode
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
+from mpt_relax.compile.amx_kernels import has_amx
 from mpt_relax.compile.int8_kernels import best_isa, select_int8_kernels
 from mpt_relax.kernels.cpu import q4k_gemv, q6k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
 from mpt_relax.kernels.cpu.int8_gemv import quantize_activation
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.models.mpt.model import MPTForCausalLM
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
+from mpt_relax.runtime.cpu_features import request_amx
 
 HOST = targets.llvm_target()
 INT8_ISAS = ["generic"] + (["avx512vnni"] if best_isa(HOST.target) == "avx512vnni" else [])
@@ -116,3 +120,20 @@ def test_int8_decode_takes_the_targets_kernel(type_name):
         out = select_int8_kernels(target)(mod)
         kernels = [f for g, f in out.functions.items() if g.name_hint.startswith(int8.__name__)]
         assert kernels and {str(f.attrs[attr]["isa"]) for f in kernels} == {isa}
+
+
+@pytest.mark.skipif(not has_amx(HOST), reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
+@pytest.mark.parametrize("block", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows, n_out, k_in", [(1, 32, 256), (37, 96, 512)])
+def test_kernel_on_gguf_blocks(block, rows, n_out, k_in):
+    """GGUF Q4_K / Q6_K rows decoded as ``gguf.quants`` does, rounded to fp16 then bf16."""
+    raw = encode(np.random.default_rng(rows).standard_normal((n_out, k_in)).astype(np.float32), block, seed=rows)
+    w = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, block)).reshape(n_out, k_in).astype(np.float16)
+    x = np.random.default_rng(n_out).standard_normal((rows, k_in)).astype(np.float16)
+    expected = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
+    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, 0, "float16", "float32", "float16", block)
+                                    .with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))
+    assert request_amx()  # the tile state, once per process
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
+    assert rel_err(y.numpy(), expected) < 1e-5

@@ -11,7 +11,7 @@ import torch
 import tvm
 
 import mpt_relax
-from factory import rel_err, with_top_codes
+from factory import bf16, rel_err, with_top_codes
 from mpt_relax.compile import targets
 from mpt_relax.compile.amx_kernels import has_amx
 from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
@@ -21,10 +21,6 @@ from mpt_relax.runtime.cpu_features import host_features, request_amx
 TRAINED = Path(mpt_relax.__file__).resolve().parent / "data" / "tiny-mpt"
 HOST = targets.llvm_target()
 AMX = has_amx(HOST)
-
-
-def _bf16(a: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(torch.bfloat16).float().numpy()
 
 
 def test_amx_is_detected_as_this_cpu_has_it():
@@ -51,7 +47,7 @@ def test_kernel_matches_numpy_on_bf16_operands(bits, rows, n_out, k_in):
         w_dtype = "float16"
         w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
         inputs = (x, packed["q_weight"], packed["q_scale"])
-    expected = _bf16(x).astype(np.float64) @ _bf16(w).astype(np.float64).T
+    expected = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
     lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, bits, "float16", "float32", w_dtype)
                                     .with_attr("global_symbol", "main")}), target=HOST.target)
     y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))

@@ -1,5 +1,5 @@
 """Prefill matmul on the AMX tile units: ``y = x @ W^T`` in bfloat16 products with fp32 sums,
-W group-quantized (q4f16_1, q8f16_1).
+W group-quantized (q4f16_1, q8f16_1), float (q0f16, q0f32) or kept in GGUF Q4_K / Q6_K blocks.
 
 ``tdpbf16ps`` multiplies a 16 x 32 bf16 tile A by a 32 x 16 bf16 tile B into a 16 x 16 fp32
 tile: 8192 multiply-adds per instruction. B must hold pairs of consecutive k per column
@@ -13,7 +13,8 @@ operand rebuilt for every block of output columns (the weights) is the row-major
 2. per block of 32 output columns (blocks in parallel) the 32 weight rows are dequantized once
    into bf16 rows (the A tiles), a group of 32 codes at a time: q4 through a 16-entry table of
    the group's 16 possible values (``vpermw``, low and high nibbles interleaved back into k
-   order), q8 in 16-lane vector arithmetic;
+   order), q8 in 16-lane vector arithmetic, GGUF blocks 16 weights at a time with their
+   block's formula (:data:`BLOCK_TYPES`);
 3. for each 32 rows of x, 2 x 2 accumulator tiles (weight rows 0-15 / 16-31 x rows of x 0-15 /
    16-31): K / 32 steps of two A and two B tile loads and four ``tdpbf16ps``; each C tile
    (``[n, m]``) is stored, transposed in registers and written into y as 16 rows of 16.
@@ -70,9 +71,19 @@ def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtyp
                           _FLOAT_BITS[w_dtype], w_dtype)
 
 
-def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weight, bits, w_dtype) -> tirx.PrimFunc:
+def exact_block_matmul(block, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
+                       w_dtype: str) -> tirx.PrimFunc:
+    """The exact path of a weight kept in GGUF blocks (:data:`BLOCK_TYPES`: Q4_K, Q6_K) as one TE
+    PrimFunc: x [M, K], blocks uint8 -> y [M, N], each weight decoded and rounded to ``w_dtype``."""
+    raw = te.placeholder(block.storage_shape(out_features, in_features), "uint8", name="q_blocks")
+    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [raw],
+                          lambda o, i: block.decode(raw, o, i).astype(w_dtype), 0, w_dtype, block.name)
+
+
+def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weight, bits, w_dtype,
+                   block: str = "") -> tirx.PrimFunc:
     """``x @ W^T`` (W[o, i] = ``weight(o, i)``, read from the placeholders ``weights``), tagged for
-    :mod:`mpt_relax.compile.amx_kernels`."""
+    :mod:`mpt_relax.compile.amx_kernels` (``block``: the GGUF block type, if any)."""
     m = tirx.Var("m", "int64")
     x = te.placeholder((m, in_features), x_dtype, name="x")
     w = te.compute((out_features, in_features), weight, name="dequantize")
@@ -82,15 +93,16 @@ def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weigh
     if out_dtype != "float32":
         y = te.compute(y.shape, lambda i, j: y[i, j].astype(out_dtype), name="cast")
     func = te.create_prim_func([x, *weights, y]).without_attr("global_symbol")  # a private kernel
-    return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": in_features, "out": out_features,
+    return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": in_features, "out": out_features, "block": block,
                                         "x_dtype": x_dtype, "out_dtype": out_dtype, "w_dtype": w_dtype})
 
 
 def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
-               w_dtype: str = "float16") -> tirx.PrimFunc:
+               w_dtype: str = "float16", block: str = "") -> tirx.PrimFunc:
     """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale ``w_dtype`` [N, K/32]) -> y [M, N]
     for bits 4 and 8; (x [M, K], W ``w_dtype`` [N, K]) -> y [M, N] for float weights (bits 16 or
-    32: ``w_dtype``'s width); see the module docstring."""
+    32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q6_K
+    (:data:`BLOCK_TYPES`); see the module docstring."""
     N, K = out_features, in_features
     k_steps = K // 32
     w_stride, c_stride = T.int64(K * 2), T.int64(64)  # bytes per tile row
@@ -175,6 +187,9 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             write_tile(y, tb, M, mb, nb, 3)
         tile("llvm.x86.tilerelease")
 
+    if block:
+        return _block_func(block, N, K, x_dtype, out_dtype, w_dtype, x_tiles, multiply, bf16x16)
+
     if bits in _FLOAT_BITS.values():
         @T.prim_func(private=True, s_tir=True)
         def float_func(x_h: T.handle, wf_h: T.handle, y_h: T.handle):
@@ -222,6 +237,68 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                         for h in T.unroll(2):
                             w[j, T.ramp(g * 32 + h * 16, 1, 16)] = dequantized(
                                 qb[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)], qs[nb * 32 + j, g])
+                multiply(w, xb, y, M, nb)
+
+    return func
+
+
+def _q4k_chunk(raw, d16, row, g, half, w_dtype):
+    """fp32 [16]: weights 16 half .. + 15 of 32-weight chunk ``g`` of a Q4_K row, rounded to
+    ``w_dtype`` (sub-block ``g % 8`` of block ``g // 8``: ``(d * scale) * q - dmin * min``)."""
+    b, sub = g // 8, g % 8
+    base = b * 144
+    k = sub % 4
+    low, mid, high = (T.Cast("int32", raw[row, base + start + k]) for start in (4, 8, 12))
+    scale = T.Select(sub < 4, low & 63, (high & 15) | (T.shift_right(low, 2) & 48))
+    minimum = T.Select(sub < 4, mid & 63, T.shift_right(high, 4) | (T.shift_right(mid, 2) & 48))
+    d = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2]))
+    dmin = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2 + 1]))
+    codes = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + 16 + sub // 2 * 32 + half * 16, 1, 16)]),
+                          T.Broadcast(sub % 2 * 4, 16)) & T.Broadcast(15, 16)
+    value = T.Broadcast(d * T.Cast("float32", scale), 16) * T.Cast("float32x16", codes) - T.Broadcast(
+        dmin * T.Cast("float32", minimum), 16)
+    return T.Cast("float32x16", T.Cast(f"{w_dtype}x16", value))
+
+
+def _q6k_chunk(raw, d16, row, g, half, w_dtype):
+    """fp32 [16]: weights 16 half .. + 15 of 32-weight chunk ``g`` of a Q6_K row, rounded to
+    ``w_dtype`` (``(d * scale) * (q - 32)``; the layout of :mod:`.q6k_gemv`)."""
+    b, c = g // 8, g % 8
+    base = b * 210
+    low = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + c // 4 * 64 + c % 2 * 32 + half * 16, 1, 16)]),
+                        T.Broadcast(c // 2 % 2 * 4, 16)) & T.Broadcast(15, 16)
+    high = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + 128 + c // 4 * 32 + half * 16, 1, 16)]),
+                         T.Broadcast(c % 4 * 2, 16)) & T.Broadcast(3, 16)
+    q = (low | T.shift_left(high, T.Broadcast(4, 16))) - T.Broadcast(32, 16)
+    scale = T.Cast("float32", T.reinterpret("int8", raw[row, base + 192 + c * 2 + half]))
+    d = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2 + 104]))
+    return T.Cast("float32x16", T.Cast(f"{w_dtype}x16", T.Broadcast(d * scale, 16) * T.Cast("float32x16", q)))
+
+
+BLOCK_TYPES = {"Q4_K": (144, _q4k_chunk), "Q6_K": (210, _q6k_chunk)}  # GGUF blocks: bytes per 256, a chunk's weights
+
+
+def _block_func(block, N, K, x_dtype, out_dtype, w_dtype, x_tiles, multiply, bf16x16):
+    """:func:`amx_matmul` on GGUF ``block`` rows: the A tiles decoded 16 weights at a time."""
+    block_bytes, chunk = BLOCK_TYPES[block]
+    row_bytes, k_steps = K // 256 * block_bytes, K // 32
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(x_h: T.handle, raw_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+        M = T.int64()
+        x = T.match_buffer(x_h, (M, K), x_dtype)
+        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+        y = T.match_buffer(y_h, (M, N), out_dtype)
+        with T.sblock("root"):
+            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)  # the fp16 d / dmin (even offsets)
+            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
+            x_tiles(x, xb, M)
+            for nb in T.parallel(N // 32):
+                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
+                for j, g in T.grid(32, k_steps):
+                    for half in T.unroll(2):
+                        w[j, T.ramp(g * 32 + half * 16, 1, 16)] = bf16x16(chunk(raw, d16, nb * 32 + j, g, half, w_dtype))
                 multiply(w, xb, y, M, nb)
 
     return func
