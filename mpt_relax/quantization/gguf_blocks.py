@@ -31,6 +31,8 @@ from typing import Callable
 
 from tvm import te, tirx
 
+from mpt_relax.kernels.cpu.q4k_gemv import k_scale_min
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockType:
@@ -130,15 +132,6 @@ def _q5_1(raw, row, col):
     return _half(raw, row, base) * _float(q) + _half(raw, row, base + 2)
 
 
-def _k_scale_min(raw, row, base, sub) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """The 6-bit (scale, min) of sub-block ``sub`` (0..7) of a Q4_K / Q5_K block at ``base``."""
-    k = sub % 4
-    low_s, low_m, mixed = _byte(raw, row, base + 4 + k), _byte(raw, row, base + 8 + k), _byte(raw, row, base + 12 + k)
-    scale = tirx.Select(sub < 4, low_s & 63, (mixed & 0xF) | ((low_s >> 2) & 0x30))
-    minimum = tirx.Select(sub < 4, low_m & 63, (mixed >> 4) | ((low_m >> 2) & 0x30))
-    return _float(scale), _float(minimum)
-
-
 def _k_nibble(raw, row, start, j) -> tirx.PrimExpr:
     """Element j (< 256) of a K block's 128 nibble bytes at ``start``."""
     return (_byte(raw, row, start + j // 64 * 32 + j % 32) >> (j // 32 % 2 * 4).astype("uint32")) & 0xF
@@ -146,14 +139,14 @@ def _k_nibble(raw, row, start, j) -> tirx.PrimExpr:
 
 def _q4_k(raw, row, col):
     base, j = _at(Q4_K, col)
-    scale, minimum = _k_scale_min(raw, row, base, j // 32)
+    scale, minimum = k_scale_min(raw, row, base, j // 32)
     q = _float(_k_nibble(raw, row, base + 16, j))
     return _half(raw, row, base) * scale * q - _half(raw, row, base + 2) * minimum
 
 
 def _q5_k(raw, row, col):
     base, j = _at(Q5_K, col)
-    scale, minimum = _k_scale_min(raw, row, base, j // 32)
+    scale, minimum = k_scale_min(raw, row, base, j // 32)
     high = ((_byte(raw, row, base + 16 + j % 32) >> (j // 32).astype("uint32")) & 1) << 4
     q = _float(_k_nibble(raw, row, base + 48, j) | high)
     return _half(raw, row, base) * scale * q - _half(raw, row, base + 2) * minimum

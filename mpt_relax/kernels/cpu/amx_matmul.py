@@ -38,6 +38,8 @@ from tvm.script import tirx as T
 
 from mpt_relax.kernels.lanes import transpose_16x16
 
+from .q4k_gemv import k_scale_min
+
 KERNEL_ATTR = "mpt_relax.amx_matmul"  # func attr: {"bits", "in", "out", ...}; see compile.amx_kernels
 # LLVM features the kernel's instructions need: tiles, vcvtneps2bf16, vpermw (256-bit), vpermi2ps
 REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl", "avx512f"]
@@ -247,16 +249,12 @@ def _q4k_chunk(raw, d16, row, g, half, w_dtype):
     ``w_dtype`` (sub-block ``g % 8`` of block ``g // 8``: ``(d * scale) * q - dmin * min``)."""
     b, sub = g // 8, g % 8
     base = b * 144
-    k = sub % 4
-    low, mid, high = (T.Cast("int32", raw[row, base + start + k]) for start in (4, 8, 12))
-    scale = T.Select(sub < 4, low & 63, (high & 15) | (T.shift_right(low, 2) & 48))
-    minimum = T.Select(sub < 4, mid & 63, T.shift_right(high, 4) | (T.shift_right(mid, 2) & 48))
+    scale, minimum = k_scale_min(raw, row, base, sub)
     d = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2]))
     dmin = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2 + 1]))
     codes = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + 16 + sub // 2 * 32 + half * 16, 1, 16)]),
                           T.Broadcast(sub % 2 * 4, 16)) & T.Broadcast(15, 16)
-    value = T.Broadcast(d * T.Cast("float32", scale), 16) * T.Cast("float32x16", codes) - T.Broadcast(
-        dmin * T.Cast("float32", minimum), 16)
+    value = T.Broadcast(d * scale, 16) * T.Cast("float32x16", codes) - T.Broadcast(dmin * minimum, 16)
     return T.Cast("float32x16", T.Cast(f"{w_dtype}x16", value))
 
 

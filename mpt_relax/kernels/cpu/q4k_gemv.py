@@ -42,6 +42,17 @@ def supported(out_features: int, in_features: int) -> bool:
     return in_features % BLOCK == 0 and out_features > 0
 
 
+def k_scale_min(raw, row, base, sub) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """The 6-bit (scale, min) of sub-block ``sub`` (0..7) of a Q4_K / Q5_K block at byte ``base``
+    of row ``row``, as float32 (``raw``: a TE tensor or a TIR buffer of the blocks' bytes; also
+    :mod:`mpt_relax.quantization.gguf_blocks`' formula)."""
+    k = sub % 4
+    low_s, low_m, mixed = (raw[row, base + start + k].astype("uint32") for start in (4, 8, 12))
+    scale = tirx.Select(sub < 4, low_s & 63, (mixed & 0xF) | ((low_s >> 2) & 0x30))
+    minimum = tirx.Select(sub < 4, low_m & 63, (mixed >> 4) | ((low_m >> 2) & 0x30))
+    return scale.astype("float32"), minimum.astype("float32")
+
+
 def _half(d16, n, b, offset: int):
     """The fp16 at byte ``offset`` (0: d, 2: dmin) of block ``b``, as fp32."""
     return T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + offset // 2]))
@@ -123,14 +134,6 @@ def _generic(N, K, out_dtype):
         b, j = k // BLOCK, k % BLOCK
         return T.shift_right(T.Cast("int32", raw[n, b * BLOCK_BYTES + 16 + j // 64 * 32 + j % 32]), j // 32 % 2 * 4) & 15
 
-    def pair(raw, n, b, sub):
-        """(scale, min) of sub-block ``sub`` as int32 (the formula of gguf_blocks)."""
-        k = sub % 4
-        low, mid, high = (T.Cast("int32", raw[n, b * BLOCK_BYTES + start + k]) for start in (4, 8, 12))
-        scale = T.Select(sub < 4, low & 63, (high & 15) | (T.shift_right(low, 2) & 48))
-        minimum = T.Select(sub < 4, mid & 63, T.shift_right(high, 4) | (T.shift_right(mid, 2) & 48))
-        return scale, minimum
-
     @T.prim_func(private=True, s_tir=True)
     def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
@@ -154,8 +157,8 @@ def _generic(N, K, out_dtype):
                             dot[n, 0] = dot[n, 0] + code(raw, n, k) * T.Cast("int32", xq[m, k])
                             dot[n, 1] = dot[n, 1] + T.Cast("int32", xq[m, k])
                         acc[n] = acc[n] + xs[m, b * 8 + sub] * (
-                            _half(d16, n, b, 0) * T.Cast("float32", pair(raw, n, b, sub)[0]) * T.Cast("float32", dot[n, 0])
-                            - _half(d16, n, b, 2) * T.Cast("float32", pair(raw, n, b, sub)[1]) * T.Cast("float32", dot[n, 1]))
+                            _half(d16, n, b, 0) * k_scale_min(raw, n, b * BLOCK_BYTES, sub)[0] * T.Cast("float32", dot[n, 0])
+                            - _half(d16, n, b, 2) * k_scale_min(raw, n, b * BLOCK_BYTES, sub)[1] * T.Cast("float32", dot[n, 1]))
                     y[m, n] = T.Cast(out_dtype, acc[n])
 
     return func
