@@ -15,9 +15,11 @@ weights 64c .. 64c + 31 in their low nibbles and the next 32 in their high ones,
       y[m, n] = sum_sub xs[m, g] * (d * scale * sum_k q[k] * xq[m, k] - dmin * min * sum_k xq[m, k])
 
   the inner sums exact integers. ``avx512vnni``: one ``vpdpbusd`` per 64 codes, lanes 0-7 of
-  its 16 int32 lanes in one sub-block and 8-15 in the next; the mins' term once per block as an
-  8-lane FMA with each group's ``xs * sum xq`` (computed once per call). ``generic``: plain
-  integer loops, the same numbers on any CPU.
+  its 16 int32 lanes in one sub-block and 8-15 in the next. Once per block, one 16-lane vector
+  holds the eight ``d * scale * xs`` and the eight ``dmin * min * xs * sum xq`` (each group's
+  ``xs`` and ``xs * sum xq`` laid out per block once per call); the mins' half is summed into
+  its own accumulator, and each dot product takes its two factors with one ``vpermps``.
+  ``generic``: plain integer loops, the same numbers on any CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import halving_sum
+from mpt_relax.kernels.lanes import bound, halving_sum
 
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, block_kernel, prefetch
@@ -58,24 +60,36 @@ def _half(d16, n, b, offset: int):
     return T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + offset // 2]))
 
 
+def _d_dmin(d16, n, b):
+    """fp32 [16]: block ``b``'s ``d`` in lanes 0-7, its ``dmin`` in 8-15."""
+    return T.Shuffle([T.Broadcast(_half(d16, n, b, 0), 8), T.Broadcast(_half(d16, n, b, 2), 8)], list(range(16)))
+
+
 def _scales_mins(raw, n, b):
-    """(scales, mins): int32x8 vectors of the block's eight 6-bit (scale, min) pairs."""
-    def four(start):
-        return T.Cast("int32x4", raw[n, T.ramp(b * BLOCK_BYTES + start, 1, 4)])
+    """int32x16: the block's eight 6-bit scales (lanes 0-7), then its eight mins (8-15). Bytes
+    4-15 of a block are the low scales ``ls``, the low mins ``lm`` and the mixed highs ``mh``
+    (4 each); sub-blocks 0-3 keep 6 bits of ``ls`` / ``lm``, 4-7 a nibble of ``mh`` plus the
+    top 2 bits of ``ls`` / ``lm``: a few 16-lane ops with per-lane shifts and masks."""
+    def runs(*values):
+        """A constant int32x16 of four runs of 4 lanes."""
+        return T.Shuffle([T.Broadcast(T.int32(v), 4) for v in values], list(range(16)))
 
-    def c(v):
-        return T.Broadcast(T.int32(v), 4)
+    def use(v):  # v: bytes 4..19 as int32 lanes (the last 4 are codes, unused)
+        lows = T.Shuffle([v], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7])  # ls, ls, lm, lm
+        mixed = T.Shuffle([v], [8, 9, 10, 11] * 4)
+        return ((T.shift_right(mixed, runs(0, 0, 4, 4)) & runs(0, 15, 0, 15))
+                | (T.shift_right(lows, runs(0, 2, 0, 2)) & runs(63, 48, 63, 48)))
 
-    low, mid, high = four(4), four(8), four(12)
-    scales = T.Shuffle([low & c(63), (high & c(15)) | (T.shift_right(low, c(2)) & c(48))], list(range(8)))
-    mins = T.Shuffle([mid & c(63), T.shift_right(high, c(4)) | (T.shift_right(mid, c(2)) & c(48))], list(range(8)))
-    return scales, mins
+    return bound(T.Cast("int32x16", raw[n, T.ramp(b * BLOCK_BYTES + 4, 1, 16)]), use)
 
 
 def _codes(raw, n, b, c):
     """uint8 [64]: the codes of weights 64c .. 64c + 63 of block ``b`` (``c`` may be a loop variable)."""
     qs = raw[n, T.ramp(b * BLOCK_BYTES + 16 + c * 32, 1, 32)]
-    return T.Shuffle([qs & T.Broadcast(T.uint8(15), 32), T.shift_right(qs, T.Broadcast(T.uint8(4), 32))], list(range(64)))
+    # the 32 bytes in both halves (one broadcast load), the upper half shifted by a nibble
+    shifts = T.Shuffle([T.Broadcast(T.uint64(0), 4), T.Broadcast(T.uint64(4), 4)], list(range(8)))
+    both = T.shift_right(T.reinterpret(T.Shuffle([qs, qs], list(range(32)) * 2), dtype="uint64x8"), shifts)
+    return T.reinterpret(both, dtype="uint8x64") & T.Broadcast(T.uint8(15), 64)
 
 
 def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
@@ -106,8 +120,7 @@ def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
                     for b in range(B):
                         for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
                             prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
-                        sm[n, T.ramp(0, 1, 8)] = T.Broadcast(_half(d16, n, b, 0), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[0])
-                        sm[n, T.ramp(8, 1, 8)] = T.Broadcast(_half(d16, n, b, 2), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[1])
+                        sm[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(raw, n, b)) * _d_dmin(d16, n, b)
                         for c in T.unroll(4):
                             cb[n, T.ramp(0, 1, 64)] = _codes(raw, n, b, c)
                             for quarter in T.unroll(4):  # sub-block 2c + quarter // 2
@@ -178,30 +191,33 @@ def _vnni(N, K, out_dtype):
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
             d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
-            group_sum = T.alloc_buffer((M, G), "float32")  # xs * sum of the group's xq
-            acc = T.alloc_buffer((N, 16), "float32")
-            low = T.alloc_buffer((N, 8), "float32")  # the mins' term, per sub-block lane
-            sm = T.alloc_buffer((N, 8), "float32")  # the block's d * scale
+            # per block of x: its 8 groups' xs (lanes 0-7), then xs * the group's sum of xq (8-15)
+            block_xs = T.alloc_buffer((M, B * 16), "float32")
+            acc = T.alloc_buffer((N, 32), "float32")  # two 16-lane chains
+            low = T.alloc_buffer((N, 16), "float32")  # lanes 8-15: the mins' term per sub-block
+            fac = T.alloc_buffer((N, 16), "float32")  # the block's d * scale * xs (0-7), dmin * min * xs * sum xq (8-15)
             for m, g in T.grid(M, G):
-                group_sum[m, g] = xs[m, g] * T.Cast("float32", halving_sum(
+                block_xs[m, g // 8 * 16 + g % 8] = xs[m, g]
+                block_xs[m, g // 8 * 16 + 8 + g % 8] = xs[m, g] * T.Cast("float32", halving_sum(
                     T.Cast(f"int32x{GROUP}", xq[m, T.ramp(g * GROUP, 1, GROUP)]), GROUP)[0])
             for n in T.parallel(N):
                 for m in range(M):
-                    acc[n, T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                    low[n, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
+                    acc[n, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
+                    low[n, T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
                     for b in range(B):
                         for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
                             prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
-                        sm[n, T.ramp(0, 1, 8)] = T.Broadcast(_half(d16, n, b, 0), 8) * T.Cast("float32x8", _scales_mins(raw, n, b)[0])
-                        low[n, T.ramp(0, 1, 8)] = low[n, T.ramp(0, 1, 8)] + T.Broadcast(_half(d16, n, b, 2), 8) * T.Cast(
-                            "float32x8", _scales_mins(raw, n, b)[1]) * group_sum[m, T.ramp(b * 8, 1, 8)]
-                        for c in T.unroll(4):
-                            acc[n, T.ramp(0, 1, 16)] = acc[n, T.ramp(0, 1, 16)] + T.Cast("float32x16", T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
-                                T.reinterpret(_codes(raw, n, b, c), dtype="int8x64"),
-                                T.reinterpret(xq[m, T.ramp(b * BLOCK + c * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")) * T.Shuffle(
-                                [T.Broadcast(sm[n, c * 2] * xs[m, b * 8 + c * 2], 8), T.Broadcast(sm[n, c * 2 + 1] * xs[m, b * 8 + c * 2 + 1], 8)],
-                                list(range(16)))
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)], 16)[0] - halving_sum(low[n, T.ramp(0, 1, 8)], 8)[0])
+                        fac[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(raw, n, b)) * _d_dmin(d16, n, b) * block_xs[
+                            m, T.ramp(b * 16, 1, 16)]
+                        low[n, T.ramp(0, 1, 16)] = low[n, T.ramp(0, 1, 16)] + fac[n, T.ramp(0, 1, 16)]
+                        for c in T.unroll(4):  # lanes 0-7 of vector c are sub-block 2c, 8-15 2c + 1
+                            acc[n, T.ramp(c % 2 * 16, 1, 16)] = acc[n, T.ramp(c % 2 * 16, 1, 16)] + T.Cast(
+                                "float32x16", T.call_llvm_pure_intrin(
+                                    T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
+                                    T.reinterpret(_codes(raw, n, b, c), dtype="int8x64"),
+                                    T.reinterpret(xq[m, T.ramp(b * BLOCK + c * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
+                            ) * T.Shuffle([fac[n, T.ramp(0, 1, 16)]], [c * 2] * 8 + [c * 2 + 1] * 8)
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 32)], 32)[0]
+                                     - halving_sum(low[n, T.ramp(8, 1, 8)], 8)[0])
 
     return func
