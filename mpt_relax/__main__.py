@@ -252,11 +252,11 @@ def parser() -> argparse.ArgumentParser:
                         "or in BITS (8: q8f16_1 codes under q4f16_1, as llama.cpp keeps the head in more bits) "
                         "(default: kept fp16)")
     p.add_argument("--int8-activations", action="store_true",
-                   help="q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q6_K weights), CPU: decode on activations "
+                   help="q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q5_K/Q6_K weights), CPU: decode on activations "
                         "quantized to int8 per group of 32 (VNNI integer dot products; changes logits slightly, see "
                         "README; default: exact)")
     p.add_argument("--amx-prefill", action="store_true",
-                   help="q0f16/q0f32/q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q6_K weights), CPU with AMX-BF16: "
+                   help="q0f16/q0f32/q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q5_K/Q6_K weights), CPU with AMX-BF16: "
                         "prefill matmuls in bf16 on the AMX tiles (exact on other targets; default: exact)")
     p.add_argument("--int8-prefill", action="store_true",
                    help="q4f16_1/q8f16_1, CPU: prefill matmuls on activations quantized to int8 per group of 32 "

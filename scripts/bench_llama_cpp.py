@@ -17,16 +17,16 @@ temporary directory and run from there, never from this repository.
    has the keys the converter reads (``architectures``, ``attn_config.clip_qkv``); the
    converter's pre-tokenizer lookup is patched in memory to answer "mpt", since a test
    tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0,
-   Q4_0 and Q4_K_M with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM head)
-   becomes Q6_K, or Q8_0 where its rows are not a multiple of 256; Q4_K_M is Q4_K with some
-   layers and the head in Q6_K. ``--keep-gguf DIR`` keeps the four files.
+   Q4_0, Q4_K_M and Q5_K_M with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM
+   head) becomes Q6_K, or Q8_0 where its rows are not a multiple of 256; Q4_K_M / Q5_K_M are
+   Q4_K / Q5_K with some layers and the head in Q6_K. ``--keep-gguf DIR`` keeps the five files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
    and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
    the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
    its tied head included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some;
    and from each of the GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own
-   blocks; Q8_0 / Q4_0 repacked into our group layout; those and Q4_K_M also with the fastest
+   blocks; Q8_0 / Q4_0 repacked into our group layout; those and Q4_K_M / Q5_K_M also with the fastest
    int8 options: "gguf Q4_0-a8-amx"). Each is measured by :func:`mpt_relax.tools.bench.run` (a spawned child,
    ``TVM_NUM_THREADS`` = T).
 3. llama.cpp (``llama_cpp.Llama``, n_threads = n_threads_batch = T, logits of the last token
@@ -112,7 +112,8 @@ ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": 
 # mpt_relax built from llama.cpp's own file (--quantization gguf): as it is, and for Q8_0 / Q4_0
 # (repacked into our group layout) with the fastest int8 kernel options too
 GGUF_ROWS = (("F16", {}), ("Q8_0", {}), ("Q4_0", {}), ("Q8_0", FAST[-1]), ("Q4_0", FAST[-1]),
-             ("Q4_K_M", {}), ("Q4_K_M", FAST[-1]))  # llama.cpp's most used mix: Q4_K, some layers and the head Q6_K
+             # llama.cpp's most used mixes: Q4_K / Q5_K, some layers and the head Q6_K
+             ("Q4_K_M", {}), ("Q4_K_M", FAST[-1]), ("Q5_K_M", {}), ("Q5_K_M", FAST[-1]))
 
 
 def gguf_label(ftype: str, options: dict) -> str:
@@ -129,7 +130,7 @@ def label(q: str, options: dict) -> str:
 
 
 FTYPES = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-          "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+          "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 KV_BYTES = 2  # llama.cpp's default KV cache is f16
 # Runs llama.cpp's converter from the copy at argv[1], its pre-tokenizer lookup answering "mpt".

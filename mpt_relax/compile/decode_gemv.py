@@ -10,8 +10,9 @@ same math:
 - float weights (fp16/fp32): :func:`mpt_relax.kernels.cpu.float_gemv.float_gemv`;
 - q4f16_1 / q8f16_1 weights, on targets with AVX-512F:
   :func:`mpt_relax.kernels.cpu.group_gemv.group_gemv`;
-- GGUF Q6_K / Q4_K blocks (``fused_dequantize_gguf_q6_k..._NT_matmul``: blocks, x):
-  :func:`mpt_relax.kernels.cpu.q6k_gemv.q6k_gemv`, :func:`mpt_relax.kernels.cpu.q4k_gemv.q4k_gemv`.
+- GGUF Q6_K / Q4_K / Q5_K blocks (``fused_dequantize_gguf_q6_k..._NT_matmul``: blocks, x):
+  :func:`mpt_relax.kernels.cpu.q6k_gemv.q6k_gemv`, :func:`mpt_relax.kernels.cpu.q4k_q5k_gemv.q4k_gemv`
+  and ``q5k_gemv``.
 
 Prefill keeps the packed GEMM; its epilogues (bias, cast, residual) run as their own small
 kernels in decode, since the hand-written kernels are never fused.
@@ -23,7 +24,7 @@ import tvm
 from tvm import relax
 
 from mpt_relax.compile.targets import TargetSpec
-from mpt_relax.kernels.cpu import float_gemv, group_gemv, q4k_gemv, q6k_gemv
+from mpt_relax.kernels.cpu import float_gemv, group_gemv, q4k_q5k_gemv, q6k_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import DEQUANTIZE_PREFIX, QUANTIZATIONS, GroupQuantization
 
@@ -31,9 +32,13 @@ DECODE_FUNCTION = "batch_decode"
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _FLOATS = ("float16", "float32")
 _GROUP_PREFIX = f"fused_{DEQUANTIZE_PREFIX}"
-# GGUF blocks with an exact decode GEMV: the fused kernel's name prefix -> (the kernel module, its maker)
-_BLOCK_GEMVS = {f"fused_{DEQUANTIZE_PREFIX}gguf_q6_k": (q6k_gemv, q6k_gemv.q6k_gemv),
-                f"fused_{DEQUANTIZE_PREFIX}gguf_q4_k": (q4k_gemv, q4k_gemv.q4k_gemv)}
+# GGUF blocks (of 256 weights) with an exact decode GEMV: the fused kernel's name prefix ->
+# (whether a shape is supported, bytes per block, the kernel's maker)
+_BLOCK_GEMVS = {f"fused_{DEQUANTIZE_PREFIX}gguf_q6_k": (q6k_gemv.supported, q6k_gemv.BLOCK_BYTES, q6k_gemv.q6k_gemv),
+                f"fused_{DEQUANTIZE_PREFIX}gguf_q4_k": (q4k_q5k_gemv.supported, q4k_q5k_gemv.Q4_K.block_bytes,
+                                                        q4k_q5k_gemv.q4k_gemv),
+                f"fused_{DEQUANTIZE_PREFIX}gguf_q5_k": (q4k_q5k_gemv.supported, q4k_q5k_gemv.Q5_K.block_bytes,
+                                                        q4k_q5k_gemv.q5k_gemv)}
 
 
 def _static_shape(sinfo) -> list[int] | None:
@@ -111,14 +116,14 @@ class _DecodeGEMVs(relax.PyExprMutator):
         kernel = self._kernel("group_gemv_{}x{}_q{}_{}_{}_{}".format(*key), lambda: group_gemv.group_gemv(*key))
         return relax.call_tir(kernel, relax.Tuple([q_weight, q_scale, x]), out_info)
 
-    def _blocks(self, module, make, args, out_info) -> relax.Call | None:
+    def _blocks(self, supported, block_bytes, make, args, out_info) -> relax.Call | None:
         blocks, x = args
         b_shape, x_shape = _static_2d(blocks.ty), _static_shape(x.ty)
         if b_shape is None or x_shape is None or len(x_shape) != 2:
             return None
         n, k = b_shape[0], x_shape[1]
-        if (blocks.ty.dtype != "uint8" or not module.supported(n, k) or b_shape[1] != k // module.BLOCK
-                * module.BLOCK_BYTES or x.ty.dtype not in _FLOATS or out_info.dtype not in _FLOATS):
+        if (blocks.ty.dtype != "uint8" or not supported(n, k) or b_shape[1] != k // 256 * block_bytes
+                or x.ty.dtype not in _FLOATS or out_info.dtype not in _FLOATS):
             return None
         key = (n, k, x.ty.dtype, out_info.dtype)
         kernel = self._kernel("{}_{}x{}_{}_{}".format(make.__name__, *key), lambda: make(*key))
@@ -127,7 +132,7 @@ class _DecodeGEMVs(relax.PyExprMutator):
 
 def select_decode_gemv(spec: TargetSpec) -> tvm.transform.Pass:
     """Module pass: on llvm targets, the decode step's float, exact group-quantized and GGUF Q6_K /
-    Q4_K GEMVs become the streaming kernels (the group one where the target has AVX-512F)."""
+    Q4_K / Q5_K GEMVs become the streaming kernels (the group one where the target has AVX-512F)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectDecodeGEMV")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -4,8 +4,8 @@ The model (:mod:`mpt_relax.quantization.group`, schemes built with ``int8_activa
 the portable ``generic`` kernel of :mod:`mpt_relax.kernels.cpu.int8_gemv`; this pass replaces
 it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bit
 ``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
-numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K and Q4_K weights
-(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`, :mod:`mpt_relax.kernels.cpu.q4k_gemv`) have an
+numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K, Q4_K and Q5_K weights
+(:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`, :mod:`mpt_relax.kernels.cpu.q4k_q5k_gemv`) have an
 AVX512-VNNI kernel and the generic one. A prefill's GEMV (``int8_prefill`` schemes)
 becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import tvm
 
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q4k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q4k_q5k_gemv, q6k_int8_gemv
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
 
@@ -31,7 +31,8 @@ def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
 
 # GGUF block kernels: their attribute -> (constructor (out, in, out_dtype, isa), the isas it has)
 _BLOCK_KERNELS = {q6k_int8_gemv.KERNEL_ATTR: (q6k_int8_gemv.q6k_int8_gemv, q6k_int8_gemv.ISAS),
-                  q4k_gemv.KERNEL_ATTR: (q4k_gemv.q4k_int8_gemv, q4k_gemv.ISAS)}
+                  q4k_q5k_gemv.Q4_K.kernel_attr: (q4k_q5k_gemv.q4k_int8_gemv, q4k_q5k_gemv.ISAS),
+                  q4k_q5k_gemv.Q5_K.kernel_attr: (q4k_q5k_gemv.q5k_int8_gemv, q4k_q5k_gemv.ISAS)}
 
 
 def best_isa(target: tvm.target.Target) -> str:

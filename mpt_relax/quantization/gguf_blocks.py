@@ -31,7 +31,7 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from mpt_relax.kernels.cpu.q4k_gemv import k_scale_min
+from mpt_relax.kernels.cpu.q4k_q5k_gemv import k_scale_min
 
 
 @dataclasses.dataclass(frozen=True)

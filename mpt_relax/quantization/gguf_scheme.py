@@ -11,9 +11,9 @@ kernels). Q4_0 and
 Q8_0 weights are the exception: their blocks are rewritten without loss as q4f16_1 / q8f16_1
 codes and scales (:mod:`.gguf_repack`) and become group-quantized layers, which run on the
 group schemes' kernels (the decode GEMVs; ``--int8-activations``, ``--amx-prefill`` and
-``--int8-prefill`` where asked for). With ``--int8-activations`` a decode step's Q6_K and Q4_K
-weights (llama.cpp's Q4_K_M files: Q4_K, some layers and the tied head in Q6_K) also multiply
-int8 activations (:data:`INT8_GEMVS`); Q5_K stays exact. 1-D tensors (norms, biases) are stored in the model
+``--int8-prefill`` where asked for). With ``--int8-activations`` a decode step's Q6_K, Q4_K
+and Q5_K weights (llama.cpp's Q4_K_M / Q5_K_M files: Q4_K or Q5_K, some layers and the tied
+head in Q6_K) also multiply int8 activations (:data:`INT8_GEMVS`). 1-D tensors (norms, biases) are stored in the model
 dtype, float16. Types without a decoder are refused in one line naming the type and the tensor.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import amx_matmul, q4k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu import amx_matmul, q4k_q5k_gemv, q6k_int8_gemv
 from mpt_relax.quantization.base import (DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames,
                                          is_decoding, rows_op)
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
@@ -36,7 +36,8 @@ from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization,
 
 STORED_SUFFIX = "q_blocks"
 # the block types with a decode GEMV on int8 activations: (out, in, out_dtype) -> its generic kernel
-INT8_GEMVS = {"Q6_K": q6k_int8_gemv.q6k_int8_gemv, "Q4_K": q4k_gemv.q4k_int8_gemv}
+INT8_GEMVS = {"Q6_K": q6k_int8_gemv.q6k_int8_gemv, "Q4_K": q4k_q5k_gemv.q4k_int8_gemv,
+              "Q5_K": q4k_q5k_gemv.q5k_int8_gemv}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,7 @@ class GGUFLinear(nn.Module):
     """``y = x @ W^T + b`` with W [out, in] kept in a GGML encoding: ``q_blocks`` (uint8 blocks,
     or float32 / float16 [out, in]), optional ``bias`` [out]. The forward dequantizes W into
     ``dtype`` with a TE compute (fused into the matmul by ``fuse_dequantize_matmul``), except a
-    decode step's Q6_K / Q4_K weight with ``int8_activations``: x quantized to int8 per group
+    decode step's Q6_K / Q4_K / Q5_K weight with ``int8_activations``: x quantized to int8 per group
     of 32, :data:`INT8_GEMVS`; and a prefill's with ``amx_prefill``: one kernel that compiling
     puts on the AMX tiles where the target has them (:mod:`mpt_relax.kernels.cpu.amx_matmul`)."""
 
@@ -194,7 +195,7 @@ class GGUFLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def _int8_forward(self, x: nn.Tensor) -> nn.Tensor:
-        """Q6_K / Q4_K: x quantized to int8 per group, the codes multiplied in integers (the
+        """Q6_K / Q4_K / Q5_K: x quantized to int8 per group, the codes multiplied in integers (the
         target's fastest kernel is chosen when compiling)."""
         k, n = self.in_features, self.out_features
         rows = nn.op.reshape(x, (-1, k))

@@ -120,12 +120,12 @@ def test_repacked_blocks_keep_every_weight(type_name):
 
 @pytest.mark.parametrize("flags", [dict(int8_activations=True), dict(int8_prefill=True)], ids=["a8", "p8"])
 def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
-    """A Q4_0 / Q8_0 / Q6_K / Q4_K file built with an int8 kernel option: the repacked layers take it (and
+    """A Q4_0 / Q8_0 / Q6_K / Q4_K / Q5_K file built with an int8 kernel option: the repacked layers take it (and
     the K ones, for decode). With int8 decode activations prefill is unchanged and the decode
     step moves by their rounding only; with int8 prefill the prefill moves, and the decode over
     its cache stays close."""
     model = tiny_mpt()
-    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_1", "Q4_0", "Q8_0", "Q6_K", "Q4_K"]))
+    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_1", "Q4_0", "Q8_0", "Q6_K", "Q4_K", "Q5_K"]))
     exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
     fast = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "fast", quiet=True, **flags)
     meta = json.loads((fast / "mpt-config.json").read_text())["quantization"]
@@ -140,18 +140,18 @@ def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
 
 
 def test_k_quant_prefill_on_amx(tmp_path):
-    """A Q4_K / Q6_K file built with --amx-prefill: its prefill projections are the tagged AMX
+    """A Q4_K / Q5_K / Q6_K file built with --amx-prefill: its prefill projections are the tagged AMX
     kernel (the exact one where the CPU has no AMX); on an AMX CPU the prefill moves by the bf16
     rounding only, and the decode step over that cache stays close."""
     model = tiny_mpt()
-    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_K", "Q6_K"]))
+    write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_K", "Q5_K", "Q6_K"]))
     exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
     amx = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "amx", quiet=True, amx_prefill=True)
     q = gguf_loader.bind(get_quantization("gguf", amx_prefill=True), GGUFFile(tmp_path / "m.gguf"))
     net, _ = quantized_model(MPTConfig.from_dict(json.loads((amx / "mpt-config.json").read_text())["model_config"]), q)
     mod, _ = net.export_tvm(spec=net.export_spec())
     kernels = [c for c in callees(mod["prefill"]) if c.startswith("amx_matmul_gguf_")]
-    assert {c[:len("amx_matmul_gguf_q4_k")] for c in kernels} == {"amx_matmul_gguf_q4_k", "amx_matmul_gguf_q6_k"}
+    assert {c[:len("amx_matmul_gguf_q4_k")] for c in kernels} == {f"amx_matmul_gguf_q{b}_k" for b in (4, 5, 6)}
     (p_exact, d_exact), (p_amx, d_amx) = prefill_then_decode(exact, IDS), prefill_then_decode(amx, IDS)
     if has_amx(targets.llvm_target()):
         assert 0 < rel_err(p_amx, p_exact) < 3e-2 and rel_err(d_amx, d_exact) < 3e-2

@@ -1,4 +1,4 @@
-"""The kernels on GGUF Q6_K and Q4_K blocks. Exact decode GEMVs: each kernel against float64
+"""The kernels on GGUF Q6_K, Q4_K and Q5_K blocks. Exact decode GEMVs: each kernel against float64
 numpy on the weights ``gguf.quants`` decodes (rounded to fp16, as the layer does), and the pass
 that puts it in ``batch_decode`` of llvm targets. On int8 activations: each kernel against
 float64 numpy on the same quantized activations, and the pass that picks the target's kernel.
@@ -19,7 +19,7 @@ from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.compile.amx_kernels import has_amx
 from mpt_relax.compile.int8_kernels import best_isa, select_int8_kernels
-from mpt_relax.kernels.cpu import q4k_gemv, q6k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu import q4k_q5k_gemv, q6k_gemv, q6k_int8_gemv
 from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
 from mpt_relax.kernels.cpu.int8_gemv import quantize_activation
 from mpt_relax.models.mpt.config import MPTConfig
@@ -31,7 +31,8 @@ HOST = targets.llvm_target()
 INT8_ISAS = ["generic"] + (["avx512vnni"] if best_isa(HOST.target) == "avx512vnni" else [])
 # block type -> (its module, exact kernel, int8 kernel, int8 kernel attribute)
 KERNELS = {"Q6_K": (q6k_gemv, q6k_gemv.q6k_gemv, q6k_int8_gemv.q6k_int8_gemv, q6k_int8_gemv.KERNEL_ATTR),
-           "Q4_K": (q4k_gemv, q4k_gemv.q4k_gemv, q4k_gemv.q4k_int8_gemv, q4k_gemv.KERNEL_ATTR)}
+           "Q4_K": (q4k_q5k_gemv, q4k_q5k_gemv.q4k_gemv, q4k_q5k_gemv.q4k_int8_gemv, q4k_q5k_gemv.Q4_K.kernel_attr),
+           "Q5_K": (q4k_q5k_gemv, q4k_q5k_gemv.q5k_gemv, q4k_q5k_gemv.q5k_int8_gemv, q4k_q5k_gemv.Q5_K.kernel_attr)}
 SHAPES = [(1, 7, 256), (3, 130, 512), (2, 64, 768)]
 
 
@@ -56,7 +57,7 @@ def test_kernel_matches_numpy(type_name, out_dtype, rows, n_out, k_in):
 
 
 def test_supported_shapes():
-    for module in (q6k_gemv, q4k_gemv):
+    for module in (q6k_gemv, q4k_q5k_gemv):
         assert module.supported(50432, 768) and module.supported(3, 256)
         assert not module.supported(64, 128) and not module.supported(0, 256)
 
@@ -123,10 +124,10 @@ def test_int8_decode_takes_the_targets_kernel(type_name):
 
 
 @pytest.mark.skipif(not has_amx(HOST), reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
-@pytest.mark.parametrize("block", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("block", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("rows, n_out, k_in", [(1, 32, 256), (37, 96, 512)])
 def test_kernel_on_gguf_blocks(block, rows, n_out, k_in):
-    """GGUF Q4_K / Q6_K rows decoded as ``gguf.quants`` does, rounded to fp16 then bf16."""
+    """GGUF Q4_K / Q5_K / Q6_K rows decoded as ``gguf.quants`` does, rounded to fp16 then bf16."""
     raw = encode(np.random.default_rng(rows).standard_normal((n_out, k_in)).astype(np.float32), block, seed=rows)
     w = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, block)).reshape(n_out, k_in).astype(np.float16)
     x = np.random.default_rng(n_out).standard_normal((rows, k_in)).astype(np.float16)

@@ -1,5 +1,5 @@
 """Prefill matmul on the AMX tile units: ``y = x @ W^T`` in bfloat16 products with fp32 sums,
-W group-quantized (q4f16_1, q8f16_1), float (q0f16, q0f32) or kept in GGUF Q4_K / Q6_K blocks.
+W group-quantized (q4f16_1, q8f16_1), float (q0f16, q0f32) or kept in GGUF Q4_K / Q5_K / Q6_K blocks.
 
 ``tdpbf16ps`` multiplies a 16 x 32 bf16 tile A by a 32 x 16 bf16 tile B into a 16 x 16 fp32
 tile: 8192 multiply-adds per instruction. B must hold pairs of consecutive k per column
@@ -33,12 +33,14 @@ The Linear layers emit :func:`exact_matmul` tagged with :data:`KERNEL_ATTR`;
 
 from __future__ import annotations
 
+import functools
+
 from tvm import te, tirx
 from tvm.script import tirx as T
 
 from mpt_relax.kernels.lanes import transpose_16x16
 
-from .q4k_gemv import k_scale_min
+from .q4k_q5k_gemv import Q4_K, Q5_K, k_scale_min
 
 KERNEL_ATTR = "mpt_relax.amx_matmul"  # func attr: {"bits", "in", "out", ...}; see compile.amx_kernels
 # LLVM features the kernel's instructions need: tiles, vcvtneps2bf16, vpermw (256-bit), vpermi2ps
@@ -75,7 +77,7 @@ def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtyp
 
 def exact_block_matmul(block, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
                        w_dtype: str) -> tirx.PrimFunc:
-    """The exact path of a weight kept in GGUF blocks (:data:`BLOCK_TYPES`: Q4_K, Q6_K) as one TE
+    """The exact path of a weight kept in GGUF blocks (:data:`BLOCK_TYPES`: Q4_K, Q5_K, Q6_K) as one TE
     PrimFunc: x [M, K], blocks uint8 -> y [M, N], each weight decoded and rounded to ``w_dtype``."""
     raw = te.placeholder(block.storage_shape(out_features, in_features), "uint8", name="q_blocks")
     return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [raw],
@@ -103,7 +105,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                w_dtype: str = "float16", block: str = "") -> tirx.PrimFunc:
     """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale ``w_dtype`` [N, K/32]) -> y [M, N]
     for bits 4 and 8; (x [M, K], W ``w_dtype`` [N, K]) -> y [M, N] for float weights (bits 16 or
-    32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q6_K
+    32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q5_K / Q6_K
     (:data:`BLOCK_TYPES`); see the module docstring."""
     N, K = out_features, in_features
     k_steps = K // 32
@@ -244,16 +246,20 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     return func
 
 
-def _q4k_chunk(raw, d16, row, g, half, w_dtype):
-    """fp32 [16]: weights 16 half .. + 15 of 32-weight chunk ``g`` of a Q4_K row, rounded to
-    ``w_dtype`` (sub-block ``g % 8`` of block ``g // 8``: ``(d * scale) * q - dmin * min``)."""
+def _kmin_chunk(layout, raw, d16, row, g, half, w_dtype):
+    """fp32 [16]: weights 16 half .. + 15 of 32-weight chunk ``g`` of a Q4_K / Q5_K row
+    (``layout``, :mod:`.q4k_q5k_gemv`), rounded to ``w_dtype`` (sub-block ``g % 8`` of block
+    ``g // 8``: ``(d * scale) * q - dmin * min``)."""
     b, sub = g // 8, g % 8
-    base = b * 144
+    base = b * layout.block_bytes
     scale, minimum = k_scale_min(raw, row, base, sub)
     d = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2]))
     dmin = T.Cast("float32", T.reinterpret("float16", d16[row, base // 2 + 1]))
-    codes = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + 16 + sub // 2 * 32 + half * 16, 1, 16)]),
+    codes = T.shift_right(T.Cast("int32x16", raw[row, T.ramp(base + layout.nibbles + sub // 2 * 32 + half * 16, 1, 16)]),
                           T.Broadcast(sub % 2 * 4, 16)) & T.Broadcast(15, 16)
+    if layout.fifth_bits is not None:  # bit ``sub`` of byte 16 half + i
+        fifth = T.Cast("int32x16", raw[row, T.ramp(base + layout.fifth_bits + half * 16, 1, 16)])
+        codes = codes | T.shift_left(T.shift_right(fifth, T.Broadcast(sub, 16)) & T.Broadcast(1, 16), T.Broadcast(4, 16))
     value = T.Broadcast(d * scale, 16) * T.Cast("float32x16", codes) - T.Broadcast(dmin * minimum, 16)
     return T.Cast("float32x16", T.Cast(f"{w_dtype}x16", value))
 
@@ -273,7 +279,9 @@ def _q6k_chunk(raw, d16, row, g, half, w_dtype):
     return T.Cast("float32x16", T.Cast(f"{w_dtype}x16", T.Broadcast(d * scale, 16) * T.Cast("float32x16", q)))
 
 
-BLOCK_TYPES = {"Q4_K": (144, _q4k_chunk), "Q6_K": (210, _q6k_chunk)}  # GGUF blocks: bytes per 256, a chunk's weights
+# GGUF blocks: bytes per 256 weights, a chunk's weights
+BLOCK_TYPES = {"Q4_K": (Q4_K.block_bytes, functools.partial(_kmin_chunk, Q4_K)),
+               "Q5_K": (Q5_K.block_bytes, functools.partial(_kmin_chunk, Q5_K)), "Q6_K": (210, _q6k_chunk)}
 
 
 def _block_func(block, N, K, x_dtype, out_dtype, w_dtype, x_tiles, multiply, bf16x16):

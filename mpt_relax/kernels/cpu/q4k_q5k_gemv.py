@@ -1,16 +1,20 @@
-"""Decode GEMVs on GGUF Q4_K weights (most of a llama.cpp Q4_K_M file): ``y = x @ W^T`` for a
-few rows of x, W kept in the file's blocks (:mod:`mpt_relax.quantization.gguf_blocks`).
+"""Decode GEMVs on GGUF Q4_K and Q5_K weights (most of a llama.cpp Q4_K_M / Q5_K_M file):
+``y = x @ W^T`` for a few rows of x, W kept in the file's blocks
+(:mod:`mpt_relax.quantization.gguf_blocks`).
 
-A 256-weight block is 144 bytes: fp16 ``d`` and ``dmin``, 12 bytes of 6-bit (scale, min)
+A 256-weight Q4_K block is 144 bytes: fp16 ``d`` and ``dmin``, 12 bytes of 6-bit (scale, min)
 pairs for its eight sub-blocks of 32, then 128 bytes of nibbles; 32 bytes ``c`` (0..3) hold
 weights 64c .. 64c + 31 in their low nibbles and the next 32 in their high ones, so one
-64-lane vector of codes is those 32 bytes' low nibbles followed by their high ones. A weight is
-``(d * scale) * q - dmin * min`` in fp32.
+64-lane vector of codes is those 32 bytes' low nibbles followed by their high ones. A Q5_K
+block (176 bytes) puts 32 bytes of fifth bits between the scales and the nibbles: bit ``s`` of
+byte ``i`` is the high bit of weight ``32 s + i``. A weight is ``(d * scale) * q - dmin * min``
+in fp32 (q: 0..15, or 0..31 with the fifth bit).
 
-- :func:`q4k_gemv`, exact: each weight rounded to the model dtype as the fused dequantize does,
-  fp32 products and sums (only their order differs); 16 weights per FMA, four chains.
-- :func:`q4k_int8_gemv`, on x quantized per group of 32 (a sub-block) as
-  :func:`mpt_relax.kernels.cpu.int8_gemv.quantize_activation` does for int8 weights::
+- :func:`q4k_gemv` / :func:`q5k_gemv`, exact: each weight rounded to the model dtype as the
+  fused dequantize does, fp32 products and sums (only their order differs); 16 weights per FMA,
+  four chains.
+- :func:`q4k_int8_gemv` / :func:`q5k_int8_gemv`, on x quantized per group of 32 (a sub-block)
+  as :func:`mpt_relax.kernels.cpu.int8_gemv.quantize_activation` does for int8 weights::
 
       y[m, n] = sum_sub xs[m, g] * (d * scale * sum_k q[k] * xq[m, k] - dmin * min * sum_k xq[m, k])
 
@@ -24,6 +28,8 @@ weights 64c .. 64c + 31 in their low nibbles and the next 32 in their high ones,
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -32,11 +38,32 @@ from mpt_relax.kernels.lanes import bound, halving_sum
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, block_kernel, prefetch
 
-BLOCK, BLOCK_BYTES = 256, 144
+BLOCK = 256
 CHAINS = 4  # 16-lane fp32 accumulators per row (exact kernel)
-KERNEL_ATTR = "mpt_relax.q4k_int8_gemv"  # func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
 ISAS = ("avx512vnni", "generic")
 _DOT = "llvm.x86.avx512.vpdpbusd.512"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a block type keeps its parts: ``block_bytes`` per 256 weights, the 128 nibble bytes
+    at ``nibbles``, the 32 bytes of fifth bits at ``fifth_bits`` (None: 4-bit codes)."""
+
+    name: str
+    block_bytes: int
+    nibbles: int
+    fifth_bits: int | None
+    kernel_attr: str  # the int8 kernels' func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
+
+    @property
+    def cache_lines(self) -> int:
+        """Lines a block's bytes are prefetched as."""
+        return -(-self.block_bytes // 64)
+
+
+Q4_K = Layout("Q4_K", 144, 16, None, "mpt_relax.q4k_int8_gemv")
+Q5_K = Layout("Q5_K", 176, 48, 16, "mpt_relax.q5k_int8_gemv")
+LAYOUTS = {layout.name: layout for layout in (Q4_K, Q5_K)}
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -55,17 +82,18 @@ def k_scale_min(raw, row, base, sub) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     return scale.astype("float32"), minimum.astype("float32")
 
 
-def _half(d16, n, b, offset: int):
+def _half(layout, d16, n, b, offset: int):
     """The fp16 at byte ``offset`` (0: d, 2: dmin) of block ``b``, as fp32."""
-    return T.Cast("float32", T.reinterpret("float16", d16[n, b * (BLOCK_BYTES // 2) + offset // 2]))
+    return T.Cast("float32", T.reinterpret("float16", d16[n, b * (layout.block_bytes // 2) + offset // 2]))
 
 
-def _d_dmin(d16, n, b):
+def _d_dmin(layout, d16, n, b):
     """fp32 [16]: block ``b``'s ``d`` in lanes 0-7, its ``dmin`` in 8-15."""
-    return T.Shuffle([T.Broadcast(_half(d16, n, b, 0), 8), T.Broadcast(_half(d16, n, b, 2), 8)], list(range(16)))
+    return T.Shuffle([T.Broadcast(_half(layout, d16, n, b, 0), 8), T.Broadcast(_half(layout, d16, n, b, 2), 8)],
+                     list(range(16)))
 
 
-def _scales_mins(raw, n, b):
+def _scales_mins(layout, raw, n, b):
     """int32x16: the block's eight 6-bit scales (lanes 0-7), then its eight mins (8-15). Bytes
     4-15 of a block are the low scales ``ls``, the low mins ``lm`` and the mixed highs ``mh``
     (4 each); sub-blocks 0-3 keep 6 bits of ``ls`` / ``lm``, 4-7 a nibble of ``mh`` plus the
@@ -74,29 +102,57 @@ def _scales_mins(raw, n, b):
         """A constant int32x16 of four runs of 4 lanes."""
         return T.Shuffle([T.Broadcast(T.int32(v), 4) for v in values], list(range(16)))
 
-    def use(v):  # v: bytes 4..19 as int32 lanes (the last 4 are codes, unused)
+    def use(v):  # v: bytes 4..19 as int32 lanes (the last 4 unused)
         lows = T.Shuffle([v], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7])  # ls, ls, lm, lm
         mixed = T.Shuffle([v], [8, 9, 10, 11] * 4)
         return ((T.shift_right(mixed, runs(0, 0, 4, 4)) & runs(0, 15, 0, 15))
                 | (T.shift_right(lows, runs(0, 2, 0, 2)) & runs(63, 48, 63, 48)))
 
-    return bound(T.Cast("int32x16", raw[n, T.ramp(b * BLOCK_BYTES + 4, 1, 16)]), use)
+    return bound(T.Cast("int32x16", raw[n, T.ramp(b * layout.block_bytes + 4, 1, 16)]), use)
 
 
-def _codes(raw, n, b, c):
-    """uint8 [64]: the codes of weights 64c .. 64c + 63 of block ``b`` (``c`` may be a loop variable)."""
-    qs = raw[n, T.ramp(b * BLOCK_BYTES + 16 + c * 32, 1, 32)]
-    # the 32 bytes in both halves (one broadcast load), the upper half shifted by a nibble
-    shifts = T.Shuffle([T.Broadcast(T.uint64(0), 4), T.Broadcast(T.uint64(4), 4)], list(range(8)))
-    both = T.shift_right(T.reinterpret(T.Shuffle([qs, qs], list(range(32)) * 2), dtype="uint64x8"), shifts)
-    return T.reinterpret(both, dtype="uint8x64") & T.Broadcast(T.uint8(15), 64)
+def _shifted(bytes64, right, left):
+    """``bytes64`` (uint8 [64]) as eight 64-bit lanes, shifted right by ``right[0]`` then left by
+    ``left[0]`` in the lower half and by ``right[1]`` / ``left[1]`` in the upper (constants
+    once unrolled, so a zero shift folds away); bits that cross into a neighbouring byte are
+    masked off by the caller."""
+    def counts(pair):
+        return T.Shuffle([T.Broadcast(T.Cast("uint64", pair[0]), 4), T.Broadcast(T.Cast("uint64", pair[1]), 4)],
+                         list(range(8)))
+
+    words = T.reinterpret(bytes64, dtype="uint64x8")
+    return T.reinterpret(T.shift_left(T.shift_right(words, counts(right)), counts(left)), dtype="uint8x64")
+
+
+def _codes(layout, raw, n, b, c):
+    """uint8 [64]: the codes of weights 64c .. 64c + 63 of block ``b`` (``c`` an unrolled loop
+    variable): the 32 nibble bytes in both halves (one broadcast load), low nibbles then high,
+    plus Q5_K's fifth bits."""
+    base = b * layout.block_bytes
+    qs = raw[n, T.ramp(base + layout.nibbles + c * 32, 1, 32)]
+    codes = _shifted(T.Shuffle([qs, qs], list(range(32)) * 2), (0, 4), (0, 0)) & T.Broadcast(T.uint8(15), 64)
+    if layout.fifth_bits is None:
+        return codes
+    # weight 64c + i takes bit s = 2c of byte i, weight 64c + 32 + i bit s = 2c + 1: moved to bit 4
+    qh = raw[n, T.ramp(base + layout.fifth_bits, 1, 32)]
+    fifth = _shifted(T.Shuffle([qh, qh], list(range(32)) * 2), (T.max(2 * c - 4, 0), T.max(2 * c - 3, 0)),
+                     (T.max(4 - 2 * c, 0), T.max(3 - 2 * c, 0)))
+    return codes | (fifth & T.Broadcast(T.uint8(16), 64))
 
 
 def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
     """PrimFunc (blocks uint8 [N, K / 256 * 144], x [M, K] ``x_dtype``) -> y [M, N] ``out_dtype``
     (the argument order of the fused kernel it replaces), exact."""
-    N, K = out_features, in_features
-    B, row_bytes = K // BLOCK, K // BLOCK * BLOCK_BYTES
+    return _exact(Q4_K, out_features, in_features, x_dtype, out_dtype)
+
+
+def q5k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    """As :func:`q4k_gemv` on Q5_K blocks (uint8 [N, K / 256 * 176])."""
+    return _exact(Q5_K, out_features, in_features, x_dtype, out_dtype)
+
+
+def _exact(layout, N, K, x_dtype, out_dtype):
+    B, row_bytes = K // BLOCK, K // BLOCK * layout.block_bytes
     ahead = max(1, PREFETCH_BYTES // row_bytes)
 
     @T.prim_func(private=True, s_tir=True)
@@ -118,11 +174,11 @@ def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
                 for m in range(M):
                     acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
                     for b in range(B):
-                        for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
-                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
-                        sm[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(raw, n, b)) * _d_dmin(d16, n, b)
+                        for line in T.unroll(layout.cache_lines):
+                            prefetch(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
+                        sm[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(layout, d16, n, b)
                         for c in T.unroll(4):
-                            cb[n, T.ramp(0, 1, 64)] = _codes(raw, n, b, c)
+                            cb[n, T.ramp(0, 1, 64)] = _codes(layout, raw, n, b, c)
                             for quarter in T.unroll(4):  # sub-block 2c + quarter // 2
                                 acc[n, T.ramp(quarter * 16, 1, 16)] = acc[n, T.ramp(quarter * 16, 1, 16)] + T.Cast(
                                     "float32x16", T.Cast(f"{x_dtype}x16", T.Broadcast(sm[n, c * 2 + quarter // 2], 16) * T.Cast(
@@ -136,16 +192,28 @@ def q4k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
 def q4k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
     """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 144]) -> y [M, N]
     ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
-    return block_kernel("Q4_K", KERNEL_ATTR, {"avx512vnni": _vnni, "generic": _generic}, out_features, in_features,
-                        out_dtype, isa)
+    return _int8(Q4_K, out_features, in_features, out_dtype, isa)
 
 
-def _generic(N, K, out_dtype):
-    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * BLOCK_BYTES
+def q5k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
+    """As :func:`q4k_int8_gemv` on Q5_K blocks (uint8 [N, K / 256 * 176])."""
+    return _int8(Q5_K, out_features, in_features, out_dtype, isa)
+
+
+def _int8(layout, out_features, in_features, out_dtype, isa):
+    builders = {"avx512vnni": lambda *shape: _vnni(layout, *shape), "generic": lambda *shape: _generic(layout, *shape)}
+    return block_kernel(layout.name, layout.kernel_attr, builders, out_features, in_features, out_dtype, isa)
+
+
+def _generic(layout, N, K, out_dtype):
+    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * layout.block_bytes
 
     def code(raw, n, k):
-        b, j = k // BLOCK, k % BLOCK
-        return T.shift_right(T.Cast("int32", raw[n, b * BLOCK_BYTES + 16 + j // 64 * 32 + j % 32]), j // 32 % 2 * 4) & 15
+        base, j = k // BLOCK * layout.block_bytes, k % BLOCK
+        q = T.shift_right(T.Cast("int32", raw[n, base + layout.nibbles + j // 64 * 32 + j % 32]), j // 32 % 2 * 4) & 15
+        if layout.fifth_bits is None:
+            return q
+        return q | T.shift_left(T.shift_right(T.Cast("int32", raw[n, base + layout.fifth_bits + j % 32]), j // 32) & 1, 4)
 
     @T.prim_func(private=True, s_tir=True)
     def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
@@ -170,15 +238,17 @@ def _generic(N, K, out_dtype):
                             dot[n, 0] = dot[n, 0] + code(raw, n, k) * T.Cast("int32", xq[m, k])
                             dot[n, 1] = dot[n, 1] + T.Cast("int32", xq[m, k])
                         acc[n] = acc[n] + xs[m, b * 8 + sub] * (
-                            _half(d16, n, b, 0) * k_scale_min(raw, n, b * BLOCK_BYTES, sub)[0] * T.Cast("float32", dot[n, 0])
-                            - _half(d16, n, b, 2) * k_scale_min(raw, n, b * BLOCK_BYTES, sub)[1] * T.Cast("float32", dot[n, 1]))
+                            _half(layout, d16, n, b, 0) * k_scale_min(raw, n, b * layout.block_bytes, sub)[0] * T.Cast(
+                                "float32", dot[n, 0])
+                            - _half(layout, d16, n, b, 2) * k_scale_min(raw, n, b * layout.block_bytes, sub)[1] * T.Cast(
+                                "float32", dot[n, 1]))
                     y[m, n] = T.Cast(out_dtype, acc[n])
 
     return func
 
 
-def _vnni(N, K, out_dtype):
-    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * BLOCK_BYTES
+def _vnni(layout, N, K, out_dtype):
+    B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * layout.block_bytes
     ahead = max(1, PREFETCH_BYTES // row_bytes)
 
     @T.prim_func(private=True, s_tir=True)
@@ -205,16 +275,16 @@ def _vnni(N, K, out_dtype):
                     acc[n, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
                     low[n, T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
                     for b in range(B):
-                        for line in T.unroll(3):  # the block's 144 bytes span up to 3 cache lines
-                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
-                        fac[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(raw, n, b)) * _d_dmin(d16, n, b) * block_xs[
-                            m, T.ramp(b * 16, 1, 16)]
+                        for line in T.unroll(layout.cache_lines):
+                            prefetch(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
+                        fac[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(
+                            layout, d16, n, b) * block_xs[m, T.ramp(b * 16, 1, 16)]
                         low[n, T.ramp(0, 1, 16)] = low[n, T.ramp(0, 1, 16)] + fac[n, T.ramp(0, 1, 16)]
                         for c in T.unroll(4):  # lanes 0-7 of vector c are sub-block 2c, 8-15 2c + 1
                             acc[n, T.ramp(c % 2 * 16, 1, 16)] = acc[n, T.ramp(c % 2 * 16, 1, 16)] + T.Cast(
                                 "float32x16", T.call_llvm_pure_intrin(
                                     T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
-                                    T.reinterpret(_codes(raw, n, b, c), dtype="int8x64"),
+                                    T.reinterpret(_codes(layout, raw, n, b, c), dtype="int8x64"),
                                     T.reinterpret(xq[m, T.ramp(b * BLOCK + c * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
                             ) * T.Shuffle([fac[n, T.ramp(0, 1, 16)]], [c * 2] * 8 + [c * 2 + 1] * 8)
                     y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 32)], 32)[0]
