@@ -16,9 +16,10 @@ from __future__ import annotations
 import tvm
 
 from mpt_relax.compile.targets import TargetError, TargetSpec
-from mpt_relax.kernels.cpu import int8_gemv, int8_matmul, q4k_q5k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu import int8_gemv, int8_matmul
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
+from mpt_relax.quantization.gguf_scheme import INT8_GEMVS
 
 
 def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
@@ -27,12 +28,6 @@ def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
     if (q.int8_activations or q.int8_prefill) and gpus:
         raise TargetError(f"int8 activations ({q.tag}) are CPU kernels; build {', '.join(gpus)} without "
                           "--int8-activations / --int8-prefill (or target llvm only)")
-
-
-# GGUF block kernels: their attribute -> (constructor (out, in, out_dtype, isa), the isas it has)
-_BLOCK_KERNELS = {q6k_int8_gemv.KERNEL_ATTR: (q6k_int8_gemv.q6k_int8_gemv, q6k_int8_gemv.ISAS),
-                  q4k_q5k_gemv.Q4_K.kernel_attr: (q4k_q5k_gemv.q4k_int8_gemv, q4k_q5k_gemv.ISAS),
-                  q4k_q5k_gemv.Q5_K.kernel_attr: (q4k_q5k_gemv.q5k_int8_gemv, q4k_q5k_gemv.ISAS)}
 
 
 def best_isa(target: tvm.target.Target) -> str:
@@ -52,7 +47,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
         isa = None
         for gvar, func in list(mod.functions.items()):
             attrs = func.attrs if func.attrs is not None else {}
-            key = next((k for k in (int8_gemv.KERNEL_ATTR, *_BLOCK_KERNELS) if attrs.get(k) is not None), None)
+            key = next((k for k in (int8_gemv.KERNEL_ATTR, int8_gemv.BLOCK_KERNEL_ATTR) if attrs.get(k) is not None), None)
             if key is None:
                 continue
             if spec.name != "llvm":
@@ -60,9 +55,10 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
                                   "(build without --int8-activations / --int8-prefill)")
             isa = isa or best_isa(spec.target)
             info = attrs[key]
-            if key in _BLOCK_KERNELS:
-                make, isas = _BLOCK_KERNELS[key]
-                kernel = make(int(info["out"]), int(info["in"]), str(info["out_dtype"]), isa if isa in isas else "generic")
+            if key == int8_gemv.BLOCK_KERNEL_ATTR:
+                make = INT8_GEMVS[str(info["block"])]
+                kernel = make(int(info["out"]), int(info["in"]), str(info["out_dtype"]),
+                              isa if isa in int8_gemv.BLOCK_ISAS else "generic")
             else:
                 shape = (int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
                          str(info["scale_dtype"]))

@@ -35,7 +35,8 @@ from mpt_relax.quantization.gguf_repack import GROUP_SCHEMES, repack
 from mpt_relax.quantization.group import GroupQuantEmbedding, GroupQuantization, GroupQuantLinear, quantized_activation
 
 STORED_SUFFIX = "q_blocks"
-# the block types with a decode GEMV on int8 activations: (out, in, out_dtype) -> its generic kernel
+# the block types with a decode GEMV on int8 activations: (out, in, out_dtype, isa) -> the kernel
+# (the generic one by default; compile.int8_kernels picks the target's)
 INT8_GEMVS = {"Q6_K": q6k_int8_gemv.q6k_int8_gemv, "Q4_K": q4k_q5k_gemv.q4k_int8_gemv,
               "Q5_K": q4k_q5k_gemv.q5k_int8_gemv}
 

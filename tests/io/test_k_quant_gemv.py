@@ -21,7 +21,7 @@ from mpt_relax.compile.amx_kernels import has_amx
 from mpt_relax.compile.int8_kernels import best_isa, select_int8_kernels
 from mpt_relax.kernels.cpu import q4k_q5k_gemv, q6k_gemv, q6k_int8_gemv
 from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
-from mpt_relax.kernels.cpu.int8_gemv import quantize_activation
+from mpt_relax.kernels.cpu.int8_gemv import BLOCK_KERNEL_ATTR, quantize_activation
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.models.mpt.model import MPTForCausalLM
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
@@ -29,10 +29,10 @@ from mpt_relax.runtime.cpu_features import request_amx
 
 HOST = targets.llvm_target()
 INT8_ISAS = ["generic"] + (["avx512vnni"] if best_isa(HOST.target) == "avx512vnni" else [])
-# block type -> (its module, exact kernel, int8 kernel, int8 kernel attribute)
-KERNELS = {"Q6_K": (q6k_gemv, q6k_gemv.q6k_gemv, q6k_int8_gemv.q6k_int8_gemv, q6k_int8_gemv.KERNEL_ATTR),
-           "Q4_K": (q4k_q5k_gemv, q4k_q5k_gemv.q4k_gemv, q4k_q5k_gemv.q4k_int8_gemv, q4k_q5k_gemv.Q4_K.kernel_attr),
-           "Q5_K": (q4k_q5k_gemv, q4k_q5k_gemv.q5k_gemv, q4k_q5k_gemv.q5k_int8_gemv, q4k_q5k_gemv.Q5_K.kernel_attr)}
+# block type -> (its module, exact kernel, int8 kernel)
+KERNELS = {"Q6_K": (q6k_gemv, q6k_gemv.q6k_gemv, q6k_int8_gemv.q6k_int8_gemv),
+           "Q4_K": (q4k_q5k_gemv, q4k_q5k_gemv.q4k_gemv, q4k_q5k_gemv.q4k_int8_gemv),
+           "Q5_K": (q4k_q5k_gemv, q4k_q5k_gemv.q5k_gemv, q4k_q5k_gemv.q5k_int8_gemv)}
 SHAPES = [(1, 7, 256), (3, 130, 512), (2, 64, 768)]
 
 
@@ -114,13 +114,14 @@ def test_int8_decode_takes_the_targets_kernel(type_name):
     """gguf + int8 activations: every decode GEMV (the tied head included) is the int8 one, the
     VNNI kernel where the target has it, the generic one for x86-64-v3; prefill stays exact."""
     mod, count = _kept_model(type_name, int8_activations=True)
-    _, _, int8, attr = KERNELS[type_name]
+    int8 = KERNELS[type_name][2]
     assert sum(c.startswith(int8.__name__) for c in callees(mod["batch_decode"])) == count
     assert not any(c.startswith(int8.__name__) for c in callees(mod["prefill"]))
     for target, isa in [(HOST, INT8_ISAS[-1]), (targets.llvm_target("x86-64-v3"), "generic")]:
         out = select_int8_kernels(target)(mod)
         kernels = [f for g, f in out.functions.items() if g.name_hint.startswith(int8.__name__)]
-        assert kernels and {str(f.attrs[attr]["isa"]) for f in kernels} == {isa}
+        infos = [f.attrs[BLOCK_KERNEL_ATTR] for f in kernels]
+        assert kernels and {(str(i["block"]), str(i["isa"])) for i in infos} == {(type_name, isa)}
 
 
 @pytest.mark.skipif(not has_amx(HOST), reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")

@@ -47,6 +47,9 @@ PREFETCH_BYTES = 16384  # how far ahead the VNNI kernels ask for weights: 2x fas
 PARALLEL_ROWS = 4  # rows of x from which quantize_activation runs rows in parallel
 KERNEL_ATTR = "mpt_relax.int8_gemv"  # func attr: {"bits", "in", "out", "isa"}; see compile.int8_kernels
 ISAS = ("avx512vnni", "avxvnni", "generic")
+# the GGUF block types' kernels (Q6_K, Q4_K, Q5_K): attr {"block", "in", "out", "out_dtype", "isa"}
+BLOCK_KERNEL_ATTR = "mpt_relax.block_int8_gemv"
+BLOCK_ISAS = ("avx512vnni", "generic")
 # LLVM emits the 256-bit form as AVX-VNNI's VEX encoding where the target has no AVX512-VL
 _DOT = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
 _LANES = {"avx512vnni": 16, "avxvnni": 8}  # int32 lanes of one vpdpbusd
@@ -58,14 +61,15 @@ def prefetch(buf, row, col):
     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), T.int32(0), T.int32(3), T.int32(1)))
 
 
-def block_kernel(type_name: str, attr: str, builders: dict, out_features: int, in_features: int, out_dtype: str,
+def block_kernel(type_name: str, builders: dict, out_features: int, in_features: int, out_dtype: str,
                  isa: str) -> tirx.PrimFunc:
-    """A GGUF block type's int8-activation GEMV: ``builders[isa](N, K, out_dtype)``, tagged with
-    ``attr`` = {"in", "out", "out_dtype", "isa"} for :mod:`mpt_relax.compile.int8_kernels`."""
+    """A GGUF block type's int8-activation GEMV: ``builders[isa](N, K, out_dtype)`` (one per
+    :data:`BLOCK_ISAS`), tagged with :data:`BLOCK_KERNEL_ATTR` for :mod:`mpt_relax.compile.int8_kernels`."""
     if isa not in builders:
         raise ValueError(f"unknown {type_name} int8 GEMV kernel {isa!r}; one of {tuple(builders)}")
     func = builders[isa](out_features, in_features, out_dtype)
-    return func.with_attr(attr, {"in": in_features, "out": out_features, "out_dtype": out_dtype, "isa": isa})
+    return func.with_attr(BLOCK_KERNEL_ATTR, {"block": type_name, "in": in_features, "out": out_features,
+                                              "out_dtype": out_dtype, "isa": isa})
 
 
 def code_offset(bits: int) -> int:

@@ -40,7 +40,6 @@ from .int8_gemv import GROUP, block_kernel, prefetch
 
 BLOCK = 256
 CHAINS = 4  # 16-lane fp32 accumulators per row (exact kernel)
-ISAS = ("avx512vnni", "generic")
 _DOT = "llvm.x86.avx512.vpdpbusd.512"
 
 
@@ -53,7 +52,6 @@ class Layout:
     block_bytes: int
     nibbles: int
     fifth_bits: int | None
-    kernel_attr: str  # the int8 kernels' func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
 
     @property
     def cache_lines(self) -> int:
@@ -61,9 +59,8 @@ class Layout:
         return -(-self.block_bytes // 64)
 
 
-Q4_K = Layout("Q4_K", 144, 16, None, "mpt_relax.q4k_int8_gemv")
-Q5_K = Layout("Q5_K", 176, 48, 16, "mpt_relax.q5k_int8_gemv")
-LAYOUTS = {layout.name: layout for layout in (Q4_K, Q5_K)}
+Q4_K = Layout("Q4_K", 144, 16, None)
+Q5_K = Layout("Q5_K", 176, 48, 16)
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -95,8 +92,8 @@ def _d_dmin(layout, d16, n, b):
 
 def _scales_mins(layout, raw, n, b):
     """int32x16: the block's eight 6-bit scales (lanes 0-7), then its eight mins (8-15). Bytes
-    4-15 of a block are the low scales ``ls``, the low mins ``lm`` and the mixed highs ``mh``
-    (4 each); sub-blocks 0-3 keep 6 bits of ``ls`` / ``lm``, 4-7 a nibble of ``mh`` plus the
+    4-15 of a block are the low scales ``ls``, the low mins ``lm`` and the ``mixed`` highs (4
+    each); sub-blocks 0-3 keep 6 bits of ``ls`` / ``lm``, 4-7 a nibble of ``mixed`` plus the
     top 2 bits of ``ls`` / ``lm``: a few 16-lane ops with per-lane shifts and masks."""
     def runs(*values):
         """A constant int32x16 of four runs of 4 lanes."""
@@ -202,7 +199,7 @@ def q5k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str 
 
 def _int8(layout, out_features, in_features, out_dtype, isa):
     builders = {"avx512vnni": lambda *shape: _vnni(layout, *shape), "generic": lambda *shape: _generic(layout, *shape)}
-    return block_kernel(layout.name, layout.kernel_attr, builders, out_features, in_features, out_dtype, isa)
+    return block_kernel(layout.name, builders, out_features, in_features, out_dtype, isa)
 
 
 def _generic(layout, N, K, out_dtype):

@@ -30,16 +30,13 @@ from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, block_kernel, prefetch
 from .q6k_gemv import BLOCK, BLOCK_BYTES, codes, supported  # noqa: F401  (the same shapes)
 
-KERNEL_ATTR = "mpt_relax.q6k_int8_gemv"  # func attr {"in", "out", "out_dtype", "isa"}; see compile.int8_kernels
-ISAS = ("avx512vnni", "generic")
 _DOT = "llvm.x86.avx512.vpdpbusd.512"
 
 
 def q6k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
     """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 210]) -> y [M, N]
     ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
-    return block_kernel("Q6_K", KERNEL_ATTR, {"avx512vnni": _vnni, "generic": _generic}, out_features, in_features,
-                        out_dtype, isa)
+    return block_kernel("Q6_K", {"avx512vnni": _vnni, "generic": _generic}, out_features, in_features, out_dtype, isa)
 
 
 def _generic(N, K, out_dtype):
