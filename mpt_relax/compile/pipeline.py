@@ -12,7 +12,7 @@ from tvm.s_tir import dlight as dl
 
 from mpt_relax.compile.kv_cache import DEFAULT_PAGE_SIZE, dispatch_kv_cache
 from mpt_relax.compile import vulkan as vulkan_config
-from mpt_relax.compile.amx_kernels import select_amx_kernels
+from mpt_relax.compile.amx_kernels import select_amx_kernels, select_exact_amx_prefill
 from mpt_relax.compile.cpu_math import vectorized_gelu
 from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.compile.int8_kernels import select_int8_kernels
@@ -31,6 +31,7 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
         vectorized_gelu(spec.name),  # llvm: a polynomial erf instead of one libm call per element
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         select_decode_gemv(spec),  # llvm: decode GEMVs (float, exact q4/q8) stream with prefetches
+        select_exact_amx_prefill(spec),  # AMX CPUs: the prefill's exact fp16 matmuls on the tiles
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -132,7 +132,8 @@ class Quantization:
                 "model_dtype": self.model_dtype, "quantized": None, "embedding_quantized": False,
                 "activations": "int8 per group of 32 in the decode GEMVs" if self.int8_activations else self.model_dtype,
                 "prefill": "bf16 products on the AMX tiles (where the target has AMX-BF16)" if self.amx_prefill
-                else "int8 per group of 32, integer dot products" if self.int8_prefill else "exact",
+                else "int8 per group of 32, integer dot products" if self.int8_prefill
+                else "exact (fp16 models: on the AMX tiles where the target has AMX-BF16)",
                 "embedding": f"{self.model_dtype}, like every weight"}
 
     def tensor_record(self, output: str, source: str, source_shape: tuple[int, ...], embedding: bool = False

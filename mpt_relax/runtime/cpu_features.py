@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+# operand dtypes whose bf16 hi + lo parts hold them exactly: the models whose exact prefill runs
+# on the AMX tiles (mpt_relax.kernels.cpu.amx_matmul)
+AMX_EXACT_DTYPES = ("float16", "bfloat16")
 _CPUINFO_ALIASES = {"pni": "sse3", "abm": "lzcnt", "bmi1": "bmi", "pclmulqdq": "pclmul", "shani": "sha"}
 
 

@@ -209,10 +209,13 @@ class Engine:
                 f"{self.path} was compiled for CPU {self.meta.get('mcpu')!r}, whose instructions {', '.join(missing[:6])} "
                 "this CPU lacks; rebuild it here (--mcpu native) or with a portable --mcpu such as x86-64-v3"
             )
-        uses_amx = "amx-tile" in required and "+amx" in self.meta.get("quantization", {}).get("tag", "")  # --amx-prefill
-        if uses_amx and not cpu_features.request_amx():  # its kernels need the tile state first
+        # a library for an AMX CPU prefills on the tiles: in bf16 with --amx-prefill, exactly where the
+        # model is fp16 (compile.amx_kernels); fp32 models' exact prefill keeps the FMA units
+        quant = self.meta.get("quantization", {})
+        on_tiles = "+amx" in quant.get("tag", "") or quant.get("model_dtype") in cpu_features.AMX_EXACT_DTYPES
+        if "amx-tile" in required and on_tiles and not cpu_features.request_amx():  # the tile state first
             raise EngineError(f"{self.path} uses AMX kernels but Linux refused this process the AMX tile state; "
-                              "rebuild without --amx-prefill")
+                              "rebuild it for a CPU without AMX (e.g. --mcpu x86-64-v4)")
 
     def _library(self, device: str) -> str:
         target = BY_DEVICE[device].name

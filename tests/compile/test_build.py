@@ -156,9 +156,10 @@ def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
         mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quantization="q0f32", quiet=True)
 
 
-def test_amx_tile_state_is_asked_for_amx_prefill_builds_only(ckpt, tmp_path, monkeypatch):
-    """Linux's AMX permission is asked for where the library's prefill runs on the tiles, not for
-    every build for an AMX CPU: an exact build loads even where Linux would refuse it."""
+def test_amx_tile_state_is_asked_for_where_prefill_runs_on_the_tiles(ckpt, tmp_path, monkeypatch):
+    """Linux's AMX permission is asked for where the library's prefill runs on the tiles (--amx-prefill,
+    or an fp16 model's exact prefill), not for every build for an AMX CPU: an fp32 build's exact
+    prefill stays on the FMA units, and it loads even where Linux would refuse the tiles."""
     from mpt_relax.runtime import cpu_features
 
     art = mpt_relax.build(ckpt[0], output=tmp_path / "exact", quantization="q0f32", quiet=True)
@@ -170,11 +171,12 @@ def test_amx_tile_state_is_asked_for_amx_prefill_builds_only(ckpt, tmp_path, mon
     monkeypatch.setattr(cpu_features, "request_amx", lambda: asked.append(True) and False)
     mpt_relax.Engine(art)
     assert not asked
-    meta["quantization"]["tag"] += "+amx"
-    (art / "mpt-config.json").write_text(json.dumps(meta))
-    with pytest.raises(mpt_relax.EngineError, match="Linux refused this process the AMX tile state"):
-        mpt_relax.Engine(art)
-    assert asked
+    for change in [{"tag": meta["quantization"]["tag"] + "+amx"}, {"model_dtype": "float16"}]:
+        (art / "mpt-config.json").write_text(json.dumps({**meta, "quantization": {**meta["quantization"], **change}}))
+        with pytest.raises(mpt_relax.EngineError, match="Linux refused this process the AMX tile state"):
+            mpt_relax.Engine(art)
+        assert asked
+        asked.clear()
 
 
 def test_gpu_targets_compile_here(ckpt, tmp_path):

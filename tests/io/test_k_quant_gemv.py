@@ -127,15 +127,18 @@ def test_int8_decode_takes_the_targets_kernel(type_name):
 @pytest.mark.skipif(not has_amx(HOST), reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
 @pytest.mark.parametrize("block", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("rows, n_out, k_in", [(1, 32, 256), (37, 96, 512)])
-def test_kernel_on_gguf_blocks(block, rows, n_out, k_in):
-    """GGUF Q4_K / Q5_K / Q6_K rows decoded as ``gguf.quants`` does, rounded to fp16 then bf16."""
+@pytest.mark.parametrize("exact", [False, True], ids=["bf16", "exact"])
+def test_kernel_on_gguf_blocks(block, rows, n_out, k_in, exact):
+    """GGUF Q4_K / Q5_K / Q6_K rows decoded as ``gguf.quants`` does, rounded to fp16, then to bf16
+    (the bf16 kernel) or split into exact bf16 parts (the exact kernel: as close as fp32 sums)."""
     raw = encode(np.random.default_rng(rows).standard_normal((n_out, k_in)).astype(np.float32), block, seed=rows)
     w = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, block)).reshape(n_out, k_in).astype(np.float16)
     x = np.random.default_rng(n_out).standard_normal((rows, k_in)).astype(np.float16)
-    expected = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T
-    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, 0, "float16", "float32", "float16", block)
+    expected = (x.astype(np.float64) @ w.astype(np.float64).T if exact
+                else bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T)
+    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, 0, "float16", "float32", "float16", block, exact)
                                     .with_attr("global_symbol", "main")}), target=HOST.target)
     y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))
     assert request_amx()  # the tile state, once per process
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
-    assert rel_err(y.numpy(), expected) < 1e-5
+    assert rel_err(y.numpy(), expected) < (1e-6 if exact else 1e-5)

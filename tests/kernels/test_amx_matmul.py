@@ -1,5 +1,7 @@
-"""The AMX bf16 prefill matmul: the kernel against numpy on bf16-rounded operands (where this
-CPU has AMX), and ``amx_prefill`` builds against HF on the trained model and the exact path."""
+"""The AMX prefill matmuls (where this CPU has AMX): the bf16 kernel against numpy on
+bf16-rounded operands, the exact kernel (hi + lo bf16 parts) against float64 on the fp16
+operands; ``amx_prefill`` builds against HF on the trained model and the exact path, and the
+pass that puts an fp16 model's exact prefill on the tiles."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import torch
 import tvm
 
 import mpt_relax
-from factory import bf16, rel_err, with_top_codes
+from factory import bf16, callees, rel_err, with_top_codes
 from mpt_relax.compile import targets
-from mpt_relax.compile.amx_kernels import has_amx
-from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
+from mpt_relax.compile.amx_kernels import has_amx, select_exact_amx_prefill
+from mpt_relax.compile.builder import quantized_model
+from mpt_relax.kernels.cpu.amx_matmul import TILE_ROWS_MIN, amx_matmul
+from mpt_relax.models.mpt.config import MPTConfig
+from mpt_relax.quantization import fuse_dequantize_matmul
 from mpt_relax.quantization import QuantizationError, dequantize_weight, get_quantization, quantize_weight
 from mpt_relax.runtime.cpu_features import host_features, request_amx
 
@@ -55,6 +60,58 @@ def test_kernel_matches_numpy_on_bf16_operands(bits, rows, n_out, k_in):
     assert rel_err(y.numpy(), expected) < 1e-5
 
 
+def _weights(bits, n_out, k_in, rng):
+    """(the kernel's weight inputs, their fp16 values) for q4/q8 codes or fp16 weights (16)."""
+    weight = rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.05
+    if bits == 16:
+        w = weight.astype(np.float16)
+        return (w,), w
+    q = get_quantization(f"q{bits}f16_1")
+    packed = with_top_codes(quantize_weight(weight, q), bits)
+    return (packed["q_weight"], packed["q_scale"]), dequantize_weight(
+        packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float16)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16: the kernel cannot run here (the exact path is tested)")
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("rows", [1, TILE_ROWS_MIN - 1, TILE_ROWS_MIN, 37])
+def test_exact_kernel_matches_float64(bits, rows):
+    """fp32 sums of the exact products of the fp16 operands: as close to float64 as the FMA path
+    (fewer rows than TILE_ROWS_MIN take the FMA loop over the same decoded weights)."""
+    rng = np.random.default_rng(rows)
+    n_out, k_in = 64, 512
+    inputs, w = _weights(bits, n_out, k_in, rng)
+    x = rng.standard_normal((rows, k_in)).astype(np.float16)
+    lib = tvm.compile(tvm.IRModule({"main": amx_matmul(n_out, k_in, bits, "float16", "float32", "float16", exact=True)
+                                    .with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, np.float32))
+    assert request_amx()  # the tile state, once per process
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in inputs), y)
+    assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
+
+
+def test_exact_kernel_refuses_fp32_operands():
+    with pytest.raises(ValueError, match="exact AMX products need float16 / bfloat16 operands"):
+        amx_matmul(32, 64, 32, "float32", "float32", "float32", exact=True)
+
+
+@pytest.mark.parametrize("scheme", ["q4f16_1", "q0f16", "q0f32"])
+def test_exact_prefill_goes_on_the_tiles_of_amx_targets(scheme):
+    """An fp16 model's prefill projections (every Linear; the tied head too) become the exact tile
+    kernel on an AMX target only; decode keeps its GEMVs, fp32 models their FMA path."""
+    cfg = MPTConfig(d_model=256, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
+    net, _ = quantized_model(cfg, get_quantization(scheme))
+    mod, _ = net.export_tvm(spec=net.export_spec())
+    mod = tvm.transform.Sequential([tvm.relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
+    sapphire = targets.llvm_target("sapphirerapids")
+    out = select_exact_amx_prefill(sapphire)(mod)
+    tiles = [c for c in callees(out["prefill"]) if c.startswith("amx_exact_matmul_")]
+    assert len(tiles) == (0 if scheme == "q0f32" else 5)  # Wqkv, out_proj, up, down, the head
+    assert not any(c.startswith("amx_exact_matmul_") for c in callees(out["batch_decode"]))
+    portable = select_exact_amx_prefill(targets.llvm_target("x86-64-v3"))(mod)
+    assert not any(c.startswith("amx_exact_matmul_") for c in callees(portable["prefill"]))
+
+
 @pytest.fixture(scope="module")
 def trained_hf():
     from transformers import MptForCausalLM
@@ -79,6 +136,9 @@ def test_amx_prefill_against_hf_and_the_exact_path(trained_hf, tmp_path):
     assert rel_err(logits["exact"], ref) < 3e-3 and rel_err(logits["amx"], ref) < 3e-3
     assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == AMX  # bf16 products only where AMX runs
     assert rel_err(logits["v3"], logits["v3-exact"]) < 1e-5
+    # the exact prefill on the tiles (where AMX) or on the FMA units: only the order of the fp32 sums
+    # differs, which the fp16 activations then round apart (AVX-512 and AVX2 FMA builds: 1.8e-4)
+    assert rel_err(logits["exact"], logits["v3-exact"]) < 5e-4
     greedy = [int(np.argmax(logits[n][-1])) for n in ("exact", "amx", "v3")]
     assert len(set(greedy)) == 1
 

@@ -25,10 +25,20 @@ A weight is dequantized as the exact path does, ``(code - offset) * scale`` in t
 dtype, then rounded to bf16. A process must ask Linux for the tile state before its first AMX
 instruction (:func:`mpt_relax.runtime.cpu_features.request_amx`), or it dies of SIGILL.
 
-The Linear layers emit :func:`exact_matmul` tagged with :data:`KERNEL_ATTR`;
-:mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the target has AMX-BF16
-(and the AVX-512 subsets used above, :data:`REQUIRED_FEATURES`) and leaves the exact kernel
-(fused and scheduled as usual) elsewhere.
+``exact=True``: for fp16 (or bf16) x and weights, each value ``v`` is split into bf16 parts
+``hi = bf16(v)`` and ``lo = v - hi`` (an fp16 value has 11 significant bits, so ``lo`` has at
+most 3 and is exact in bf16); x and the weights each fill a hi and a lo tile, and four passes
+(hi x hi, hi x lo, lo x lo, lo x hi, each reloading one operand) add the four products, exact
+in fp32, into the fp32 accumulators: the exact path's fp32 products and sums in another order.
+With fewer than :data:`TILE_ROWS_MIN` rows of x, filling the tiles costs more than it saves:
+each weight row's 32-weight groups are decoded the same way, ``hi + lo`` rebuilt in fp32 and
+multiplied into the rows with FMAs.
+
+The Linear layers of ``amx_prefill`` schemes emit :func:`exact_matmul` tagged with
+:data:`KERNEL_ATTR`; :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the
+target has AMX-BF16 (and the AVX-512 subsets used above, :data:`REQUIRED_FEATURES`) and leaves
+the exact kernel (fused and scheduled as usual) elsewhere; it also puts other fp16 models'
+exact prefill matmuls on ``amx_matmul(exact=True)``.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ import functools
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import transpose_16x16
+from mpt_relax.kernels.lanes import bound, halving_sum, transpose_16x16
+from mpt_relax.runtime.cpu_features import AMX_EXACT_DTYPES
 
 from .q4k_q5k_gemv import Q4_K, Q5_K, k_scale_min
 
@@ -48,7 +59,9 @@ REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl
 BLOCK = 32  # output columns per parallel task (two A tiles), and rows of x per step (two B tiles)
 _INTERLEAVE = [i // 2 + (i % 2) * 16 for i in range(32)]  # [low0, high0, low1, high1, ...] of two 16-lane vectors
 _CONCAT = list(range(32))
-_FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
+FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
+EXACT_DTYPES = AMX_EXACT_DTYPES  # operands whose bf16 hi + lo parts hold them exactly
+TILE_ROWS_MIN = 16  # exact kernels: rows of x from which the tiles pay for filling them
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -72,7 +85,7 @@ def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtyp
     ``w_dtype`` -> y [M, N] (fp32 products and sums, like NT_matmul)."""
     w = te.placeholder((out_features, in_features), w_dtype, name="weight")
     return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [w], lambda o, i: w[o, i],
-                          _FLOAT_BITS[w_dtype], w_dtype)
+                          FLOAT_BITS[w_dtype], w_dtype)
 
 
 def exact_block_matmul(block, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
@@ -102,11 +115,14 @@ def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weigh
 
 
 def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
-               w_dtype: str = "float16", block: str = "") -> tirx.PrimFunc:
+               w_dtype: str = "float16", block: str = "", exact: bool = False) -> tirx.PrimFunc:
     """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale ``w_dtype`` [N, K/32]) -> y [M, N]
     for bits 4 and 8; (x [M, K], W ``w_dtype`` [N, K]) -> y [M, N] for float weights (bits 16 or
     32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q5_K / Q6_K
-    (:data:`BLOCK_TYPES`); see the module docstring."""
+    (:data:`BLOCK_TYPES`); see the module docstring. ``exact``: the split products of
+    :data:`EXACT_DTYPES` operands, and the FMA loop under :data:`TILE_ROWS_MIN` rows."""
+    if exact and not (x_dtype in EXACT_DTYPES and w_dtype in EXACT_DTYPES):
+        raise ValueError(f"exact AMX products need {' / '.join(EXACT_DTYPES)} operands, got x {x_dtype}, weights {w_dtype}")
     N, K = out_features, in_features
     k_steps = K // 32
     w_stride, c_stride = T.int64(K * 2), T.int64(64)  # bytes per tile row
@@ -120,27 +136,43 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         return T.reinterpret(T.call_llvm_pure_intrin("bfloat16x16", "llvm.x86.avx512bf16.cvtneps2bf16.512", value),
                              dtype="int16x16")
 
-    def dequantized(codes, scale):
-        """16 codes (a 16-lane integer vector) -> bf16 bits of ``(code - off) * scale``, the
-        arithmetic in the scale's dtype as in the exact path."""
+    def widened(bits16, lanes: int = 16):
+        """int16 x ``lanes`` bf16 bits -> their float32 values (exact)."""
+        return T.reinterpret(T.shift_left(T.Cast(f"int32x{lanes}", T.reinterpret(bits16, dtype=f"uint16x{lanes}")),
+                                          T.Broadcast(T.int32(16), lanes)), dtype=f"float32x{lanes}")
+
+    def part(value, which: int):
+        """bf16 bits of ``value``'s high part (0, bf16 rounding) or of the rest (1, exact for fp16 values)."""
+        if which == 0:
+            return bf16x16(value)
+        return bound(value, lambda v: bf16x16(v - widened(bf16x16(v))))
+
+    def scaled(codes, scale):
+        """16 codes (a 16-lane integer vector) -> fp32 ``(code - off) * scale``, the arithmetic
+        in the scale's dtype as in the exact path."""
         off = 2 ** (bits - 1) - 1
-        return bf16x16(T.Cast("float32x16", (T.Cast(f"{w_dtype}x16", codes) - T.Broadcast(T.Cast(w_dtype, off), 16))
-                                            * T.Broadcast(scale, 16)))
+        return T.Cast("float32x16", (T.Cast(f"{w_dtype}x16", codes) - T.Broadcast(T.Cast(w_dtype, off), 16))
+                      * T.Broadcast(scale, 16))
 
     def lookup(table, index):
         return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx512.permvar.hi.256", table, index)
 
+    def halves(value, which):
+        """int16x32: bf16 part ``which`` of 32 weights, from ``value(h)`` (fp32, weights 16h .. 16h + 15)."""
+        return T.Shuffle([part(value(0), which), part(value(1), which)], _CONCAT)
+
     @T.macro
-    def x_tiles(x, xb, M):
-        """x -> xb[k // 2, m]: the bf16 pair (x[m, k], x[m, k + 1]) as 32 bits, rows past M zero."""
+    def x_tiles(x, xb, M, which):
+        """x -> xb[k // 2, m]: bf16 part ``which`` (0: hi, 1: lo) of the pair (x[m, k], x[m, k + 1])
+        as 32 bits, rows past M zero."""
         for kc in T.parallel(k_steps):
             tx = T.alloc_buffer((2, 256), "float32")
             for mt in range((M + 31) // 32 * 2):
                 for i in T.unroll(16):
                     tx[0, T.ramp(i * 16, 1, 16)] = T.if_then_else(
                         mt * 16 + i < M,
-                        T.reinterpret(T.Shuffle([bf16x16(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
-                                                                                  T.ramp(kc * 32 + h * 16, 1, 16)]))
+                        T.reinterpret(T.Shuffle([part(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
+                                                                             T.ramp(kc * 32 + h * 16, 1, 16)]), which)
                                                  for h in (0, 1)], _CONCAT), dtype="float32x16"),
                         T.Broadcast(T.float32(0), 16))
                 transpose_16x16(tx)
@@ -158,8 +190,29 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                     f"{out_dtype}x16", tb[0, T.ramp(i * 16, 1, 16)])
 
     @T.macro
-    def multiply(w, xb, y, M, nb):
-        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` [32, K] and ``xb``."""
+    def load_a(w, kc):
+        """Tiles 4, 5: weight rows 0-15 and 16-31 of k-step ``kc``."""
+        tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(w[0, kc * 32]), w_stride)
+        tile("llvm.x86.tileloadd64", T.int8(5), T.address_of(w[16, kc * 32]), w_stride)
+
+    @T.macro
+    def load_b(xb, kc, mb, M):
+        """Tiles 6, 7: rows 0-15 and 16-31 of x block ``mb``, k-step ``kc``."""
+        tile("llvm.x86.tileloadd64", T.int8(6), T.address_of(xb[kc * 16, mb * 32]), T.Cast("int64", (M + 31) // 32 * 32 * 4))
+        tile("llvm.x86.tileloadd64", T.int8(7), T.address_of(xb[kc * 16, mb * 32 + 16]),
+             T.Cast("int64", (M + 31) // 32 * 32 * 4))
+
+    @T.macro
+    def dots():
+        tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+        tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+        tile("llvm.x86.tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+        tile("llvm.x86.tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+
+    @T.macro
+    def multiply(w, wl, xb, xl, y, M, nb):
+        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` [32, K] and ``xb``;
+        exact: four passes (w x, w xl, wl xl, wl x), each reloading one operand."""
         cfg = T.alloc_buffer((64,), "uint8")
         tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
         for i in range(64):
@@ -175,26 +228,82 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             tile("llvm.x86.tilezero", T.int8(2))
             tile("llvm.x86.tilezero", T.int8(3))
             for kc in range(k_steps):
-                tile("llvm.x86.tileloadd64", T.int8(4), T.address_of(w[0, kc * 32]), w_stride)
-                tile("llvm.x86.tileloadd64", T.int8(5), T.address_of(w[16, kc * 32]), w_stride)
-                tile("llvm.x86.tileloadd64", T.int8(6), T.address_of(xb[kc * 16, mb * 32]),
-                     T.Cast("int64", (M + 31) // 32 * 32 * 4))
-                tile("llvm.x86.tileloadd64", T.int8(7), T.address_of(xb[kc * 16, mb * 32 + 16]),
-                     T.Cast("int64", (M + 31) // 32 * 32 * 4))
-                tile("llvm.x86.tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
-                tile("llvm.x86.tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
-                tile("llvm.x86.tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
-                tile("llvm.x86.tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+                load_a(w, kc)
+                load_b(xb, kc, mb, M)
+                dots()
+                if exact:
+                    load_b(xl, kc, mb, M)
+                    dots()
+                    load_a(wl, kc)
+                    dots()
+                    load_b(xb, kc, mb, M)
+                    dots()
             write_tile(y, tb, M, mb, nb, 0)
             write_tile(y, tb, M, mb, nb, 1)
             write_tile(y, tb, M, mb, nb, 2)
             write_tile(y, tb, M, mb, nb, 3)
         tile("llvm.x86.tilerelease")
 
-    if block:
-        return _block_func(block, N, K, x_dtype, out_dtype, w_dtype, x_tiles, multiply, bf16x16)
+    def body(chunk):
+        """The kernel body around ``chunk(a, b, row, g, which)`` -> int16x32, bf16 part ``which``
+        of the 32 weights of group ``g`` of weight row ``row`` (``a``, ``b``: the weight buffers)."""
 
-    if bits in _FLOAT_BITS.values():
+        @T.macro
+        def run(x, y, M, a, b):
+            if not exact or M >= TILE_ROWS_MIN:
+                xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
+                xl = T.alloc_buffer((K // 2, (M + 31) // 32 * 32) if exact else (1, 1), "float32")  # exact: lo parts
+                x_tiles(x, xb, M, 0)
+                if exact:
+                    x_tiles(x, xl, M, 1)
+                for nb in T.parallel(N // 32):
+                    w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
+                    wl = T.alloc_buffer((32, K) if exact else (1, 1), "int16")  # exact: their lo parts
+                    for j, g in T.grid(32, k_steps):
+                        w[j, T.ramp(g * 32, 1, 32)] = chunk(a, b, nb * 32 + j, g, 0)
+                        if exact:
+                            wl[j, T.ramp(g * 32, 1, 32)] = chunk(a, b, nb * 32 + j, g, 1)
+                    multiply(w, wl, xb, xl, y, M, nb)
+            else:  # a few rows: each weight decoded once (hi + lo, exactly) and multiplied in fp32
+                for nb in T.parallel(N // 32):
+                    acc = T.alloc_buffer((TILE_ROWS_MIN, 32), "float32")
+                    wv = T.alloc_buffer((32,), "float32")
+                    for j in range(32):
+                        for m in range(M):
+                            acc[m, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
+                        for g in range(k_steps):
+                            wv[T.ramp(0, 1, 32)] = widened(chunk(a, b, nb * 32 + j, g, 0), 32) + widened(
+                                chunk(a, b, nb * 32 + j, g, 1), 32)
+                            for m in range(M):
+                                acc[m, T.ramp(0, 1, 32)] = acc[m, T.ramp(0, 1, 32)] + wv[T.ramp(0, 1, 32)] * T.Cast(
+                                    "float32x32", x[m, T.ramp(g * 32, 1, 32)])
+                        for m in range(M):
+                            y[m, nb * 32 + j] = T.Cast(out_dtype, halving_sum(acc[m, T.ramp(0, 1, 32)], 32)[0])
+
+        return run
+
+    if block:
+        block_bytes, weights16 = BLOCK_TYPES[block]
+        row_bytes = K // 256 * block_bytes
+        run = body(lambda raw, d16, row, g, which: halves(lambda h: weights16(raw, d16, row, g, h, w_dtype), which))
+
+        @T.prim_func(private=True, s_tir=True)
+        def block_func(x_h: T.handle, raw_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
+            M = T.int64()
+            x = T.match_buffer(x_h, (M, K), x_dtype)
+            raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
+            y = T.match_buffer(y_h, (M, N), out_dtype)
+            with T.sblock("root"):
+                d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)  # the fp16 d / dmin (even offsets)
+                run(x, y, M, raw, d16)
+
+        return block_func
+
+    if bits in FLOAT_BITS.values():
+        run = body(lambda wf, _, row, g, which: halves(
+            lambda h: T.Cast("float32x16", wf[row, T.ramp(g * 32 + h * 16, 1, 16)]), which))
+
         @T.prim_func(private=True, s_tir=True)
         def float_func(x_h: T.handle, wf_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
@@ -203,18 +312,24 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             wf = T.match_buffer(wf_h, (N, K), w_dtype)
             y = T.match_buffer(y_h, (M, N), out_dtype)
             with T.sblock("root"):
-                xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
-                x_tiles(x, xb, M)
-                for nb in T.parallel(N // 32):
-                    w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
-                    for j, g, h in T.grid(32, k_steps, 2):
-                        w[j, T.ramp(g * 32 + h * 16, 1, 16)] = bf16x16(
-                            T.Cast("float32x16", wf[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)]))
-                    multiply(w, xb, y, M, nb)
+                run(x, y, M, wf, wf)
 
         return float_func
 
     words, code_bytes = K * bits // 32, K * bits // 8
+
+    def group_chunk(qb, qs, row, g, which):
+        if bits == 4:  # byte b of a group: k = 2b (low nibble), 2b + 1 (high), through a table of the 16 weights
+            codes = T.Cast("int16x16", qb[row, T.ramp(g * 16, 1, 16)])
+
+            def table():  # a new expression per use (a Let bound once would be defined twice)
+                return part(scaled(T.ramp(0, 1, 16), qs[row, g]), which)
+
+            return T.Shuffle([lookup(table(), codes & T.Broadcast(T.int16(15), 16)),
+                              lookup(table(), codes >> T.Broadcast(T.int16(4), 16))], _INTERLEAVE)
+        return halves(lambda h: scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g]), which)
+
+    run = body(group_chunk)
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
@@ -226,22 +341,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
             qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
-            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
-            x_tiles(x, xb, M)
-            for nb in T.parallel(N // 32):
-                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
-                for j, g in T.grid(32, k_steps):
-                    if bits == 4:  # byte b of a group: k = 2b (low nibble), 2b + 1 (high)
-                        table = dequantized(T.ramp(0, 1, 16), qs[nb * 32 + j, g])
-                        codes = T.Cast("int16x16", qb[nb * 32 + j, T.ramp(g * 16, 1, 16)])
-                        w[j, T.ramp(g * 32, 1, 32)] = T.Shuffle(
-                            [lookup(table, codes & T.Broadcast(T.int16(15), 16)),
-                             lookup(table, codes >> T.Broadcast(T.int16(4), 16))], _INTERLEAVE)
-                    else:
-                        for h in T.unroll(2):
-                            w[j, T.ramp(g * 32 + h * 16, 1, 16)] = dequantized(
-                                qb[nb * 32 + j, T.ramp(g * 32 + h * 16, 1, 16)], qs[nb * 32 + j, g])
-                multiply(w, xb, y, M, nb)
+            run(x, y, M, qb, qs)
 
     return func
 
@@ -282,29 +382,3 @@ def _q6k_chunk(raw, d16, row, g, half, w_dtype):
 # GGUF blocks: bytes per 256 weights, a chunk's weights
 BLOCK_TYPES = {"Q4_K": (Q4_K.block_bytes, functools.partial(_kmin_chunk, Q4_K)),
                "Q5_K": (Q5_K.block_bytes, functools.partial(_kmin_chunk, Q5_K)), "Q6_K": (210, _q6k_chunk)}
-
-
-def _block_func(block, N, K, x_dtype, out_dtype, w_dtype, x_tiles, multiply, bf16x16):
-    """:func:`amx_matmul` on GGUF ``block`` rows: the A tiles decoded 16 weights at a time."""
-    block_bytes, chunk = BLOCK_TYPES[block]
-    row_bytes, k_steps = K // 256 * block_bytes, K // 32
-
-    @T.prim_func(private=True, s_tir=True)
-    def func(x_h: T.handle, raw_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # kOpaque: never fused
-        M = T.int64()
-        x = T.match_buffer(x_h, (M, K), x_dtype)
-        raw = T.match_buffer(raw_h, (N, row_bytes), "uint8")
-        y = T.match_buffer(y_h, (M, N), out_dtype)
-        with T.sblock("root"):
-            d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)  # the fp16 d / dmin (even offsets)
-            xb = T.alloc_buffer((K // 2, (M + 31) // 32 * 32), "float32")  # x^T as B tiles
-            x_tiles(x, xb, M)
-            for nb in T.parallel(N // 32):
-                w = T.alloc_buffer((32, K), "int16")  # the block's 32 weight rows, bf16 bits: A tiles
-                for j, g in T.grid(32, k_steps):
-                    for half in T.unroll(2):
-                        w[j, T.ramp(g * 32 + half * 16, 1, 16)] = bf16x16(chunk(raw, d16, nb * 32 + j, g, half, w_dtype))
-                multiply(w, xb, y, M, nb)
-
-    return func
