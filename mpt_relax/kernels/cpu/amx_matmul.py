@@ -31,8 +31,8 @@ most 3 and is exact in bf16); x and the weights each fill a hi and a lo tile, an
 (hi x hi, hi x lo, lo x lo, lo x hi, each reloading one operand) add the four products, exact
 in fp32, into the fp32 accumulators: the exact path's fp32 products and sums in another order.
 With fewer than :data:`TILE_ROWS_MIN` rows of x, filling the tiles costs more than it saves:
-each weight row's 32-weight groups are decoded the same way, ``hi + lo`` rebuilt in fp32 and
-multiplied into the rows with FMAs.
+:data:`FMA_ROWS` weight rows at a time are decoded to the same fp32 values (not split) and
+multiplied into each row of x with FMAs, their sums held in registers.
 
 The Linear layers of ``amx_prefill`` schemes emit :func:`exact_matmul` tagged with
 :data:`KERNEL_ATTR`; :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the
@@ -61,7 +61,8 @@ _INTERLEAVE = [i // 2 + (i % 2) * 16 for i in range(32)]  # [low0, high0, low1, 
 _CONCAT = list(range(32))
 FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
 EXACT_DTYPES = AMX_EXACT_DTYPES  # operands whose bf16 hi + lo parts hold them exactly
-TILE_ROWS_MIN = 16  # exact kernels: rows of x from which the tiles pay for filling them
+TILE_ROWS_MIN = 8  # exact kernels: rows of x from which the tiles pay for filling them (measured crossover)
+FMA_ROWS = 8  # exact kernels under TILE_ROWS_MIN rows: weight rows per sweep over x (8 sums in registers)
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -136,10 +137,10 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         return T.reinterpret(T.call_llvm_pure_intrin("bfloat16x16", "llvm.x86.avx512bf16.cvtneps2bf16.512", value),
                              dtype="int16x16")
 
-    def widened(bits16, lanes: int = 16):
-        """int16 x ``lanes`` bf16 bits -> their float32 values (exact)."""
-        return T.reinterpret(T.shift_left(T.Cast(f"int32x{lanes}", T.reinterpret(bits16, dtype=f"uint16x{lanes}")),
-                                          T.Broadcast(T.int32(16), lanes)), dtype=f"float32x{lanes}")
+    def widened(bits16):
+        """int16x16 bf16 bits -> their float32 values (exact)."""
+        return T.reinterpret(T.shift_left(T.Cast("int32x16", T.reinterpret(bits16, dtype="uint16x16")),
+                                          T.Broadcast(T.int32(16), 16)), dtype="float32x16")
 
     def part(value, which: int):
         """bf16 bits of ``value``'s high part (0, bf16 rounding) or of the rest (1, exact for fp16 values)."""
@@ -160,6 +161,10 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     def halves(value, which):
         """int16x32: bf16 part ``which`` of 32 weights, from ``value(h)`` (fp32, weights 16h .. 16h + 15)."""
         return T.Shuffle([part(value(0), which), part(value(1), which)], _CONCAT)
+
+    def both(value):
+        """float32x32: the 32 weights ``value(0)``, ``value(1)`` (fp32, weights 16h .. 16h + 15)."""
+        return T.Shuffle([value(0), value(1)], _CONCAT)
 
     @T.macro
     def x_tiles(x, xb, M, which):
@@ -244,9 +249,10 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             write_tile(y, tb, M, mb, nb, 3)
         tile("llvm.x86.tilerelease")
 
-    def body(chunk):
+    def body(chunk, values):
         """The kernel body around ``chunk(a, b, row, g, which)`` -> int16x32, bf16 part ``which``
-        of the 32 weights of group ``g`` of weight row ``row`` (``a``, ``b``: the weight buffers)."""
+        of the 32 weights of group ``g`` of weight row ``row`` (``a``, ``b``: the weight buffers),
+        and ``values(a, b, row, g)`` -> float32x32, the same weights exactly (the FMA loop's)."""
 
         @T.macro
         def run(x, y, M, a, b):
@@ -264,28 +270,31 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                         if exact:
                             wl[j, T.ramp(g * 32, 1, 32)] = chunk(a, b, nb * 32 + j, g, 1)
                     multiply(w, wl, xb, xl, y, M, nb)
-            else:  # a few rows: each weight decoded once (hi + lo, exactly) and multiplied in fp32
+            else:  # a few rows: each weight decoded once to fp32 and multiplied with FMAs
                 for nb in T.parallel(N // 32):
-                    acc = T.alloc_buffer((TILE_ROWS_MIN, 32), "float32")
-                    wv = T.alloc_buffer((32,), "float32")
-                    for j in range(32):
+                    wv = T.alloc_buffer((FMA_ROWS, K), "float32")
+                    for jo in range(32 // FMA_ROWS):
+                        for r, g in T.grid(FMA_ROWS, k_steps):
+                            wv[r, T.ramp(g * 32, 1, 32)] = values(a, b, nb * 32 + jo * FMA_ROWS + r, g)
                         for m in range(M):
-                            acc[m, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
-                        for g in range(k_steps):
-                            wv[T.ramp(0, 1, 32)] = widened(chunk(a, b, nb * 32 + j, g, 0), 32) + widened(
-                                chunk(a, b, nb * 32 + j, g, 1), 32)
-                            for m in range(M):
-                                acc[m, T.ramp(0, 1, 32)] = acc[m, T.ramp(0, 1, 32)] + wv[T.ramp(0, 1, 32)] * T.Cast(
-                                    "float32x32", x[m, T.ramp(g * 32, 1, 32)])
-                        for m in range(M):
-                            y[m, nb * 32 + j] = T.Cast(out_dtype, halving_sum(acc[m, T.ramp(0, 1, 32)], 32)[0])
+                            acc = T.alloc_buffer((FMA_ROWS * 32,), "float32", scope="local")  # registers
+                            for r in T.unroll(FMA_ROWS):
+                                acc[T.ramp(r * 32, 1, 32)] = T.Broadcast(T.float32(0), 32)
+                            for g in range(k_steps):
+                                for r in T.unroll(FMA_ROWS):
+                                    acc[T.ramp(r * 32, 1, 32)] = acc[T.ramp(r * 32, 1, 32)] + wv[
+                                        r, T.ramp(g * 32, 1, 32)] * T.Cast("float32x32", x[m, T.ramp(g * 32, 1, 32)])
+                            for r in range(FMA_ROWS):
+                                y[m, nb * 32 + jo * FMA_ROWS + r] = T.Cast(
+                                    out_dtype, halving_sum(acc[T.ramp(r * 32, 1, 32)], 32)[0])
 
         return run
 
     if block:
         block_bytes, weights16 = BLOCK_TYPES[block]
         row_bytes = K // 256 * block_bytes
-        run = body(lambda raw, d16, row, g, which: halves(lambda h: weights16(raw, d16, row, g, h, w_dtype), which))
+        run = body(lambda raw, d16, row, g, which: halves(lambda h: weights16(raw, d16, row, g, h, w_dtype), which),
+                   lambda raw, d16, row, g: both(lambda h: weights16(raw, d16, row, g, h, w_dtype)))
 
         @T.prim_func(private=True, s_tir=True)
         def block_func(x_h: T.handle, raw_h: T.handle, y_h: T.handle):
@@ -301,8 +310,11 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         return block_func
 
     if bits in FLOAT_BITS.values():
-        run = body(lambda wf, _, row, g, which: halves(
-            lambda h: T.Cast("float32x16", wf[row, T.ramp(g * 32 + h * 16, 1, 16)]), which))
+        def float_half(wf, row, g, h):
+            return T.Cast("float32x16", wf[row, T.ramp(g * 32 + h * 16, 1, 16)])
+
+        run = body(lambda wf, _, row, g, which: halves(lambda h: float_half(wf, row, g, h), which),
+                   lambda wf, _, row, g: both(lambda h: float_half(wf, row, g, h)))
 
         @T.prim_func(private=True, s_tir=True)
         def float_func(x_h: T.handle, wf_h: T.handle, y_h: T.handle):
@@ -318,18 +330,26 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
 
     words, code_bytes = K * bits // 32, K * bits // 8
 
+    def nibbles(qb, row, g):
+        """A 4-bit group's low and high nibbles (k = 2b and 2b + 1 for byte b) as int16x16."""
+        codes = T.Cast("int16x16", qb[row, T.ramp(g * 16, 1, 16)])
+        return codes & T.Broadcast(T.int16(15), 16), codes >> T.Broadcast(T.int16(4), 16)
+
     def group_chunk(qb, qs, row, g, which):
-        if bits == 4:  # byte b of a group: k = 2b (low nibble), 2b + 1 (high), through a table of the 16 weights
-            codes = T.Cast("int16x16", qb[row, T.ramp(g * 16, 1, 16)])
+        if bits == 4:  # through a table of the group's 16 possible weights
 
             def table():  # a new expression per use (a Let bound once would be defined twice)
                 return part(scaled(T.ramp(0, 1, 16), qs[row, g]), which)
 
-            return T.Shuffle([lookup(table(), codes & T.Broadcast(T.int16(15), 16)),
-                              lookup(table(), codes >> T.Broadcast(T.int16(4), 16))], _INTERLEAVE)
+            return T.Shuffle([lookup(table(), n) for n in nibbles(qb, row, g)], _INTERLEAVE)
         return halves(lambda h: scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g]), which)
 
-    run = body(group_chunk)
+    def group_values(qb, qs, row, g):
+        if bits == 4:
+            return T.Shuffle([scaled(n, qs[row, g]) for n in nibbles(qb, row, g)], _INTERLEAVE)
+        return both(lambda h: scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g]))
+
+    run = body(group_chunk, group_values)
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
