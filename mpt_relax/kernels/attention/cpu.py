@@ -21,10 +21,13 @@ from .common import (
 
 
 # ---------------------------------------------------------------------------- CPU (llvm) kernels
-# A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page: each K/V
-# tile is loaded (and converted to fp32) once per block, scored for every row of the block with
-# the tile as the vector axis, then folded into each row's running max / sum / accumulator with
-# one rescale per tile. Query heads run in parallel.
+# A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page, the rows
+# being the vector lanes. The block's queries are transposed once (q_t [hd, R]); each K/V tile is
+# converted to fp32 as stored ([page_size, hd], once per block and sweep) and scored transposed:
+# per key a vector over the rows, summed from one broadcast key element times a q_t row per head
+# dim step, the tile's sums in registers. The block's softmax state (running max and sum) is a
+# vector over the rows too, so the tile's max, exponentials and sums are elementwise vector
+# operations over its keys; the values are then weighed row by row. Query heads run in parallel.
 #
 # In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
 # each row's max and sum, the second weighs the values by the normalised probabilities rounded to
@@ -32,8 +35,8 @@ from .common import (
 # half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
 # identity and one online sweep does it all.
 
-_CPU_ROWS = 16
-_M, _D, _M_NEW, _RESCALE = range(4)  # slots of a row's softmax state
+_CPU_ROWS = 16  # query rows per block: the lanes of the scores and of the softmax state
+_M, _D, _M_NEW, _RESCALE = range(4)  # rows of the block's softmax state [4, R]
 
 
 def _cpu_sweeps(spec: AttentionSpec) -> int:
@@ -42,70 +45,94 @@ def _cpu_sweeps(spec: AttentionSpec) -> int:
 
 
 def _cpu_macros(spec: AttentionSpec):
-    """Macros shared by the CPU kernels; the caller allocates the scratch buffers.
+    """Macros shared by the CPU prefill kernels; the caller allocates the scratch buffers.
 
-    For a block of ``n_rows`` query rows ``row0 ..`` of query head ``head``:
-    q_f32 [R, hd]: query * sm_scale * log2(e); acc [R, hd]: unnormalised output;
-    state [R, 4]: running max, running sum, the tile's new max, the rescale factor;
-    visible [R]: keys each row sees; k_tile_t [hd, page_size] (transposed), v_tile
-    [page_size, hd]: the current key / value tile in fp32; scores [R, page_size].
-    ``sweep``: 0 for the online pass, 1 for the value pass of a two-sweep dtype
-    (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
+    For a block of ``n_rows`` query rows ``row0 ..`` of query head ``head`` (lane r: row
+    ``row0 + r``; lanes past n_rows repeat the last row's position and see no keys):
+    q_t [hd, R]: query * sm_scale * log2(e), transposed; acc [R, hd]: unnormalised output;
+    state [4, R]: running max, running sum, the tile's new max, the rescale factor;
+    visible [R]: keys each row sees; pos [R]: each row's position; k_tile, v_tile
+    [page_size, hd]: the current key / value tile in fp32; probs [page_size, R]: the tile's
+    probabilities; tile_scores [page_size, R] (registers): its scores; row_acc [hd]
+    (registers): one row's acc. ``sweep``: 0 for the online pass, 1 for the value pass of a
+    two-sweep dtype (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
     """
     D, dtype, TILE, R = spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS
     rounded = _cpu_sweeps(spec) == 2
+    fR = f"float32x{R}"
+
+    def lanes():
+        return T.ramp(0, 1, R)
+
+    def bias(slope, key_pos, pos):
+        """fp32 [R]: the ALiBi term of key ``key_pos`` for the rows at positions ``pos`` (int32 [R])."""
+        if spec.slopes is None:
+            return T.Broadcast(T.float32(0), R)
+        return T.Broadcast(slope, R) * T.Cast(fR, T.Broadcast(key_pos, R) - pos)
 
     @T.macro
-    def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible):
+    def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_t, acc, state, visible, pos,
+                   max_visible):
         max_visible[0] = 0
-        for r in T.serial(_CPU_ROWS):  # rows past n_rows are zeros: the block's score GEMM computes them too
-            for x in T.vectorized(D):
-                q_f32[r, x] = T.float32(0)
-        for r in T.serial(n_rows):
-            for x in T.serial(D):
-                q_f32[r, x] = T.cast(q[row0 + r, head, x], "float32") * sm_scale * LOG2E
-                acc[r, x] = T.float32(0)
-            state[r, _M] = T.float32(NEG)
-            state[r, _D] = T.float32(0)
-            visible[r] = visible_keys(causal, kv_len, key_pos0, q_pos[row0 + r])
+        for r in T.serial(R):
+            pos[r] = q_pos[row0 + T.min(r, n_rows - 1)]
+            visible[r] = T.if_then_else(r < n_rows, visible_keys(causal, kv_len, key_pos0, pos[r]), 0)
             max_visible[0] = T.max(max_visible[0], visible[r])
+            for x in T.serial(D):  # rows past n_rows are zeros: the block's score GEMM computes them too
+                q_t[x, r] = T.if_then_else(r < n_rows, T.cast(q[row0 + T.min(r, n_rows - 1), head, x], "float32")
+                                           * sm_scale * LOG2E, T.float32(0))
+            for x in T.vectorized(D):
+                acc[r, x] = T.float32(0)
+        state[_M, lanes()] = T.Broadcast(T.float32(NEG), R)
+        state[_D, lanes()] = T.Broadcast(T.float32(0), R)
 
     @T.macro
-    def fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep):
-        # the tile's scores for every row of the block at once: one independent FMA chain per row
-        for r in T.serial(R):
-            for t in T.vectorized(TILE):
-                scores[r, t] = T.if_then_else(r < n_rows, alibi_bias(spec, slope, key_pos0 + tile * TILE + t,
-                                                                     q_pos[row0 + T.min(r, n_rows - 1)]), T.float32(0))
+    def add_values(acc, r, probs, v_tile, n_keys, row_acc):
+        """acc[r] += sum over the tile's first n_keys keys t of probs[t, r] * v_tile[t]."""
+        for x in T.vectorized(D):
+            row_acc[x] = acc[r, x]
+        for t in T.serial(n_keys):
+            for x in T.vectorized(D):
+                row_acc[x] += probs[t, r] * v_tile[t, x]
+        for x in T.vectorized(D):
+            acc[r, x] = row_acc[x]
+
+    @T.macro
+    def fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, q_t, acc, state, visible, pos,
+                  row_acc, sweep):
+        # the tile's scores, transposed: one vector over the rows per key, the sums in registers
+        for t in T.unroll(TILE):
+            tile_scores[t, lanes()] = bias(slope, key_pos0 + tile * TILE + t, pos[lanes()])
         for x in T.serial(D):
-            for r in T.unroll(R):
-                for t in T.vectorized(TILE):
-                    scores[r, t] += q_f32[r, x] * k_tile_t[x, t]
-        for r in T.serial(n_rows):
-            if visible[r] > tile * TILE:
-                if sweep == 0:
-                    state[r, _M_NEW] = state[r, _M]
-                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                        state[r, _M_NEW] = T.max(state[r, _M_NEW], scores[r, t])
-                    state[r, _RESCALE] = fast_exp2(state[r, _M] - state[r, _M_NEW])
-                    state[r, _D] *= state[r, _RESCALE]
-                    if not rounded:
+            for t in T.unroll(TILE):
+                tile_scores[t, lanes()] += T.Broadcast(k_tile[t, x], R) * q_t[x, lanes()]
+        if sweep == 0:  # keys t < visible - tile * TILE count for each row
+            state[_M_NEW, lanes()] = state[_M, lanes()]
+            for t in T.unroll(TILE):
+                state[_M_NEW, lanes()] = T.max(state[_M_NEW, lanes()], T.Select(
+                    T.Broadcast(tile * TILE + t, R) < visible[lanes()], tile_scores[t, lanes()],
+                    T.Broadcast(T.float32(NEG), R)))
+            state[_RESCALE, lanes()] = fast_exp2(state[_M, lanes()] - state[_M_NEW, lanes()])
+            state[_D, lanes()] = state[_D, lanes()] * state[_RESCALE, lanes()]
+            for t in T.unroll(TILE):
+                probs[t, lanes()] = T.Select(T.Broadcast(tile * TILE + t, R) < visible[lanes()],
+                                             fast_exp2(tile_scores[t, lanes()] - state[_M_NEW, lanes()]),
+                                             T.Broadcast(T.float32(0), R))
+                state[_D, lanes()] = state[_D, lanes()] + probs[t, lanes()]
+            state[_M, lanes()] = state[_M_NEW, lanes()]
+            if not rounded:
+                for r in T.serial(n_rows):
+                    if visible[r] > tile * TILE:
                         for x in T.vectorized(D):
-                            acc[r, x] *= state[r, _RESCALE]
-                    for t in T.vectorized(TILE):
-                        scores[r, t] = T.if_then_else(t < visible[r] - tile * TILE, fast_exp2(scores[r, t] - state[r, _M_NEW]), T.float32(0))
-                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                        state[r, _D] += scores[r, t]
-                        if not rounded:
-                            for x in T.vectorized(D):
-                                acc[r, x] += scores[r, t] * v_tile[t, x]
-                    state[r, _M] = state[r, _M_NEW]
-                else:
-                    for t in T.vectorized(TILE):
-                        scores[r, t] = T.cast(T.cast(fast_exp2(scores[r, t] - state[r, _M]) / state[r, _D], dtype), "float32")
-                    for t in T.serial(T.min(TILE, visible[r] - tile * TILE)):
-                        for x in T.vectorized(D):
-                            acc[r, x] += scores[r, t] * v_tile[t, x]
+                            acc[r, x] *= state[_RESCALE, r]
+                        add_values(acc, r, probs, v_tile, T.min(TILE, visible[r] - tile * TILE), row_acc)
+        else:
+            for t in T.unroll(TILE):
+                probs[t, lanes()] = T.Cast(fR, T.Cast(f"{dtype}x{R}", fast_exp2(
+                    tile_scores[t, lanes()] - state[_M, lanes()]) / state[_D, lanes()]))
+            for r in T.serial(n_rows):
+                if visible[r] > tile * TILE:
+                    add_values(acc, r, probs, v_tile, T.min(TILE, visible[r] - tile * TILE), row_acc)
 
     @T.macro
     def finish_rows(output, lse, row0, n_rows, head, acc, state):
@@ -114,8 +141,8 @@ def _cpu_macros(spec: AttentionSpec):
                 if rounded:  # acc already holds the normalised sum (0 for a row without keys)
                     output[row0 + r, head, x] = T.cast(acc[r, x], dtype)
                 else:
-                    output[row0 + r, head, x] = T.cast(T.if_then_else(state[r, _D] > 0, acc[r, x] / state[r, _D], T.float32(0)), dtype)
-            lse[row0 + r, head] = T.if_then_else(state[r, _D] > 0, state[r, _M] + T.log2(state[r, _D]), T.float32(NEG))
+                    output[row0 + r, head, x] = T.cast(T.if_then_else(state[_D, r] > 0, acc[r, x] / state[_D, r], T.float32(0)), dtype)
+            lse[row0 + r, head] = T.if_then_else(state[_D, r] > 0, state[_M, r] + T.log2(state[_D, r]), T.float32(NEG))
 
     return start_rows, fold_tile, finish_rows
 
@@ -124,14 +151,17 @@ def _cpu_scratch(spec: AttentionSpec):
     """Allocate the scratch buffers of :func:`_cpu_macros` inside the current block."""
     R, D, TILE = _CPU_ROWS, spec.head_dim, spec.page_size
     return (
-        T.sblock_alloc_buffer((R, D), "float32"),  # q_f32
+        T.sblock_alloc_buffer((D, R), "float32"),  # q_t
         T.sblock_alloc_buffer((R, D), "float32"),  # acc
-        T.sblock_alloc_buffer((R, 4), "float32"),  # state
+        T.sblock_alloc_buffer((4, R), "float32"),  # state
         T.sblock_alloc_buffer((R,), "int32"),  # visible
+        T.sblock_alloc_buffer((R,), "int32"),  # pos
         T.sblock_alloc_buffer((1,), "int32"),  # max_visible
-        T.sblock_alloc_buffer((D, TILE), "float32"),  # k_tile_t
+        T.sblock_alloc_buffer((TILE, D), "float32"),  # k_tile
         T.sblock_alloc_buffer((TILE, D), "float32"),  # v_tile
-        T.sblock_alloc_buffer((R, TILE), "float32"),  # scores
+        T.sblock_alloc_buffer((TILE, R), "float32"),  # probs
+        T.sblock_alloc_buffer((TILE, R), "float32", scope="local"),  # tile_scores
+        T.sblock_alloc_buffer((D,), "float32", scope="local"),  # row_acc
     )
 
 
@@ -140,7 +170,7 @@ def _cpu_attend(spec: AttentionSpec, load_tile):
     head ``h`` over ``kv_len`` keys from position ``key_pos0``, tile by tile through ``load_tile``;
     ``attend_blocks`` does that for the query rows of sequence ``b`` in blocks of ``_CPU_ROWS``.
 
-    ``load_tile(kv_a, kv_b, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile)`` copies
+    ``load_tile(kv_a, kv_b, base, tile, n_keys, sweep, kv_head, k_tile, v_tile)`` copies
     ``n_keys`` keys (and, in the last sweep, values) of tile ``tile`` into the fp32 tiles; what
     ``kv_a`` / ``kv_b`` / ``base`` are is the loader's own business (k, v and the sequence's
     first row; or the pages, the page table and the sequence's first entry in it).
@@ -151,22 +181,23 @@ def _cpu_attend(spec: AttentionSpec, load_tile):
 
     # fmt: off
     @T.macro
-    def attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
-               q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores):
-        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, q_f32, acc, state, visible, max_visible)
+    def attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base, scratch):
+        q_t, acc, state, visible, pos, max_visible, k_tile, v_tile, probs, tile_scores, row_acc = scratch
+        start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, q_t, acc, state, visible, pos, max_visible)
         for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
-            load_tile(kv_a, kv_b, base, tile, T.min(TILE, max_visible[0] - tile * TILE), sweep, h // group, k_tile_t, v_tile)
-            fold_tile(q_pos, row0, n_rows, slope, tile, key_pos0, k_tile_t, v_tile, scores, q_f32, acc, state, visible, sweep)
+            load_tile(kv_a, kv_b, base, tile, T.min(TILE, max_visible[0] - tile * TILE), sweep, h // group, k_tile, v_tile)
+            fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, q_t, acc, state, visible, pos,
+                      row_acc, sweep)
         finish_rows(output, lse, row0, n_rows, h, acc, state)
 
     @T.macro
     def attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
-                      q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores):
+                      scratch):
         for block in T.serial(T.ceildiv(q_indptr[b + 1] - q_indptr[b], R)):
             row0: T.let[T.int32] = q_indptr[b] + block * R
             n_rows: T.let[T.int32] = T.min(R, q_indptr[b + 1] - row0)
             attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base,
-                   q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
+                   scratch)
     # fmt: on
     return attend, attend_blocks
 
@@ -176,11 +207,13 @@ def _ragged_tile_loader(spec: AttentionSpec):
     D, TILE, last = spec.head_dim, spec.page_size, _cpu_sweeps(spec) - 1
 
     @T.macro
-    def load(k, v, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile):
-        for t, x in T.grid(n_keys, D):
-            k_tile_t[x, t] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
+    def load(k, v, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
+        for t in T.serial(n_keys):
+            for x in T.vectorized(D):
+                k_tile[t, x] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
             if sweep == last:
-                v_tile[t, x] = T.cast(v[base + tile * TILE + t, kv_head, x], "float32")
+                for x in T.vectorized(D):
+                    v_tile[t, x] = T.cast(v[base + tile * TILE + t, kv_head, x], "float32")
 
     return load
 
@@ -190,12 +223,14 @@ def _paged_tile_loader(spec: AttentionSpec):
     D, last = spec.head_dim, _cpu_sweeps(spec) - 1
 
     @T.macro
-    def load(pages, page_values, base, tile, n_keys, sweep, kv_head, k_tile_t, v_tile):
+    def load(pages, page_values, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
         page: T.let[T.int32] = page_values[base + tile]
-        for t, x in T.grid(n_keys, D):
-            k_tile_t[x, t] = T.cast(pages[page, 0, kv_head, t, x], "float32")
+        for t in T.serial(n_keys):
+            for x in T.vectorized(D):
+                k_tile[t, x] = T.cast(pages[page, 0, kv_head, t, x], "float32")
             if sweep == last:
-                v_tile[t, x] = T.cast(pages[page, 1, kv_head, t, x], "float32")
+                for x in T.vectorized(D):
+                    v_tile[t, x] = T.cast(pages[page, 1, kv_head, t, x], "float32")
 
     return load
 
@@ -217,12 +252,12 @@ def prefill_ragged_cpu(spec: AttentionSpec):
     def body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
-                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                scratch = _cpu_scratch(spec)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
                     attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b],
                                   k_pos_offset[b], slope, k, v, kv_indptr[b],
-                                  q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
+                                  scratch)
     # fmt: on
     return ragged_prefill_kernel(spec, "alibi_prefill_ragged_cpu", body, _CPU_ATTRS)
 
@@ -242,13 +277,13 @@ def prefill_paged_cpu(spec: AttentionSpec):
     def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
-                q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores = _cpu_scratch(spec)
+                scratch = _cpu_scratch(spec)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
                     attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal,
                                   paged_kv_len(page_indptr, last_page_len, b, TILE), k_pos_offset[b], slope,
                                   pages, page_values, page_indptr[b],
-                                  q_f32, acc, state, visible, max_visible, k_tile_t, v_tile, scores)
+                                  scratch)
     # fmt: on
     return paged_prefill_kernel(spec, "alibi_prefill_paged_cpu", body, _CPU_ATTRS)
 
