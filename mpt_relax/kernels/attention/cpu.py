@@ -55,7 +55,7 @@ def _cpu_macros(spec: AttentionSpec):
     [page_size, hd]: the current key / value tile in fp32; probs [page_size, R]: the tile's
     probabilities; tile_scores [page_size, R] (registers): its scores; row_acc [hd]
     (registers): one row's acc. ``sweep``: 0 for the online pass, 1 for the value pass of a
-    two-sweep dtype (see :func:`_cpu_sweeps`), which only reads the tile's keys in its first sweep.
+    two-sweep dtype (see :func:`_cpu_sweeps`); the values are read in the last sweep only.
     """
     D, dtype, TILE, R = spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS
     rounded = _cpu_sweeps(spec) == 2
