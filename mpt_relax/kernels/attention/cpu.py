@@ -23,7 +23,7 @@ from .common import (
 # ---------------------------------------------------------------------------- CPU (llvm) kernels
 # A block of up to _CPU_ROWS query rows of one head walks the keys in tiles of one page, the rows
 # being the vector lanes. The block's queries are transposed once (q_t [hd, R]); each K/V tile is
-# converted to fp32 as stored ([page_size, hd], once per block and sweep) and scored transposed:
+# converted to fp32 as stored ([page_size, hd], once per block) and scored transposed:
 # per key a vector over the rows, summed from one broadcast key element times a q_t row per head
 # dim step, the tile's sums in registers. The block's softmax state (running max and sum) is a
 # vector over the rows too, so the tile's max, exponentials and sums are elementwise vector
@@ -32,8 +32,9 @@ from .common import (
 # In every cache dtype but float32 the blocks walk the keys twice (two "sweeps"): the first finds
 # each row's max and sum, the second weighs the values by the normalised probabilities rounded to
 # the cache dtype, as MPT's reference attention (and HF's) does before its ``probs @ v``; the
-# half-precision model's greedy tokens follow that rounding. In float32 the rounding is the
-# identity and one online sweep does it all.
+# half-precision model's greedy tokens follow that rounding. The first sweep keeps the block's
+# scores of every key (16 x 4 bytes per key), so the second reads only the values. In float32
+# the rounding is the identity and one online sweep does it all.
 
 _CPU_ROWS = 16  # query rows per block: the lanes of the scores and of the softmax state
 _M, _D, _M_NEW, _RESCALE = range(4)  # rows of the block's softmax state [4, R]
@@ -53,9 +54,11 @@ def _cpu_macros(spec: AttentionSpec):
     state [4, R]: running max, running sum, the tile's new max, the rescale factor;
     visible [R]: keys each row sees; pos [R]: each row's position; k_tile, v_tile
     [page_size, hd]: the current key / value tile in fp32; probs [page_size, R]: the tile's
-    probabilities; tile_scores [page_size, R] (registers): its scores; row_acc [hd]
+    probabilities; tile_scores [page_size, R] (registers): its scores; kept [keys * R]: a
+    two-sweep dtype's scores of every key, from the first sweep for the second; row_acc [hd]
     (registers): one row's acc. ``sweep``: 0 for the online pass, 1 for the value pass of a
-    two-sweep dtype (see :func:`_cpu_sweeps`); the values are read in the last sweep only.
+    two-sweep dtype (see :func:`_cpu_sweeps`); the keys are read in the first sweep only, the
+    values in the last.
     """
     D, dtype, TILE, R = spec.head_dim, spec.dtype, spec.page_size, _CPU_ROWS
     rounded = _cpu_sweeps(spec) == 2
@@ -98,15 +101,18 @@ def _cpu_macros(spec: AttentionSpec):
             acc[r, x] = row_acc[x]
 
     @T.macro
-    def fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, q_t, acc, state, visible, pos,
-                  row_acc, sweep):
-        # the tile's scores, transposed: one vector over the rows per key, the sums in registers
-        for t in T.unroll(TILE):
-            tile_scores[t, lanes()] = bias(slope, key_pos0 + tile * TILE + t, pos[lanes()])
-        for x in T.serial(D):
-            for t in T.unroll(TILE):
-                tile_scores[t, lanes()] += T.Broadcast(k_tile[t, x], R) * q_t[x, lanes()]
+    def fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, kept, q_t, acc, state, visible,
+                  pos, row_acc, sweep):
         if sweep == 0:  # keys t < visible - tile * TILE count for each row
+            # the tile's scores, transposed: one vector over the rows per key, the sums in registers
+            for t in T.unroll(TILE):
+                tile_scores[t, lanes()] = bias(slope, key_pos0 + tile * TILE + t, pos[lanes()])
+            for x in T.serial(D):
+                for t in T.unroll(TILE):
+                    tile_scores[t, lanes()] += T.Broadcast(k_tile[t, x], R) * q_t[x, lanes()]
+            if rounded:  # for the second sweep
+                for t in T.unroll(TILE):
+                    kept[T.ramp((tile * TILE + t) * R, 1, R)] = tile_scores[t, lanes()]
             state[_M_NEW, lanes()] = state[_M, lanes()]
             for t in T.unroll(TILE):
                 state[_M_NEW, lanes()] = T.max(state[_M_NEW, lanes()], T.Select(
@@ -129,7 +135,7 @@ def _cpu_macros(spec: AttentionSpec):
         else:
             for t in T.unroll(TILE):
                 probs[t, lanes()] = T.Cast(fR, T.Cast(f"{dtype}x{R}", fast_exp2(
-                    tile_scores[t, lanes()] - state[_M, lanes()]) / state[_D, lanes()]))
+                    kept[T.ramp((tile * TILE + t) * R, 1, R)] - state[_M, lanes()]) / state[_D, lanes()]))
             for r in T.serial(n_rows):
                 if visible[r] > tile * TILE:
                     add_values(acc, r, probs, v_tile, T.min(TILE, visible[r] - tile * TILE), row_acc)
@@ -147,8 +153,9 @@ def _cpu_macros(spec: AttentionSpec):
     return start_rows, fold_tile, finish_rows
 
 
-def _cpu_scratch(spec: AttentionSpec):
-    """Allocate the scratch buffers of :func:`_cpu_macros` inside the current block."""
+def _cpu_scratch(spec: AttentionSpec, max_keys):
+    """Allocate the scratch buffers of :func:`_cpu_macros` inside the current block (``max_keys``:
+    a bound on one sequence's keys, in whole tiles)."""
     R, D, TILE = _CPU_ROWS, spec.head_dim, spec.page_size
     return (
         T.sblock_alloc_buffer((D, R), "float32"),  # q_t
@@ -161,6 +168,7 @@ def _cpu_scratch(spec: AttentionSpec):
         T.sblock_alloc_buffer((TILE, D), "float32"),  # v_tile
         T.sblock_alloc_buffer((TILE, R), "float32"),  # probs
         T.sblock_alloc_buffer((TILE, R), "float32", scope="local"),  # tile_scores
+        T.sblock_alloc_buffer(((max_keys if _cpu_sweeps(spec) == 2 else 1) * R,), "float32"),  # kept
         T.sblock_alloc_buffer((D,), "float32", scope="local"),  # row_acc
     )
 
@@ -171,7 +179,7 @@ def _cpu_attend(spec: AttentionSpec, load_tile):
     ``attend_blocks`` does that for the query rows of sequence ``b`` in blocks of ``_CPU_ROWS``.
 
     ``load_tile(kv_a, kv_b, base, tile, n_keys, sweep, kv_head, k_tile, v_tile)`` copies
-    ``n_keys`` keys (and, in the last sweep, values) of tile ``tile`` into the fp32 tiles; what
+    ``n_keys`` keys (in the first sweep) and values (in the last) of tile ``tile`` into the fp32 tiles; what
     ``kv_a`` / ``kv_b`` / ``base`` are is the loader's own business (k, v and the sequence's
     first row; or the pages, the page table and the sequence's first entry in it).
     """
@@ -182,12 +190,15 @@ def _cpu_attend(spec: AttentionSpec, load_tile):
     # fmt: off
     @T.macro
     def attend(q, q_pos, output, lse, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, slope, kv_a, kv_b, base, scratch):
-        q_t, acc, state, visible, pos, max_visible, k_tile, v_tile, probs, tile_scores, row_acc = scratch
+        q_t, acc, state, visible, pos, max_visible, k_tile, v_tile, probs, tile_scores, kept, row_acc = scratch
         start_rows(q, q_pos, row0, n_rows, h, sm_scale, causal, kv_len, key_pos0, q_t, acc, state, visible, pos, max_visible)
+        # a first access outside the tile loop: a buffer is allocated where all its accesses meet,
+        # and kept must live from the first sweep to the second
+        kept[T.ramp(0, 1, R)] = T.Broadcast(T.float32(NEG), R)
         for sweep, tile in T.grid(SWEEPS, T.ceildiv(max_visible[0], TILE)):
             load_tile(kv_a, kv_b, base, tile, T.min(TILE, max_visible[0] - tile * TILE), sweep, h // group, k_tile, v_tile)
-            fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, q_t, acc, state, visible, pos,
-                      row_acc, sweep)
+            fold_tile(n_rows, slope, tile, key_pos0, k_tile, v_tile, probs, tile_scores, kept, q_t, acc, state, visible,
+                      pos, row_acc, sweep)
         finish_rows(output, lse, row0, n_rows, h, acc, state)
 
     @T.macro
@@ -209,8 +220,9 @@ def _ragged_tile_loader(spec: AttentionSpec):
     @T.macro
     def load(k, v, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
         for t in T.serial(n_keys):
-            for x in T.vectorized(D):
-                k_tile[t, x] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
+            if sweep == 0:
+                for x in T.vectorized(D):
+                    k_tile[t, x] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
             if sweep == last:
                 for x in T.vectorized(D):
                     v_tile[t, x] = T.cast(v[base + tile * TILE + t, kv_head, x], "float32")
@@ -226,8 +238,9 @@ def _paged_tile_loader(spec: AttentionSpec):
     def load(pages, page_values, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
         page: T.let[T.int32] = page_values[base + tile]
         for t in T.serial(n_keys):
-            for x in T.vectorized(D):
-                k_tile[t, x] = T.cast(pages[page, 0, kv_head, t, x], "float32")
+            if sweep == 0:
+                for x in T.vectorized(D):
+                    k_tile[t, x] = T.cast(pages[page, 0, kv_head, t, x], "float32")
             if sweep == last:
                 for x in T.vectorized(D):
                     v_tile[t, x] = T.cast(pages[page, 1, kv_head, t, x], "float32")
@@ -244,7 +257,7 @@ def prefill_ragged_cpu(spec: AttentionSpec):
     q [n, H, hd], q_indptr = kv_indptr [b + 1], k/v [n, KV, hd], q_pos [n], k_pos_offset [b]
     -> output [n, H, hd], lse [n, H].
     """
-    H = spec.n_heads
+    H, TILE = spec.n_heads, spec.page_size
     _, attend_blocks = _cpu_attend(spec, _ragged_tile_loader(spec))
 
     # fmt: off
@@ -252,7 +265,7 @@ def prefill_ragged_cpu(spec: AttentionSpec):
     def body(q, q_indptr, k, v, kv_indptr, q_pos, k_pos_offset, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
-                scratch = _cpu_scratch(spec)
+                scratch = _cpu_scratch(spec, T.ceildiv(k.shape[0], TILE) * TILE)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
                     attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal, kv_indptr[b + 1] - kv_indptr[b],
@@ -277,7 +290,7 @@ def prefill_paged_cpu(spec: AttentionSpec):
     def body(q, q_indptr, pages, page_indptr, page_values, last_page_len, k_pos_offset, q_pos, output, lse, causal, sm_scale, batch_size):
         for h in T.parallel(H):
             with T.sblock("attn"):
-                scratch = _cpu_scratch(spec)
+                scratch = _cpu_scratch(spec, page_values.shape[0] * TILE)
                 slope: T.let[T.float32] = slope_log2(spec, h)
                 for b in T.serial(batch_size):
                     attend_blocks(q, q_indptr, q_pos, output, lse, b, h, sm_scale, causal,
