@@ -220,8 +220,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
 
     @T.macro
     def multiply(w, wl, xb, xl, y, M, nb):
-        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` ([K, 32]: [k // 32, row,
-        k % 32]) and ``xb``;
+        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` [32, K] and ``xb``;
         exact: four passes (w x, w xl, wl xl, wl x), each reloading one operand."""
         cfg = T.alloc_buffer((64,), "uint8")
         tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
