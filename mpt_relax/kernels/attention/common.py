@@ -55,11 +55,22 @@ def slope_log2(spec: AttentionSpec, head):
     return pick(0, len(spec.slopes))
 
 
+def _lanes(expr) -> int:
+    """Vector lanes of a PrimExpr (1: a scalar)."""
+    return tvm.DataType(str(expr.ty.dtype)).lanes
+
+
 def alibi_bias(spec: AttentionSpec, slope_log2, key_pos, query_pos):
-    """fp32 ALiBi term of a base-2 score: ``slope * log2(e) * (key_pos - query_pos)``, or 0."""
+    """fp32 ALiBi term of a base-2 score: ``slope * log2(e) * (key_pos - query_pos)``, or 0.
+    Either position may be an int32 vector of L lanes (the slope a scalar): a float32xL term."""
+    lanes = max(_lanes(key_pos), _lanes(query_pos))
+
+    def spread(value):
+        return value if lanes == 1 or _lanes(value) == lanes else T.Broadcast(value, lanes)
+
     if spec.slopes is None:
-        return tirx.const(0.0, "float32")
-    return slope_log2 * tirx.Cast("float32", key_pos - query_pos)
+        return spread(T.float32(0))
+    return spread(slope_log2) * T.Cast("float32" if lanes == 1 else f"float32x{lanes}", spread(key_pos) - spread(query_pos))
 
 
 def fast_exp2(x):
@@ -67,7 +78,7 @@ def fast_exp2(x):
     the exponent bits, n = round(x), times e**(f ln 2), f = x - n in [-1/2, 1/2], by its degree-7
     Taylor polynomial (truncation < 6e-9 relative); 0 below 2**-126 (the softmax's masked keys).
     ``x``: a float32 scalar or vector expression."""
-    lanes = tvm.DataType(str(x.ty.dtype)).lanes
+    lanes = _lanes(x)
     typed = (lambda t: t) if lanes == 1 else (lambda t: f"{t}x{lanes}")
     x = T.max(x, T.float32(-127))
     n = T.nearbyint(x)

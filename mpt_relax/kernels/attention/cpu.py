@@ -67,12 +67,6 @@ def _cpu_macros(spec: AttentionSpec):
     def lanes():
         return T.ramp(0, 1, R)
 
-    def bias(slope, key_pos, pos):
-        """fp32 [R]: the ALiBi term of key ``key_pos`` for the rows at positions ``pos`` (int32 [R])."""
-        if spec.slopes is None:
-            return T.Broadcast(T.float32(0), R)
-        return T.Broadcast(slope, R) * T.Cast(fR, T.Broadcast(key_pos, R) - pos)
-
     @T.macro
     def start_rows(q, q_pos, row0, n_rows, head, sm_scale, causal, kv_len, key_pos0, q_t, acc, state, visible, pos,
                    max_visible):
@@ -106,7 +100,7 @@ def _cpu_macros(spec: AttentionSpec):
         if sweep == 0:  # keys t < visible - tile * TILE count for each row
             # the tile's scores, transposed: one vector over the rows per key, the sums in registers
             for t in T.unroll(TILE):
-                tile_scores[t, lanes()] = bias(slope, key_pos0 + tile * TILE + t, pos[lanes()])
+                tile_scores[t, lanes()] = alibi_bias(spec, slope, key_pos0 + tile * TILE + t, pos[lanes()])
             for x in T.serial(D):
                 for t in T.unroll(TILE):
                     tile_scores[t, lanes()] += T.Broadcast(k_tile[t, x], R) * q_t[x, lanes()]
@@ -213,39 +207,34 @@ def _cpu_attend(spec: AttentionSpec, load_tile):
     return attend, attend_blocks
 
 
-def _ragged_tile_loader(spec: AttentionSpec):
-    """Keys and values of a tile from the ragged k/v of this forward (``base``: the sequence's first row)."""
-    D, TILE, last = spec.head_dim, spec.page_size, _cpu_sweeps(spec) - 1
+def _tile_loader(spec: AttentionSpec, element):
+    """``load_tile`` of :func:`_cpu_attend` over ``element(kv_a, kv_b, base, tile, t, which, kv_head, x)``:
+    element ``x`` of key (``which`` 0) or value (1) ``t`` of tile ``tile``."""
+    D, last = spec.head_dim, _cpu_sweeps(spec) - 1
 
     @T.macro
-    def load(k, v, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
+    def load(kv_a, kv_b, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
         for t in T.serial(n_keys):
             if sweep == 0:
                 for x in T.vectorized(D):
-                    k_tile[t, x] = T.cast(k[base + tile * TILE + t, kv_head, x], "float32")
+                    k_tile[t, x] = T.cast(element(kv_a, kv_b, base, tile, t, 0, kv_head, x), "float32")
             if sweep == last:
                 for x in T.vectorized(D):
-                    v_tile[t, x] = T.cast(v[base + tile * TILE + t, kv_head, x], "float32")
+                    v_tile[t, x] = T.cast(element(kv_a, kv_b, base, tile, t, 1, kv_head, x), "float32")
 
     return load
+
+
+def _ragged_tile_loader(spec: AttentionSpec):
+    """Keys and values of a tile from the ragged k/v of this forward (``base``: the sequence's first row)."""
+    return _tile_loader(spec, lambda k, v, base, tile, t, which, kv_head, x:
+                        (k, v)[which][base + tile * spec.page_size + t, kv_head, x])
 
 
 def _paged_tile_loader(spec: AttentionSpec):
     """Keys and values of a tile from the cache pages (``base``: the sequence's first page-table entry)."""
-    D, last = spec.head_dim, _cpu_sweeps(spec) - 1
-
-    @T.macro
-    def load(pages, page_values, base, tile, n_keys, sweep, kv_head, k_tile, v_tile):
-        page: T.let[T.int32] = page_values[base + tile]
-        for t in T.serial(n_keys):
-            if sweep == 0:
-                for x in T.vectorized(D):
-                    k_tile[t, x] = T.cast(pages[page, 0, kv_head, t, x], "float32")
-            if sweep == last:
-                for x in T.vectorized(D):
-                    v_tile[t, x] = T.cast(pages[page, 1, kv_head, t, x], "float32")
-
-    return load
+    return _tile_loader(spec, lambda pages, page_values, base, tile, t, which, kv_head, x:
+                        pages[page_values[base + tile], which, kv_head, t, x])
 
 
 _CPU_ATTRS = {"tirx.is_scheduled": True, "tirx.noalias": True}
@@ -390,13 +379,6 @@ def _scores_of_16_keys(spec: AttentionSpec, pages, page, kv_head, key0, n_keys, 
                     T.Broadcast(T.float32(NEG), _KEYS))
 
 
-def _bias_of_16_keys(spec: AttentionSpec, slope_log2, distance0):
-    """:func:`alibi_bias` of 16 consecutive keys, the first ``distance0`` positions from the query."""
-    if spec.slopes is None:
-        return T.Broadcast(T.float32(0), _KEYS)
-    return T.Broadcast(slope_log2, _KEYS) * T.Cast(f"float32x{_KEYS}", T.Broadcast(distance0, _KEYS) + T.ramp(0, 1, _KEYS))
-
-
 def _fold_16_keys(spec: AttentionSpec):
     """``fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32,
     acc, scores, state, kept)``: fold the ``n_keys`` keys of one page (positions ``pos0 ..`` of
@@ -418,7 +400,7 @@ def _fold_16_keys(spec: AttentionSpec):
             key0: T.let[T.int32] = step * _KEYS
             if sweep == 0:
                 scores[T.ramp(0, 1, _KEYS)] = _scores_of_16_keys(spec, pages, page, kv_head, key0, n_keys, q_f32) + \
-                    _bias_of_16_keys(spec, slope, key_pos_offset + pos0 + key0 - query_pos)
+                    alibi_bias(spec, slope, T.Broadcast(key_pos_offset + pos0 + key0, _KEYS) + T.ramp(0, 1, _KEYS), query_pos)
                 if rounded:
                     kept[T.ramp(pos0 + key0, 1, _KEYS)] = scores[T.ramp(0, 1, _KEYS)]
                 state[_M_NEW] = T.max(state[_M], hmax(scores[T.ramp(0, 1, _KEYS)]))
