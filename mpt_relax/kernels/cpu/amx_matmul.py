@@ -220,7 +220,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
 
     @T.macro
     def multiply(w, wl, xb, xl, y, M, nb):
-        """y[:, nb*32 : nb*32 + 32] from the block's bf16 weight rows ``w`` [32, K] and ``xb``;
+        """y[:, nb*32 : nb*32 + 32] from ``xb`` and the block's bf16 weights ``w`` (see ``run``);
         exact: four passes (w x, w xl, wl xl, wl x), each reloading one operand."""
         cfg = T.alloc_buffer((64,), "uint8")
         tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
@@ -253,10 +253,17 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             write_tile(y, tb, M, mb, nb, 3)
         tile("llvm.x86.tilerelease")
 
-    def body(chunk, values):
-        """The kernel body around ``chunk(a, b, row, g, which)`` -> int16x32, bf16 part ``which``
-        of the 32 weights of group ``g`` of weight row ``row`` (``a``, ``b``: the weight buffers),
-        and ``values(a, b, row, g)`` -> float32x32, the same weights exactly (the FMA loop's)."""
+    def body(half, chunk=None):
+        """The kernel body around ``half(a, b, row, g, h)`` -> float32x16, weights 16h .. 16h + 15
+        of group ``g`` of weight row ``row`` as the exact path dequantizes them (``a``, ``b``: the
+        weight buffers), and ``chunk(a, b, row, g, which)`` -> int16x32, bf16 part ``which`` of
+        the group's 32 weights (by default from ``half``)."""
+        if chunk is None:
+            def chunk(a, b, row, g, which):
+                return halves(lambda h: half(a, b, row, g, h), which)
+
+        def values(a, b, row, g):
+            return both(lambda h: half(a, b, row, g, h))
 
         @T.macro
         def run(x, y, M, a, b):
@@ -297,8 +304,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     if block:
         block_bytes, weights16 = BLOCK_TYPES[block]
         row_bytes = K // 256 * block_bytes
-        run = body(lambda raw, d16, row, g, which: halves(lambda h: weights16(raw, d16, row, g, h, w_dtype), which),
-                   lambda raw, d16, row, g: both(lambda h: weights16(raw, d16, row, g, h, w_dtype)))
+        run = body(lambda raw, d16, row, g, h: weights16(raw, d16, row, g, h, w_dtype))
 
         @T.prim_func(private=True, s_tir=True)
         def block_func(x_h: T.handle, raw_h: T.handle, y_h: T.handle):
@@ -317,8 +323,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         def float_half(wf, row, g, h):
             return T.Cast("float32x16", wf[row, T.ramp(g * 32 + h * 16, 1, 16)])
 
-        run = body(lambda wf, _, row, g, which: halves(lambda h: float_half(wf, row, g, h), which),
-                   lambda wf, _, row, g: both(lambda h: float_half(wf, row, g, h)))
+        run = body(lambda wf, _, row, g, h: float_half(wf, row, g, h))
 
         @T.prim_func(private=True, s_tir=True)
         def float_func(x_h: T.handle, wf_h: T.handle, y_h: T.handle):
@@ -339,21 +344,20 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         codes = T.Cast("int16x16", qb[row, T.ramp(g * 16, 1, 16)])
         return codes & T.Broadcast(T.int16(15), 16), codes >> T.Broadcast(T.int16(4), 16)
 
-    def group_chunk(qb, qs, row, g, which):
-        if bits == 4:  # through a table of the group's 16 possible weights
+    def group_half(qb, qs, row, g, h):
+        if bits == 4:  # weights 16h .. 16h + 15: the low and high nibbles of bytes 8h .. 8h + 7, interleaved
+            return T.Shuffle([scaled(n, qs[row, g]) for n in nibbles(qb, row, g)], _INTERLEAVE[16 * h:16 * h + 16])
+        return scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g])
 
-            def table():  # a new expression per use (a Let bound once would be defined twice)
-                return part(scaled(T.ramp(0, 1, 16), qs[row, g]), which)
+    def table_chunk(qb, qs, row, g, which):
+        """4-bit groups: the 32 parts through a table of the group's 16 possible weights."""
 
-            return T.Shuffle([lookup(table(), n) for n in nibbles(qb, row, g)], _INTERLEAVE)
-        return halves(lambda h: scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g]), which)
+        def table():  # a new expression per use (a Let bound once would be defined twice)
+            return part(scaled(T.ramp(0, 1, 16), qs[row, g]), which)
 
-    def group_values(qb, qs, row, g):
-        if bits == 4:
-            return T.Shuffle([scaled(n, qs[row, g]) for n in nibbles(qb, row, g)], _INTERLEAVE)
-        return both(lambda h: scaled(qb[row, T.ramp(g * 32 + h * 16, 1, 16)], qs[row, g]))
+        return T.Shuffle([lookup(table(), n) for n in nibbles(qb, row, g)], _INTERLEAVE)
 
-    run = body(group_chunk, group_values)
+    run = body(group_half, table_chunk if bits == 4 else None)
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
