@@ -42,32 +42,22 @@ def transposed_sums(vectors: list, width: int):
     return vectors[0]
 
 
-def _butterfly_index(stage, row):
-    """``vpermi2ps`` lane indices of ``row`` in stage ``stage`` of :func:`transpose_16x16`: lane
-    ``l`` takes lane ``l ^ bit`` or ``l`` of the pair's first (index < 16) or second row, so that
-    bit ``stage`` of the row number and of the lane number trade places."""
-    lane = T.ramp(0, 1, 16)
-    lane_bit = T.shift_right(lane, T.Broadcast(stage, 16)) & T.Broadcast(1, 16)
-    row_bit = T.Broadcast(T.shift_right(row, stage) & 1, 16)
-    return (lane ^ T.shift_left(lane_bit ^ row_bit, T.Broadcast(stage, 16))) + lane_bit * T.Broadcast(16, 16)
+def transposed_16x16(rows: list) -> list:
+    """Variables holding the 16 rows of the transpose of the 16 x 16 block whose rows are
+    ``rows`` (16 expressions of 16 32-bit lanes): four stages of two-row shuffles with constant
+    masks (``vpermt2ps``), stage ``s`` trading bit ``s`` of the row number for bit ``s`` of the
+    lane number, each stage's rows bound to variables (registers). Call it while a TIR function
+    is being parsed (from a macro): the bindings go into the current frame."""
+    for stage in range(4):
+        bit = 1 << stage
+        rows = [T.bind(T.Shuffle([rows[r & ~bit], rows[r | bit]],
+                                 [(lane >> stage & 1) * 16 + (lane & ~bit | (r >> stage & 1) << stage) for lane in range(16)]))
+                for r in range(16)]
+    return rows
 
 
-def _butterfly_row(stage, row, second: bool):
-    """First element of the pair of rows (bit ``stage`` clear, or set if ``second``) that row
-    ``row`` reads from in stage ``stage``."""
-    first = row - (T.shift_right(row, stage) & 1) * T.shift_left(1, stage)
-    return (first + T.shift_left(1, stage) if second else first) * 16
-
-
-@T.macro
-def transpose_16x16(buf):
-    """Transpose the 16 x 16 block of 32-bit values ``buf[0, 0:256]`` (row-major) in place, via
-    ``buf[1, :]``: four stages of 16 two-row ``vpermi2ps`` (AVX-512F) permutes, stage s swapping
-    bit s of the row number with bit s of the lane number. ``buf``: float32 [2, 256]; the loops
-    are unrolled, so every lane index is a constant."""
-    for stage in T.unroll(4):
-        for row in T.unroll(16):
-            buf[(stage + 1) % 2, T.ramp(row * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                "float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
-                buf[stage % 2, T.ramp(_butterfly_row(stage, row, False), 1, 16)], _butterfly_index(stage, row),
-                buf[stage % 2, T.ramp(_butterfly_row(stage, row, True), 1, 16)])
+def emit_rows(rows: list, store) -> None:
+    """``store(i, rows[i])`` for each row, in order: the statements ``store`` emits (through the
+    IR builder, e.g. ``T.buffer_store``) go into the function being parsed, as from a macro."""
+    for i, row in enumerate(rows):
+        store(i, row)

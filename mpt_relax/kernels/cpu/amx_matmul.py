@@ -8,7 +8,7 @@ operand rebuilt for every block of output columns (the weights) is the row-major
 
 1. x is converted once per call into B tiles' layout: 16 rows x 32 k at a time, each row
    rounded to 16 bf16 pairs (``vcvtneps2bf16``), the 16 x 16 block of pairs transposed in
-   registers (:func:`~mpt_relax.kernels.lanes.transpose_16x16`); rows padded with zeros to a
+   registers (:func:`~mpt_relax.kernels.lanes.transposed_16x16`); rows padded with zeros to a
    multiple of 32;
 2. per block of 32 output columns (blocks in parallel) the 32 weight rows are dequantized once
    into bf16 rows (the A tiles), a group of 32 codes at a time: q4 through a 16-entry table of
@@ -17,7 +17,9 @@ operand rebuilt for every block of output columns (the weights) is the row-major
    block's formula (:data:`BLOCK_TYPES`);
 3. for each 32 rows of x, 2 x 2 accumulator tiles (weight rows 0-15 / 16-31 x rows of x 0-15 /
    16-31): K / 32 steps of two A and two B tile loads and four ``tdpbf16ps``; each C tile
-   (``[n, m]``) is stored, transposed in registers and written into y as 16 rows of 16.
+   (``[n, m]``) is stored, transposed in registers and written into y as 16 rows of 16 (the
+   transposes' stages in variables: through a buffer, the four shapes of the 125M model took
+   10-15 % longer).
 
 Every A and B tile is stored as 1 KiB in a row (rows of 64 bytes, one after the other): a
 row-major [K, 32] weight block or [M, K] x would put a tile's rows a whole row apart, all into
@@ -52,7 +54,7 @@ import functools
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import bound, halving_sum, transpose_16x16
+from mpt_relax.kernels.lanes import bound, emit_rows, halving_sum, transposed_16x16
 from mpt_relax.runtime.cpu_features import AMX_EXACT_DTYPES
 
 from .q4k_q5k_gemv import Q4_K, Q5_K, k_scale_min
@@ -170,34 +172,36 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         """float32x32: the 32 weights ``value(0)``, ``value(1)`` (fp32, weights 16h .. 16h + 15)."""
         return T.Shuffle([value(0), value(1)], _CONCAT)
 
+    def y_row(y, M, m, n0, row):
+        """y[m, n0 : n0 + 16] = row (float32x16) in ``out_dtype``, if m < M."""
+        with T.If(m < M):
+            with T.Then():
+                T.buffer_store(y, T.Cast(f"{out_dtype}x16", row), [m, T.ramp(n0, 1, 16)])
+
     @T.macro
     def x_tiles(x, xb, M, which):
         """x -> xb: bf16 part ``which`` (0: hi, 1: lo) of the pair (x[m, k], x[m, k + 1]) as 32
         bits, at row ``(m // 16 * k_steps + k // 32) * 16 + k % 32 // 2``, lane ``m % 16`` (tile
         (m // 16, k // 32) in 1 KiB); rows past M zero."""
         for kc in T.parallel(k_steps):
-            tx = T.alloc_buffer((2, 256), "float32")
+            tx = T.alloc_buffer((256,), "float32")
             for mt in range((M + 31) // 32 * 2):
                 for i in T.unroll(16):
-                    tx[0, T.ramp(i * 16, 1, 16)] = T.if_then_else(
+                    tx[T.ramp(i * 16, 1, 16)] = T.if_then_else(
                         mt * 16 + i < M,
                         T.reinterpret(T.Shuffle([part(T.Cast("float32x16", x[T.min(mt * 16 + i, M - 1),
                                                                              T.ramp(kc * 32 + h * 16, 1, 16)]), which)
                                                  for h in (0, 1)], _CONCAT), dtype="float32x16"),
                         T.Broadcast(T.float32(0), 16))
-                transpose_16x16(tx)
-                for r in T.unroll(16):
-                    xb[(mt * k_steps + kc) * 16 + r, T.ramp(0, 1, 16)] = tx[0, T.ramp(r * 16, 1, 16)]
+                emit_rows(transposed_16x16([tx[T.ramp(i * 16, 1, 16)] for i in range(16)]),
+                           lambda r, row: T.buffer_store(xb, row, [(mt * k_steps + kc) * 16 + r, T.ramp(0, 1, 16)]))
 
     @T.macro
     def write_tile(y, tb, M, mb, nb, tile_id):
         """C tile ``tile_id`` (weight rows ``tile_id // 2``, x rows ``tile_id % 2``) -> y."""
-        tile("llvm.x86.tilestored64", T.int8(tile_id), T.address_of(tb[0, 0]), stride)
-        transpose_16x16(tb)
-        for i in T.unroll(16):
-            if mb * 32 + tile_id % 2 * 16 + i < M:
-                y[mb * 32 + tile_id % 2 * 16 + i, T.ramp(nb * 32 + tile_id // 2 * 16, 1, 16)] = T.Cast(
-                    f"{out_dtype}x16", tb[0, T.ramp(i * 16, 1, 16)])
+        tile("llvm.x86.tilestored64", T.int8(tile_id), T.address_of(tb[0]), stride)
+        emit_rows(transposed_16x16([tb[T.ramp(r * 16, 1, 16)] for r in range(16)]),
+                   lambda i, row: y_row(y, M, mb * 32 + tile_id % 2 * 16 + i, nb * 32 + tile_id // 2 * 16, row))
 
     @T.macro
     def load_a(w, kc):
@@ -223,7 +227,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         """y[:, nb*32 : nb*32 + 32] from ``xb`` and the block's bf16 weights ``w`` (see ``run``);
         exact: four passes (w x, w xl, wl xl, wl x), each reloading one operand."""
         cfg = T.alloc_buffer((64,), "uint8")
-        tb = T.alloc_buffer((2, 256), "float32")  # a C tile, transposed in place
+        tb = T.alloc_buffer((256,), "float32")  # a C tile
         for i in range(64):
             cfg[i] = T.uint8(0)
         cfg[0] = T.uint8(1)  # palette 1
