@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ import mpt_relax
 from mpt_relax.tools import demo
 
 TINY = dict(d_model=32, n_heads=2, n_layers=1, vocab_size=320, max_seq_len=128, expansion_ratio=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt here and in the CLIs this suite starts, even when the suite
+    itself was started with SIGINT ignored (a background job of a shell without job control, as
+    ``nohup cmd &``): an ignored signal stays ignored across exec, a handled one is reset."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session")
