@@ -156,7 +156,10 @@ def _source_digest() -> str:
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"[mpt_relax] {msg}", file=sys.stderr, flush=True)
+        # one write, its newline included: a Ctrl-C between print's two writes left the line
+        # open, and the interruption's "error: ..." line continued it
+        sys.stderr.write(f"[mpt_relax] {msg}\n")
+        sys.stderr.flush()
 
 
 def build(

@@ -125,8 +125,9 @@ def publish_directory(
     clean_stale(final)
     with terminate_as_interrupt():
         tmp = staging_path(final)
-        tmp.mkdir()  # the umask's mode, not mkdtemp's 0700
         try:
+            # inside the try: a Ctrl-C that lands just after the directory is made removes it too
+            tmp.mkdir()  # the umask's mode, not mkdtemp's 0700
             yield tmp
             raise_if_stopped()  # a signal whose exception native code swallowed publishes nothing
             check_output(final, is_ours, what, protect)  # it may have changed while we worked
