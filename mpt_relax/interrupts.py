@@ -75,6 +75,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _heeded(sigs) -> list[int]:
+    """The signals of ``sigs`` this process is not ignoring: a command started with a signal
+    ignored (``nohup``, a background job of a shell without job control) keeps ignoring it."""
+    return [sig for sig in sigs if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM / SIGHUP raise :class:`Terminated` in the main thread, and every
@@ -102,7 +108,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back Ctrl-C and SIGTERM/SIGHUP during the block; raise the first one after it.
+    """Hold back Ctrl-C and SIGTERM/SIGHUP during the block; raise the first one after it
+    (an ignored one stays ignored).
 
     For imports of native libraries, which must not see an exception mid-way (see the module
     docstring). A no-op outside the main thread.
@@ -111,7 +118,7 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    sigs = (signal.SIGINT, *STOP_SIGNALS)
+    sigs = _heeded((signal.SIGINT, *STOP_SIGNALS))
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in sigs}
     try:
         yield
@@ -131,7 +138,7 @@ class StartupHold:
         self.caught: list[int] = []
         self._previous = {}
         if _main_thread():
-            for sig in (signal.SIGINT, *STOP_SIGNALS):
+            for sig in _heeded((signal.SIGINT, *STOP_SIGNALS)):
                 self._previous[sig] = signal.signal(sig, self._record)
 
     def _record(self, signum, frame) -> None:

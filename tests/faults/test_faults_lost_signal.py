@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from mpt_relax.interrupts import Terminated, stop_requested, terminate_as_interrupt
+from mpt_relax.interrupts import StartupHold, Terminated, deferred_interrupts, stop_requested, terminate_as_interrupt
 from mpt_relax.io.staging import publish_directory
 from mpt_relax.tools import cli
 
@@ -52,3 +52,19 @@ def test_the_record_starts_empty_in_each_outermost_block():
     with terminate_as_interrupt():
         assert stop_requested() is None
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_interrupts_are_held():
+    """A command started with SIGINT ignored (nohup, a background job) is not stopped by one,
+    not even while it holds interrupts back for its imports."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        hold = StartupHold()
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # a handler would run at a bytecode boundary
+                pass
+        hold.release()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
