@@ -38,7 +38,9 @@ most 3 and is exact in bf16); x and the weights each fill a hi and a lo tile, an
 in fp32, into the fp32 accumulators: the exact path's fp32 products and sums in another order.
 With fewer than :data:`TILE_ROWS_MIN` rows of x, filling the tiles costs more than it saves:
 :data:`FMA_ROWS` weight rows at a time are decoded to the same fp32 values (not split) and
-multiplied into each row of x with FMAs, their sums held in registers.
+multiplied into each row of x with FMAs, their sums held in registers, the weights prefetched
+``PREFETCH_BYTES`` ahead; a single row (a prefill's LM head) takes each weight straight from its
+decode into its FMA.
 
 The Linear layers of ``amx_prefill`` schemes emit :func:`exact_matmul` tagged with
 :data:`KERNEL_ATTR`; :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the
