@@ -61,3 +61,16 @@ def emit_rows(rows: list, store) -> None:
     IR builder, e.g. ``T.buffer_store``) go into the function being parsed, as from a macro."""
     for i, row in enumerate(rows):
         store(i, row)
+
+
+def nibble_lookup(table, codes):
+    """float32x16: ``table`` (float32x16) at each lane's index ``codes & 15`` (``vpermps`` reads
+    the low 4 bits of an int32x16 index, so the codes need no mask; AVX-512F)."""
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, codes)
+
+
+def high_nibbles(codes):
+    """int32x16: code bytes widened to dwords, shifted right by 4 in dword lanes (``vpsrld``): the
+    high nibbles as :func:`nibble_lookup` indices. A plain shift of the widened bytes let LLVM
+    shift the bytes and widen them a second time (4-12 % slower q4 GEMVs)."""
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.psrli.d.512", codes, T.int32(4))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import bound, halving_sum
+from mpt_relax.kernels.lanes import bound, halving_sum, high_nibbles, nibble_lookup
 
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, code_offset, group_position, prefetch
@@ -51,19 +51,13 @@ def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out
         return T.Cast("float32x16", (T.Cast(f"{scale_dtype}x16", codes) - T.Broadcast(T.Cast(scale_dtype, off), 16))
                       * T.Broadcast(scale, 16))
 
-    def lookup(table, index):
-        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, index)
-
     def nibble_products(qb, qs, xf, n, m, g):
         """float32x32: group ``g``'s weights times x, the low nibbles' 16 (k even) then the high
-        ones'. ``vpermps`` reads the low 4 bits of each index: the group's 16 code bytes are
-        widened to dwords once, and shifted right by 4 in dword lanes for the high nibbles (a
-        plain shift let LLVM shift the bytes and widen them a second time: 4-12 % slower)."""
+        ones'; the group's 16 code bytes are widened to dwords once."""
 
         def products(codes):
-            high = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.psrli.d.512", codes, T.int32(4))
-            return T.Shuffle([lookup(weights(T.ramp(0, 1, 16), qs[n, g]), index) * xf[m, T.ramp(g * 32 + h * 16, 1, 16)]
-                              for h, index in enumerate((codes, high))], list(range(32)))
+            return T.Shuffle([nibble_lookup(weights(T.ramp(0, 1, 16), qs[n, g]), index) * xf[m, T.ramp(g * 32 + h * 16, 1, 16)]
+                              for h, index in enumerate((codes, high_nibbles(codes)))], list(range(32)))
 
         return bound(T.Cast("int32x16", qb[n, T.ramp(g * 16, 1, 16)]), products)
 

@@ -36,7 +36,7 @@ import dataclasses
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import bound, halving_sum
+from mpt_relax.kernels.lanes import bound, halving_sum, high_nibbles, nibble_lookup
 
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, block_kernel, prefetch
@@ -152,14 +152,9 @@ def _table_products(layout, raw, sm, xf, n, m, b, c, x_dtype):
         return T.Cast("float32x16", T.Cast(f"{x_dtype}x16", T.Broadcast(sm[n, sub], 16) * T.Cast(
             "float32x16", T.ramp(0, 1, 16)) - T.Broadcast(sm[n, 8 + sub], 16)))
 
-    def lookup(weights, index):
-        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", weights, index)
-
-    def high(codes):
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.psrli.d.512", codes, T.int32(4))
-
     def products(lo, hi, even, odd):
-        parts = (lookup(even, lo), lookup(even, hi), lookup(odd, high(lo)), lookup(odd, high(hi)))
+        parts = (nibble_lookup(even, lo), nibble_lookup(even, hi), nibble_lookup(odd, high_nibbles(lo)),
+                 nibble_lookup(odd, high_nibbles(hi)))
         return T.Shuffle([part * xf[m, T.ramp(b * BLOCK + c * 64 + quarter * 16, 1, 16)] for quarter, part in enumerate(parts)],
                          list(range(64)))
 
@@ -194,7 +189,7 @@ def _exact(layout, N, K, x_dtype, out_dtype):
             d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
             xf = T.alloc_buffer((M, K), "float32")
             acc = T.alloc_buffer((N, CHAINS * 16), "float32")
-            cb = T.alloc_buffer((N, 64), "uint8")  # one vector of codes (Q5_K)
+            cb = T.alloc_buffer((N, 64) if layout.fifth_bits is not None else (1, 1), "uint8")  # one vector of codes (Q5_K)
             sm = T.alloc_buffer((N, 16), "float32")  # the block's d * scale (0..7), dmin * min (8..15)
             for m, k in T.grid(M, K):
                 xf[m, k] = T.Cast("float32", x[m, k])
