@@ -1,4 +1,4 @@
-"""Put prefill matmuls on the AMX tile units where the target has them.
+"""Put prefill matmuls on the AMX tile units where the target has them, else on AVX-512 register tiles.
 
 - ``amx_prefill`` schemes (bf16 products): the model (:mod:`mpt_relax.quantization.group`) emits
   each prefill projection as one exact dequantize + matmul PrimFunc tagged
@@ -7,10 +7,13 @@
 - Every other scheme, exactly: :func:`select_exact_amx_prefill` points each exact ``x @ W^T`` of
   ``prefill`` (:mod:`mpt_relax.compile.matmul_calls`) whose operands are fp16 at the exact tile
   kernel (``amx_matmul(exact=True)``: bf16 hi + lo parts of both operands, four tile products,
-  the same fp32 products and sums as the FMA path in another order). fp32 models keep the FMA path.
+  the same fp32 products and sums as the FMA path in another order).
 
-Anywhere else (no AMX-BF16: a portable ``--mcpu x86-64-v3`` build, a GPU) the exact kernels
-stay, fused with their epilogues and scheduled like any matmul.
+On AVX-512 targets without AMX-BF16 (an AMD EPYC), and for fp32 operands anywhere on AVX-512, both
+passes put these matmuls on ``amx_matmul(exact=True, units="vector")`` instead: the same exact
+fp32 products and sums, FMAs on 2 x 12 accumulator vectors. Anywhere else (a portable ``--mcpu
+x86-64-v3`` build, a GPU) the exact kernels stay, fused with their epilogues and scheduled like
+any matmul.
 """
 
 from __future__ import annotations
@@ -31,28 +34,40 @@ def has_amx(spec: TargetSpec) -> bool:
     return cpu_has(spec.target, amx_matmul.REQUIRED_FEATURES)
 
 
+def has_vector_units(spec: TargetSpec) -> bool:
+    """Whether ``spec`` is a CPU target with the AVX-512 subsets of ``amx_matmul(units="vector")``."""
+    return cpu_has(spec.target, amx_matmul.VECTOR_FEATURES)
+
+
 def select_amx_kernels(spec: TargetSpec) -> tvm.transform.Pass:
-    """Module pass: on AMX targets, every tagged prefill matmul becomes the AMX kernel."""
+    """Module pass: every tagged prefill matmul becomes the AMX kernel on AMX targets, the exact
+    vector kernel on other AVX-512 targets."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectAMXKernels")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if not has_amx(spec):
+        tiles = has_amx(spec)
+        if not (tiles or has_vector_units(spec)):
             return mod
         for gvar, func in list(mod.functions.items()):
             info = func.attrs.get(amx_matmul.KERNEL_ATTR) if func.attrs is not None else None
             if info is not None:
                 mod[gvar] = amx_matmul.amx_matmul(int(info["out"]), int(info["in"]), int(info["bits"]),
                                                   str(info["x_dtype"]), str(info["out_dtype"]), str(info["w_dtype"]),
-                                                  str(info.get("block", "")))
+                                                  str(info.get("block", "")), exact=not tiles,
+                                                  units="tiles" if tiles else "vector")
         return mod
 
     return _run
 
 
-def _exact_kernel(m: Matmul):
-    """(name, maker, x first) of the exact AMX kernel for ``m``, or None."""
-    if (m.x_dtype not in amx_matmul.EXACT_DTYPES or m.w_dtype not in amx_matmul.EXACT_DTYPES
-            or not amx_matmul.supported(m.n, m.k)):
+def _exact_kernel(m: Matmul, tiles: bool, vector: bool):
+    """(name, maker, x first) of the exact kernel for ``m``: on the AMX tiles where ``tiles`` and
+    both operands split into bf16 parts, else on the vector units where ``vector``; or None."""
+    if not amx_matmul.supported(m.n, m.k):
+        return None
+    units = "tiles" if tiles and m.x_dtype in amx_matmul.EXACT_DTYPES and m.w_dtype in amx_matmul.EXACT_DTYPES \
+        else "vector" if vector else None
+    if units is None:
         return None
     if m.kind == "float":
         bits, block = amx_matmul.FLOAT_BITS.get(m.w_dtype), ""
@@ -63,15 +78,19 @@ def _exact_kernel(m: Matmul):
     if bits is None or (m.kind == "group" and bits not in (4, 8)) or (m.kind == "blocks" and block not in amx_matmul.BLOCK_TYPES):
         return None
     args = (m.n, m.k, bits, m.x_dtype, m.out_dtype, m.w_dtype, block)
-    name = f"amx_exact_matmul_{block.lower() or bits}_{m.key()}"
-    return name, lambda: amx_matmul.amx_matmul(*args, exact=True), True
+    name = f"{'amx' if units == 'tiles' else 'vector'}_exact_matmul_{block.lower() or bits}_{m.key()}"
+    return name, lambda: amx_matmul.amx_matmul(*args, exact=True, units=units), True
 
 
 def select_exact_amx_prefill(spec: TargetSpec) -> tvm.transform.Pass:
-    """Module pass: on AMX targets, the prefill's exact fp16 matmuls become the exact tile kernel."""
+    """Module pass: the prefill's exact matmuls become the exact tile kernel (AMX targets, fp16
+    operands) or the exact vector kernel (other AVX-512 targets and operands)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectExactAMXPrefill")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return rewrite_matmuls(mod, PREFILL_FUNCTION, _exact_kernel) if has_amx(spec) else mod
+        tiles, vector = has_amx(spec), has_vector_units(spec)
+        if not (tiles or vector):
+            return mod
+        return rewrite_matmuls(mod, PREFILL_FUNCTION, lambda m: _exact_kernel(m, tiles, vector))
 
     return _run

@@ -26,12 +26,12 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
     passes = [
         dispatch_kv_cache(spec.target, page_size),
         select_int8_kernels(spec),  # int8-activation GEMVs: the target's VNNI kernel (CPU only)
-        select_amx_kernels(spec),  # amx_prefill schemes: bf16 tile matmuls where the CPU has AMX
+        select_amx_kernels(spec),  # amx_prefill schemes: bf16 tile matmuls where the CPU has AMX (else exact on AVX-512)
         relax.transform.DecomposeOpsForInference(),
         vectorized_gelu(spec.name),  # llvm: a polynomial erf instead of one libm call per element
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         select_decode_gemv(spec),  # llvm: decode GEMVs (float, exact q4/q8) stream with prefetches
-        select_exact_amx_prefill(spec),  # AMX CPUs: the prefill's exact fp16 matmuls on the tiles
+        select_exact_amx_prefill(spec),  # the prefill's exact matmuls on the AMX tiles or AVX-512 register tiles
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

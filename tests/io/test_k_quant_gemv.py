@@ -17,7 +17,7 @@ from gguf_kit import encode
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
-from mpt_relax.compile.amx_kernels import has_amx
+from mpt_relax.compile.amx_kernels import has_amx, has_vector_units
 from mpt_relax.compile.int8_kernels import best_isa, select_int8_kernels
 from mpt_relax.kernels.cpu import q4k_q5k_gemv, q6k_gemv, q6k_int8_gemv
 from mpt_relax.kernels.cpu.amx_matmul import amx_matmul
@@ -142,3 +142,19 @@ def test_kernel_on_gguf_blocks(block, rows, n_out, k_in, exact):
     assert request_amx()  # the tile state, once per process
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
     assert rel_err(y.numpy(), expected) < (1e-6 if exact else 1e-5)
+
+
+@pytest.mark.skipif(not has_vector_units(HOST), reason="this CPU has no AVX-512: the vector kernel cannot run here")
+@pytest.mark.parametrize("block", ["Q4_K", "Q5_K", "Q6_K"])
+def test_vector_kernel_on_gguf_blocks(block):
+    """The exact prefill kernel on AVX-512 FMAs decodes the blocks as ``gguf.quants`` does (rounded
+    to fp16): fp32 sums as close to float64 as the FMA path."""
+    rows, n_out, k_in = 37, 96, 512
+    raw = encode(np.random.default_rng(rows).standard_normal((n_out, k_in)).astype(np.float32), block, seed=rows)
+    w = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, block)).reshape(n_out, k_in).astype(np.float16)
+    x = np.random.default_rng(n_out).standard_normal((rows, k_in)).astype(np.float16)
+    kernel = amx_matmul(n_out, k_in, 0, "float16", "float32", "float16", block, exact=True, units="vector")
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
+    assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6

@@ -1,7 +1,8 @@
 """The AMX prefill matmuls (where this CPU has AMX): the bf16 kernel against numpy on
 bf16-rounded operands, the exact kernel (hi + lo bf16 parts) against float64 on the fp16
-operands; ``amx_prefill`` builds against HF on the trained model and the exact path, and the
-pass that puts an fp16 model's exact prefill on the tiles."""
+operands; the exact kernel on AVX-512 vectors (where this CPU has AVX-512) against float64;
+``amx_prefill`` builds against HF on the trained model and the exact path, and the pass that
+puts the exact prefill on the tiles or the vectors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tvm
 import mpt_relax
 from factory import bf16, callees, rel_err, with_top_codes
 from mpt_relax.compile import targets
-from mpt_relax.compile.amx_kernels import has_amx, select_exact_amx_prefill
+from mpt_relax.compile.amx_kernels import has_amx, has_vector_units, select_exact_amx_prefill
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.kernels.cpu.amx_matmul import TILE_ROWS_MIN, amx_matmul
 from mpt_relax.models.mpt.config import MPTConfig
@@ -26,6 +27,7 @@ from mpt_relax.runtime.cpu_features import host_features, request_amx
 TRAINED = Path(mpt_relax.__file__).resolve().parent / "data" / "tiny-mpt"
 HOST = targets.llvm_target()
 AMX = has_amx(HOST)
+VECTOR = has_vector_units(HOST)
 
 
 def test_amx_is_detected_as_this_cpu_has_it():
@@ -90,15 +92,40 @@ def test_exact_kernel_matches_float64(bits, rows):
     assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
-def test_exact_kernel_refuses_fp32_operands():
+@pytest.mark.skipif(not VECTOR, reason="this CPU has no AVX-512: the vector kernel cannot run here (the exact path is tested)")
+@pytest.mark.parametrize("bits, x_dtype", [(4, "float16"), (8, "float16"), (16, "float16"), (32, "float32")])
+@pytest.mark.parametrize("rows", [1, TILE_ROWS_MIN - 1, TILE_ROWS_MIN, 37])
+def test_vector_kernel_matches_float64(bits, x_dtype, rows):
+    """The exact kernel on AVX-512 FMAs (fp32 sums in k order; 37 rows: three full panels of 12
+    and a last one of 1): as close to float64 as the FMA path, fp32 models included."""
+    rng = np.random.default_rng(rows + bits)
+    n_out, k_in = 64, 512
+    if bits == 32:
+        w = (rng.standard_normal((n_out, k_in)) * 0.05).astype(np.float32)
+        inputs = (w,)
+    else:
+        inputs, w = _weights(bits, n_out, k_in, rng)
+    x = rng.standard_normal((rows, k_in)).astype(x_dtype)
+    kernel = amx_matmul(n_out, k_in, bits, x_dtype, "float32", "float32" if bits == 32 else "float16", exact=True,
+                        units="vector")
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, np.float32))
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in inputs), y)
+    assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
+
+
+def test_exact_kernel_refuses_fp32_operands_on_the_tiles_and_bf16_products_on_vectors():
     with pytest.raises(ValueError, match="exact AMX products need float16 / bfloat16 operands"):
         amx_matmul(32, 64, 32, "float32", "float32", "float32", exact=True)
+    with pytest.raises(ValueError, match="'vector' only with exact=True"):
+        amx_matmul(32, 64, 16, "float16", "float32", "float16", units="vector")
 
 
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q0f16", "q0f32"])
 def test_exact_prefill_goes_on_the_tiles_of_amx_targets(scheme):
-    """An fp16 model's prefill projections (every Linear; the tied head too) become the exact tile
-    kernel on an AMX target only; decode keeps its GEMVs, fp32 models their FMA path."""
+    """The prefill projections (every Linear; the tied head too) become the exact tile kernel on
+    an AMX target (fp16 models; an fp32 model's the vector kernel), the exact vector kernel on an
+    AVX-512 target without AMX, and stay on an AVX2 one; decode keeps its GEMVs."""
     cfg = MPTConfig(d_model=256, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
     net, _ = quantized_model(cfg, get_quantization(scheme))
     mod, _ = net.export_tvm(spec=net.export_spec())
@@ -106,10 +133,13 @@ def test_exact_prefill_goes_on_the_tiles_of_amx_targets(scheme):
     sapphire = targets.llvm_target("sapphirerapids")
     out = select_exact_amx_prefill(sapphire)(mod)
     tiles = [c for c in callees(out["prefill"]) if c.startswith("amx_exact_matmul_")]
-    assert len(tiles) == (0 if scheme == "q0f32" else 5)  # Wqkv, out_proj, up, down, the head
-    assert not any(c.startswith("amx_exact_matmul_") for c in callees(out["batch_decode"]))
+    vectors = [c for c in callees(out["prefill"]) if c.startswith("vector_exact_matmul_")]
+    assert (len(tiles), len(vectors)) == ((0, 5) if scheme == "q0f32" else (5, 0))  # Wqkv, out_proj, up, down, head
+    assert not any(c.startswith(("amx_exact", "vector_exact")) for c in callees(out["batch_decode"]))
+    zen4 = select_exact_amx_prefill(targets.llvm_target("znver4"))(mod)
+    assert len([c for c in callees(zen4["prefill"]) if c.startswith("vector_exact_matmul_")]) == 5
     portable = select_exact_amx_prefill(targets.llvm_target("x86-64-v3"))(mod)
-    assert not any(c.startswith("amx_exact_matmul_") for c in callees(portable["prefill"]))
+    assert not any(c.startswith(("amx_exact", "vector_exact")) for c in callees(portable["prefill"]))
 
 
 @pytest.fixture(scope="module")

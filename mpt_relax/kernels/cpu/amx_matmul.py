@@ -72,6 +72,9 @@ _CONCAT = list(range(32))
 FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
 EXACT_DTYPES = AMX_EXACT_DTYPES  # operands whose bf16 hi + lo parts hold them exactly
 TILE_ROWS_MIN = 8  # exact kernels: rows of x from which the tiles pay for filling them (measured crossover)
+PANEL_ROWS = 12  # vector units: rows of x per register tile (2 x 12 fp32 accumulators of 16 lanes)
+UNITS = ("tiles", "vector")  # AMX tiles; AVX-512 FMAs (exact only)
+VECTOR_FEATURES = ["avx512f", "avx512bw", "avx512vl"]  # units="vector": 16-lane fp32 FMAs, 32 registers
 FMA_ROWS = 8  # exact kernels under TILE_ROWS_MIN rows: weight rows per sweep over x (8 sums in registers)
 
 
@@ -126,13 +129,17 @@ def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weigh
 
 
 def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
-               w_dtype: str = "float16", block: str = "", exact: bool = False) -> tirx.PrimFunc:
+               w_dtype: str = "float16", block: str = "", exact: bool = False, units: str = "tiles") -> tirx.PrimFunc:
     """PrimFunc (x [M, K], q_weight uint32 [N, K*bits/32], q_scale ``w_dtype`` [N, K/32]) -> y [M, N]
     for bits 4 and 8; (x [M, K], W ``w_dtype`` [N, K]) -> y [M, N] for float weights (bits 16 or
     32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q5_K / Q6_K
     (:data:`BLOCK_TYPES`); see the module docstring. ``exact``: the split products of
-    :data:`EXACT_DTYPES` operands, and the FMA loop under :data:`TILE_ROWS_MIN` rows."""
-    if exact and not (x_dtype in EXACT_DTYPES and w_dtype in EXACT_DTYPES):
+    :data:`EXACT_DTYPES` operands, and the FMA loop under :data:`TILE_ROWS_MIN` rows. ``units``
+    "vector" (``exact`` only, any float operands): AVX-512 FMAs on register tiles instead of AMX
+    (:data:`VECTOR_FEATURES`)."""
+    if units not in UNITS or (units == "vector" and not exact):
+        raise ValueError(f"units {units!r} (exact={exact}): one of {UNITS}, and 'vector' only with exact=True")
+    if exact and units == "tiles" and not (x_dtype in EXACT_DTYPES and w_dtype in EXACT_DTYPES):
         raise ValueError(f"exact AMX products need {' / '.join(EXACT_DTYPES)} operands, got x {x_dtype}, weights {w_dtype}")
     N, K = out_features, in_features
     k_steps = K // 32
@@ -283,6 +290,31 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         for r in range(FMA_ROWS):
             y[m, row0 + r] = T.Cast(out_dtype, halving_sum(acc[T.ramp(r * 32, 1, 32)], 32)[0])
 
+    @T.macro
+    def x_panels(x, xp, M):
+        """x -> xp[(p * K + k) * PANEL_ROWS + r] = x[p * PANEL_ROWS + r, k] in fp32 (rows past M
+        repeat row M - 1; their sums are never stored)."""
+        for p in T.parallel((M + PANEL_ROWS - 1) // PANEL_ROWS):
+            for r, kc, h in T.grid(PANEL_ROWS, k_steps, 2):
+                xp[T.ramp((p * K + kc * 32 + h * 16) * PANEL_ROWS + r, PANEL_ROWS, 16)] = T.Cast(
+                    "float32x16", x[T.min(p * PANEL_ROWS + r, M - 1), T.ramp(kc * 32 + h * 16, 1, 16)])
+
+    @T.macro
+    def panel_products(wt, xp, y, M, nb):
+        """y[:, nb*32 : nb*32 + 32] from the block's fp32 weights ``wt[k, column]`` and the panels
+        of x: per panel, 2 x PANEL_ROWS accumulators in registers, each k one FMA per vector."""
+        for p in range((M + PANEL_ROWS - 1) // PANEL_ROWS):
+            acc = T.alloc_buffer((PANEL_ROWS, 32), "float32", scope="local")  # registers
+            for r in T.unroll(PANEL_ROWS):
+                acc[r, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
+            for k in range(K):
+                for r in T.unroll(PANEL_ROWS):
+                    acc[r, T.ramp(0, 1, 32)] = acc[r, T.ramp(0, 1, 32)] + wt[k, T.ramp(0, 1, 32)] * T.Broadcast(
+                        xp[(p * K + k) * PANEL_ROWS + r], 32)
+            for r in T.unroll(PANEL_ROWS):
+                if p * PANEL_ROWS + r < M:
+                    y[p * PANEL_ROWS + r, T.ramp(nb * 32, 1, 32)] = T.Cast(f"{out_dtype}x32", acc[r, T.ramp(0, 1, 32)])
+
     def body(half, chunk=None):
         """The kernel body around ``half(a, b, row, g, h)`` -> float32x16, weights 16h .. 16h + 15
         of group ``g`` of weight row ``row`` as the exact path dequantizes them (``a``, ``b``: the
@@ -296,21 +328,40 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             return both(lambda h: half(a, b, row, g, h))
 
         @T.macro
+        def block_columns(a, b, wt, nb, g, c, h):
+            """wt[32 g + 16 h + i, 16 c + j] = weight 16 h + i of group ``g`` of row nb * 32 + 16 c + j
+            (fp32, as the exact path decodes it): 16 rows' halves, transposed in registers."""
+            emit_rows(transposed_16x16([T.bind(half(a, b, nb * 32 + c * 16 + j, g, h)) for j in range(16)]),
+                      lambda i, row: T.buffer_store(wt, row, [g * 32 + h * 16 + i, T.ramp(c * 16, 1, 16)]))
+
+        @T.macro
         def run(x, y, M, a, b):
             if not exact or M >= TILE_ROWS_MIN:
-                xb = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16), "float32")  # x^T as B tiles
-                xl = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16) if exact else (1, 1), "float32")  # exact: lo parts
-                x_tiles(x, xb, M, 0)
-                if exact:
-                    x_tiles(x, xl, M, 1)
-                for nb in T.parallel(N // 32):
-                    w = T.alloc_buffer((K, 32), "int16")  # the block's 32 rows, bf16 bits: [k // 32, row, k % 32]
-                    wl = T.alloc_buffer((K, 32) if exact else (1, 1), "int16")  # exact: their lo parts
-                    for j, g in T.grid(32, k_steps):
-                        w[g * 32 + j, T.ramp(0, 1, 32)] = chunk(a, b, nb * 32 + j, g, 0)
-                        if exact:
-                            wl[g * 32 + j, T.ramp(0, 1, 32)] = chunk(a, b, nb * 32 + j, g, 1)
-                    multiply(w, wl, xb, xl, y, M, nb)
+                if units == "vector":  # (a Python condition: the other units' code is never emitted)
+                    xp = T.alloc_buffer(((M + PANEL_ROWS - 1) // PANEL_ROWS * K * PANEL_ROWS,), "float32")
+                    x_panels(x, xp, M)
+                    for nb in T.parallel(N // 32):
+                        wt = T.alloc_buffer((K, 32), "float32")  # the block's weights, k-major
+                        for g in range(k_steps):
+                            block_columns(a, b, wt, nb, g, 0, 0)
+                            block_columns(a, b, wt, nb, g, 0, 1)
+                            block_columns(a, b, wt, nb, g, 1, 0)
+                            block_columns(a, b, wt, nb, g, 1, 1)
+                        panel_products(wt, xp, y, M, nb)
+                else:
+                    xb = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16), "float32")  # x^T as B tiles
+                    xl = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16) if exact else (1, 1), "float32")  # exact: lo parts
+                    x_tiles(x, xb, M, 0)
+                    if exact:
+                        x_tiles(x, xl, M, 1)
+                    for nb in T.parallel(N // 32):
+                        w = T.alloc_buffer((K, 32), "int16")  # the block's 32 rows, bf16 bits: [k // 32, row, k % 32]
+                        wl = T.alloc_buffer((K, 32) if exact else (1, 1), "int16")  # exact: their lo parts
+                        for j, g in T.grid(32, k_steps):
+                            w[g * 32 + j, T.ramp(0, 1, 32)] = chunk(a, b, nb * 32 + j, g, 0)
+                            if exact:
+                                wl[g * 32 + j, T.ramp(0, 1, 32)] = chunk(a, b, nb * 32 + j, g, 1)
+                        multiply(w, wl, xb, xl, y, M, nb)
             elif M == 1:  # one row (a prefill's LM head): each weight decoded straight into its FMA
                 for nb in T.parallel(N // 32):
                     for jo in range(32 // FMA_ROWS):
