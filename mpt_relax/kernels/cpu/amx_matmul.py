@@ -56,7 +56,7 @@ import functools
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import bound, emit_rows, halving_sum, transposed_16x16
+from mpt_relax.kernels.lanes import bound, dequantized, emit_rows, halving_sum, transposed_16x16
 from mpt_relax.runtime.cpu_features import AMX_EXACT_DTYPES
 
 from .float_gemv import PREFETCH_BYTES
@@ -168,9 +168,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     def scaled(codes, scale):
         """16 codes (a 16-lane integer vector) -> fp32 ``(code - off) * scale``, the arithmetic
         in the scale's dtype as in the exact path."""
-        off = 2 ** (bits - 1) - 1
-        return T.Cast("float32x16", (T.Cast(f"{w_dtype}x16", codes) - T.Broadcast(T.Cast(w_dtype, off), 16))
-                      * T.Broadcast(scale, 16))
+        return dequantized(codes, scale, 2 ** (bits - 1) - 1, w_dtype)
 
     def lookup(table, index):
         return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx512.permvar.hi.256", table, index)

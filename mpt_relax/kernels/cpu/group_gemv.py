@@ -23,7 +23,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import bound, halving_sum, high_nibbles, nibble_lookup
+from mpt_relax.kernels.lanes import bound, dequantized, halving_sum, high_nibbles, nibble_lookup
 
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import GROUP, code_offset, group_position, prefetch
@@ -48,8 +48,7 @@ def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out
 
     def weights(codes, scale):
         """16 codes (integer lanes) -> their fp32 weights, dequantized in the scale's dtype."""
-        return T.Cast("float32x16", (T.Cast(f"{scale_dtype}x16", codes) - T.Broadcast(T.Cast(scale_dtype, off), 16))
-                      * T.Broadcast(scale, 16))
+        return dequantized(codes, scale, off, scale_dtype)
 
     def nibble_products(qb, qs, xf, n, m, g):
         """float32x32: group ``g``'s weights times x, the low nibbles' 16 (k even) then the high
