@@ -42,6 +42,15 @@ multiplied into each row of x with FMAs, their sums held in registers, the weigh
 ``PREFETCH_BYTES`` ahead; a single row (a prefill's LM head) takes each weight straight from its
 decode into its FMA.
 
+``units="vector"`` (exact only; AVX-512 CPUs without AMX, e.g. AMD Zen 4, and fp32 operands on
+any AVX-512 CPU): the same exact math on FMAs. x is packed once per call into panels of
+:data:`PANEL_ROWS` rows (``[panel, k, row]`` fp32); per block of 32 output columns the weights are
+decoded once to fp32 and transposed in registers into ``wt[k, column]``; each panel keeps 2 x 12
+accumulator vectors in registers, per k one broadcast of x per row and two FMAs: fp32 products
+summed in k order. (No bf16 variant: TVM's bf16 legalization turns every bfloat16 operand of an
+intrinsic call into fp32, so ``vdpbf16ps`` could only take operands fresh from a conversion
+instruction, one per vector of x and of weights.)
+
 The Linear layers of ``amx_prefill`` schemes emit :func:`exact_matmul` tagged with
 :data:`KERNEL_ATTR`; :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the
 target has AMX-BF16 (and the AVX-512 subsets used above, :data:`REQUIRED_FEATURES`) and leaves
