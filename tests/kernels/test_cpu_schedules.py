@@ -44,11 +44,11 @@ def _scheduled_module(mod, spec):
 
 def test_every_heavy_primfunc_is_scheduled():
     """The matmuls, attention and norms of both fp32 and fp16 models get a CPU schedule (for an
-    AVX-512 CPU without AMX: with AMX, an fp16 model's prefill matmuls are the tile kernel)."""
+    AVX2 CPU: with AVX-512 the prefill matmuls are the vector kernel, with AMX the tile kernel)."""
     for dtype in ("float32", "float16"):
         model = MPTForCausalLM(MPTConfig(**TINY), dtype)
         mod, _ = model.export_tvm(spec=model.export_spec())
-        out = _scheduled_module(mod, targets.llvm_target("x86-64-v4"))
+        out = _scheduled_module(mod, targets.llvm_target("x86-64-v3"))
         unscheduled = [
             gv.name_hint
             for gv, f in out.functions_items()
