@@ -40,7 +40,7 @@ With fewer than :data:`TILE_ROWS_MIN` rows of x, filling the tiles costs more th
 :data:`FMA_ROWS` weight rows at a time are decoded to the same fp32 values (not split) and
 multiplied into each row of x with FMAs, their sums held in registers, the weights prefetched
 ``PREFETCH_BYTES`` ahead; a single row (a prefill's LM head) takes each weight straight from its
-decode into its FMA.
+decode into its FMA, float weights one row at a time, each group prefetching its share of a row ahead.
 
 ``units="vector"`` (exact only; AVX-512 CPUs without AMX, e.g. AMD Zen 4, and fp32 operands on
 any AVX-512 CPU): the same exact math on FMAs. x is packed once per call into panels of
