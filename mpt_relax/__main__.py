@@ -256,9 +256,9 @@ def parser() -> argparse.ArgumentParser:
                         "quantized to int8 per group of 32 (VNNI integer dot products; changes logits slightly, see "
                         "README; default: exact)")
     p.add_argument("--amx-prefill", action="store_true",
-                   help="q0f16/q0f32/q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q5_K/Q6_K weights), CPU with AMX-BF16: "
-                        "prefill matmuls in bf16 on the AMX tiles (exact on other targets; default: exact, on the "
-                        "AMX tiles too for fp16 models)")
+                   help="q0f16/q0f32/q4f16_1/q8f16_1/gguf (its Q4_0/Q8_0/Q4_K/Q5_K/Q6_K weights), CPU with AMX-BF16 "
+                        "or AVX512-BF16: prefill matmuls in bf16 products, on the AMX tiles or with vdpbf16ps (exact on "
+                        "other targets; default: exact, on the AMX tiles too for fp16 models)")
     p.add_argument("--int8-prefill", action="store_true",
                    help="q4f16_1/q8f16_1, CPU: prefill matmuls on activations quantized to int8 per group of 32 "
                         "(VNNI integer dot products, like --int8-activations for decode; default: exact)")

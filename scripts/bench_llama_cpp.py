@@ -22,8 +22,8 @@ temporary directory and run from there, never from this repository.
    Q4_K / Q5_K with some layers and the head in Q6_K. ``--keep-gguf DIR`` keeps the five files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
-   and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 also "-a8-amx",
-   the AMX prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
+   and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 or AVX512-BF16 also
+   "-a8-amx", the bf16 prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
    its tied head included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some;
    and from each of the GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own
    blocks; Q8_0 / Q4_0 repacked into our group layout; those and Q4_K_M / Q5_K_M also with the fastest
@@ -97,11 +97,12 @@ from mpt_relax.models.mpt.config import MPTConfig  # noqa: E402
 from mpt_relax.tools import bandwidth, bench  # noqa: E402
 
 # the CPU kernels: int8 decode (--int8-activations) with the int8 prefill (--int8-prefill) and,
-# where this CPU has AMX-BF16, with the AMX bf16 prefill (--amx-prefill) instead (q0f16 too)
-AMX = {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= (host_features() or frozenset())  # normal-form names
-FAST = [{"int8_activations": True, "int8_prefill": True}] + ([{"int8_activations": True, "amx_prefill": True}] if AMX else [])
+# where this CPU has AMX-BF16 or AVX512-BF16, with the bf16 prefill (--amx-prefill) instead (q0f16 too)
+FEATURES = host_features() or frozenset()  # normal-form names
+BF16 = {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= FEATURES or normal_form("avx512bf16") in FEATURES
+FAST = [{"int8_activations": True, "int8_prefill": True}] + ([{"int8_activations": True, "amx_prefill": True}] if BF16 else [])
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
-ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if AMX else ()),
+ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if BF16 else ()),
         ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
         *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),

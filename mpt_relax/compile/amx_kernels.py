@@ -2,15 +2,17 @@
 
 - ``amx_prefill`` schemes (bf16 products): the model (:mod:`mpt_relax.quantization.group`) emits
   each prefill projection as one exact dequantize + matmul PrimFunc tagged
-  :data:`~mpt_relax.kernels.cpu.amx_matmul.KERNEL_ATTR`; :func:`select_amx_kernels` replaces it
-  with the bf16 tile kernel.
+  :data:`~mpt_relax.kernels.cpu.exact_matmul.KERNEL_ATTR`; :func:`select_amx_kernels` replaces it
+  with the bf16 tile kernel, or on AVX512-BF16 CPUs without AMX (AMD Zen 4) with the same bf16
+  products on ``vdpbf16ps`` (``amx_matmul(units="vector")``).
 - Every other scheme, exactly: :func:`select_exact_amx_prefill` points each exact ``x @ W^T`` of
   ``prefill`` (:mod:`mpt_relax.compile.matmul_calls`) whose operands are fp16 at the exact tile
   kernel (``amx_matmul(exact=True)``: bf16 hi + lo parts of both operands, four tile products,
   the same fp32 products and sums as the FMA path in another order).
 
-On AVX-512 targets without AMX-BF16 (an AMD EPYC), and for fp32 operands anywhere on AVX-512, both
-passes put these matmuls on ``amx_matmul(exact=True, units="vector")`` instead: the same exact
+On AVX-512 targets without AMX-BF16 (an AMD EPYC), and for fp32 operands anywhere on AVX-512, the
+exact matmuls (and the tagged ones where ``vdpbf16ps`` is missing) go on
+``amx_matmul(exact=True, units="vector")`` instead: the same exact
 fp32 products and sums, FMAs on 2 x 12 accumulator vectors. Anywhere else (a portable ``--mcpu
 x86-64-v3`` build, a GPU) the exact kernels stay, fused with their epilogues and scheduled like
 any matmul.
@@ -22,7 +24,7 @@ import tvm
 
 from mpt_relax.compile.matmul_calls import Matmul, rewrite_matmuls
 from mpt_relax.compile.targets import TargetSpec
-from mpt_relax.kernels.cpu import amx_matmul
+from mpt_relax.kernels.cpu import amx_matmul, exact_matmul
 from mpt_relax.kernels.cpu.base import cpu_has
 
 PREFILL_FUNCTION = "prefill"
@@ -39,21 +41,29 @@ def has_vector_units(spec: TargetSpec) -> bool:
     return cpu_has(spec.target, amx_matmul.VECTOR_FEATURES)
 
 
+def has_bf16_dots(spec: TargetSpec) -> bool:
+    """Whether ``spec`` is a CPU target with ``vdpbf16ps`` (and the AVX-512 subsets around it)."""
+    return cpu_has(spec.target, amx_matmul.DOT_FEATURES)
+
+
 def select_amx_kernels(spec: TargetSpec) -> tvm.transform.Pass:
-    """Module pass: every tagged prefill matmul becomes the AMX kernel on AMX targets, the exact
-    vector kernel on other AVX-512 targets."""
+    """Module pass: every tagged prefill matmul becomes the bf16 AMX kernel on AMX targets, the
+    bf16 vector kernel on other AVX512-BF16 targets (its width permitting), else the exact vector
+    kernel on AVX-512 targets."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectAMXKernels")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        tiles = has_amx(spec)
+        tiles, dots = has_amx(spec), has_bf16_dots(spec)
         if not (tiles or has_vector_units(spec)):
             return mod
         for gvar, func in list(mod.functions.items()):
-            info = func.attrs.get(amx_matmul.KERNEL_ATTR) if func.attrs is not None else None
+            info = func.attrs.get(exact_matmul.KERNEL_ATTR) if func.attrs is not None else None
             if info is not None:
-                mod[gvar] = amx_matmul.amx_matmul(int(info["out"]), int(info["in"]), int(info["bits"]),
+                n = int(info["out"])
+                bf16 = tiles or (dots and n % amx_matmul.DOT_BLOCK == 0)
+                mod[gvar] = amx_matmul.amx_matmul(n, int(info["in"]), int(info["bits"]),
                                                   str(info["x_dtype"]), str(info["out_dtype"]), str(info["w_dtype"]),
-                                                  str(info.get("block", "")), exact=not tiles,
+                                                  str(info.get("block", "")), exact=not bf16,
                                                   units="tiles" if tiles else "vector")
         return mod
 
@@ -70,7 +80,7 @@ def _exact_kernel(m: Matmul, tiles: bool, vector: bool):
     if units is None:
         return None
     if m.kind == "float":
-        bits, block = amx_matmul.FLOAT_BITS.get(m.w_dtype), ""
+        bits, block = exact_matmul.FLOAT_BITS.get(m.w_dtype), ""
     elif m.kind == "group":
         bits, block = m.scheme.bits, ""
     else:

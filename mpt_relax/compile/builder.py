@@ -192,8 +192,9 @@ def build(
     ``int8_activations``: with q4f16_1 / q8f16_1 on the CPU, decode on activations quantized to
     int8 per group of 32 with integer dot products (VNNI; :mod:`mpt_relax.kernels.cpu.int8_gemv`);
     prefill stays exact.
-    ``amx_prefill``: prefill projections (float or q4f16_1 / q8f16_1 weights) in bf16 on the AMX tile units
-    where the llvm target has AMX-BF16 (:mod:`mpt_relax.kernels.cpu.amx_matmul`); exact elsewhere.
+    ``amx_prefill``: prefill projections (float or q4f16_1 / q8f16_1 weights) in bf16 products: on the AMX
+    tile units where the llvm target has AMX-BF16, else with ``vdpbf16ps`` where it has AVX512-BF16
+    (:mod:`mpt_relax.kernels.cpu.amx_matmul`); exact elsewhere.
     ``int8_prefill``: with q4f16_1 / q8f16_1 on the CPU, prefill projections on x quantized to int8
     per group of 32 (:mod:`mpt_relax.kernels.cpu.int8_matmul` with AVX512-VNNI).
     ``mcpu``: the CPU the llvm library (and cuda host code) is compiled for, e.g. ``x86-64-v3``

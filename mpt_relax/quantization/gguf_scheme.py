@@ -27,7 +27,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import amx_matmul, q4k_q5k_gemv, q6k_int8_gemv
+from mpt_relax.kernels.cpu import amx_matmul, exact_matmul, q4k_q5k_gemv, q6k_int8_gemv
 from mpt_relax.quantization.base import (DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames,
                                          is_decoding, rows_op)
 from mpt_relax.quantization.gguf_blocks import BLOCK_TYPES, BlockType
@@ -187,7 +187,7 @@ class GGUFLinear(nn.Module):
             return self._int8_forward(x)
         if self.amx_prefill and not is_decoding():
             out_dtype = self.out_dtype or self.dtype
-            func = amx_matmul.exact_block_matmul(self.block, self.out_features, self.in_features, x.dtype, out_dtype,
+            func = exact_matmul.exact_block_matmul(self.block, self.out_features, self.in_features, x.dtype, out_dtype,
                                                  self.dtype)
             return rows_op(x, func, f"amx_matmul_gguf_{self.block.name.lower()}", [self.q_blocks], self.out_features,
                            out_dtype, self.bias)

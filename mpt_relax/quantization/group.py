@@ -61,7 +61,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import amx_matmul, int8_gemv, int8_matmul
+from mpt_relax.kernels.cpu import amx_matmul, exact_matmul, int8_gemv, int8_matmul
 from mpt_relax.quantization import group_kernel
 from mpt_relax.quantization.base import (DEQUANTIZE_PREFIX, Quantization, QuantizationError, QuantizedNames, is_decoding,
                                          rows_op)
@@ -335,7 +335,7 @@ class GroupQuantLinear(nn.Module):
         bf16 one where the target has AMX-BF16 (:mod:`mpt_relax.kernels.cpu.amx_matmul`)."""
         q, k, n = self.quantization, self.in_features, self.out_features
         out_dtype = self.out_dtype or q.model_dtype
-        func = amx_matmul.exact_matmul(q, n, k, x.dtype, out_dtype, _dequantized)
+        func = exact_matmul.exact_matmul(q, n, k, x.dtype, out_dtype, _dequantized)
         return rows_op(x, func, f"amx_matmul_{q.name}", [self.q_weight, self.q_scale], n, out_dtype, self.bias)
 
     def _dequantize(self, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:

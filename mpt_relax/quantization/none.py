@@ -13,7 +13,7 @@ import dataclasses
 
 from tvm.relax.frontend import nn
 
-from mpt_relax.kernels.cpu import amx_matmul
+from mpt_relax.kernels.cpu import amx_matmul, exact_matmul
 from mpt_relax.quantization.base import Quantization, is_decoding, rows_op
 
 
@@ -31,7 +31,7 @@ class AMXPrefillLinear(nn.Linear):
         if is_decoding() or not amx_matmul.supported(self.out_features, self.in_features):
             return super().forward(x)
         out_dtype = self.out_dtype or x.dtype
-        func = amx_matmul.exact_float_matmul(self.out_features, self.in_features, self.weight.dtype, x.dtype, out_dtype)
+        func = exact_matmul.exact_float_matmul(self.out_features, self.in_features, self.weight.dtype, x.dtype, out_dtype)
         return rows_op(x, func, "amx_matmul_float", [self.weight], self.out_features, out_dtype, self.bias)
 
 

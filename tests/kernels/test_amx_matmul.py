@@ -1,6 +1,7 @@
 """The AMX prefill matmuls (where this CPU has AMX): the bf16 kernel against numpy on
 bf16-rounded operands, the exact kernel (hi + lo bf16 parts) against float64 on the fp16
-operands; the exact kernel on AVX-512 vectors (where this CPU has AVX-512) against float64;
+operands; the exact kernel on AVX-512 vectors (where this CPU has AVX-512) against float64, the
+bf16 one on ``vdpbf16ps`` (where it has AVX512-BF16) against numpy on bf16-rounded operands;
 ``amx_prefill`` builds against HF on the trained model and the exact path, and the pass that
 puts the exact prefill on the tiles or the vectors."""
 
@@ -16,9 +17,11 @@ import tvm
 import mpt_relax
 from factory import bf16, callees, rel_err, with_top_codes
 from mpt_relax.compile import targets
-from mpt_relax.compile.amx_kernels import has_amx, has_vector_units, select_exact_amx_prefill
+from mpt_relax.compile.amx_kernels import (has_amx, has_bf16_dots, has_vector_units, select_amx_kernels,
+                                           select_exact_amx_prefill)
 from mpt_relax.compile.builder import quantized_model
-from mpt_relax.kernels.cpu.amx_matmul import TILE_ROWS_MIN, amx_matmul
+from mpt_relax.kernels.cpu.amx_matmul import DOT_ROWS, TILE_ROWS_MIN, amx_matmul
+from mpt_relax.kernels.cpu.exact_matmul import KERNEL_ATTR
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.quantization import fuse_dequantize_matmul
 from mpt_relax.quantization import QuantizationError, dequantize_weight, get_quantization, quantize_weight
@@ -28,6 +31,7 @@ TRAINED = Path(mpt_relax.__file__).resolve().parent / "data" / "tiny-mpt"
 HOST = targets.llvm_target()
 AMX = has_amx(HOST)
 VECTOR = has_vector_units(HOST)
+DOTS = has_bf16_dots(HOST)
 
 
 def test_amx_is_detected_as_this_cpu_has_it():
@@ -114,11 +118,60 @@ def test_vector_kernel_matches_float64(bits, x_dtype, rows):
     assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
-def test_exact_kernel_refuses_fp32_operands_on_the_tiles_and_bf16_products_on_vectors():
+@pytest.mark.skipif(not DOTS, reason="this CPU has no AVX512-BF16: the bf16 vector kernel cannot run here")
+@pytest.mark.parametrize("bits, x_dtype", [(4, "float16"), (8, "float16"), (16, "float16"), (32, "float32")])
+@pytest.mark.parametrize("rows", [1, TILE_ROWS_MIN - 1, TILE_ROWS_MIN, 37])
+def test_bf16_vector_kernel_matches_numpy_on_bf16_operands(bits, x_dtype, rows):
+    """``vdpbf16ps`` on bf16-rounded x and weights, fp32 sums (37 rows: panels of DOT_ROWS and a
+    partial one); under TILE_ROWS_MIN rows the exact FMA loop, as close to float64 as the FMA path."""
+    rng = np.random.default_rng(rows + bits)
+    n_out, k_in = 128, 320
+    if bits == 32:
+        w = (rng.standard_normal((n_out, k_in)) * 0.05).astype(np.float32)
+        inputs = (w,)
+    else:
+        inputs, w = _weights(bits, n_out, k_in, rng)
+    x = rng.standard_normal((rows, k_in)).astype(x_dtype)
+    kernel = amx_matmul(n_out, k_in, bits, x_dtype, "float32", "float32" if bits == 32 else "float16", units="vector")
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=HOST.target)
+    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, np.float32))
+    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in inputs), y)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    if rows < TILE_ROWS_MIN:
+        assert rel_err(y.numpy(), exact) < 1e-6
+    else:
+        assert rel_err(y.numpy(), bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T) < 1e-5
+        assert 1e-4 < rel_err(y.numpy(), exact) < 1e-2  # the bf16 rounding shows
+    assert rows < 37 or rows % DOT_ROWS  # a partial panel is among the cases
+
+
+def test_kernel_refusals():
     with pytest.raises(ValueError, match="exact AMX products need float16 / bfloat16 operands"):
         amx_matmul(32, 64, 32, "float32", "float32", "float32", exact=True)
-    with pytest.raises(ValueError, match="'vector' only with exact=True"):
+    with pytest.raises(ValueError, match="bf16 vector products need out_features a multiple of 64, got 32"):
         amx_matmul(32, 64, 16, "float16", "float32", "float16", units="vector")
+    with pytest.raises(ValueError, match="units 'tpu'"):
+        amx_matmul(64, 64, 16, "float16", "float32", "float16", units="tpu")
+
+
+def test_amx_prefill_kernels_follow_the_target():
+    """amx_prefill's tagged matmuls: bf16 tiles on an AMX target, ``vdpbf16ps`` on AVX512-BF16
+    without AMX (Zen 4), the exact FMA kernel on AVX-512 without BF16, untouched on AVX2."""
+    cfg = MPTConfig(d_model=256, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
+    for mcpu, marker in [("sapphirerapids", "tdpbf16ps"), ("znver4", "dpbf16ps.512"), ("skylake-avx512", "fmuladd"),
+                         ("x86-64-v3", None)]:
+        net, _ = quantized_model(cfg, get_quantization("q4f16_1", amx_prefill=True))
+        mod, _ = net.export_tvm(spec=net.export_spec())  # a new module each time: the pass rewrites it in place
+        tagged = [gv for gv, f in mod.functions.items() if f.attrs is not None and KERNEL_ATTR in f.attrs]
+        assert len(tagged) == 4  # Wqkv, out_proj, up, down (the fp16 head is not tagged)
+        out = select_amx_kernels(targets.llvm_target(mcpu))(mod)
+        for gv in tagged:
+            text = out[gv].script()
+            assert (KERNEL_ATTR in (out[gv].attrs or {})) == (marker is None), mcpu
+            if marker == "fmuladd":  # the exact vector kernel: no bf16 instruction at all
+                assert "bf16" not in text, mcpu
+            elif marker is not None:
+                assert marker in text and (marker != "dpbf16ps.512" or "tdpbf16ps" not in text), mcpu
 
 
 @pytest.mark.parametrize("scheme", ["q4f16_1", "q0f16", "q0f32"])
@@ -164,7 +217,7 @@ def test_amx_prefill_against_hf_and_the_exact_path(trained_hf, tmp_path):
                                      output=tmp_path / "v3-exact", quiet=True)
     logits = {a.name: mpt_relax.Engine(a, device="cpu").logits(ids) for a in (exact, amx, portable, portable_exact)}
     assert rel_err(logits["exact"], ref) < 3e-3 and rel_err(logits["amx"], ref) < 3e-3
-    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == AMX  # bf16 products only where AMX runs
+    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == (AMX or DOTS)  # bf16 products where AMX or vdpbf16ps runs
     assert rel_err(logits["v3"], logits["v3-exact"]) < 1e-5
     # the exact prefill on the tiles (where AMX) or on the FMA units: only the order of the fp32 sums
     # differs, which the fp16 activations then round apart (AVX-512 and AVX2 FMA builds: 1.8e-4)
@@ -174,7 +227,7 @@ def test_amx_prefill_against_hf_and_the_exact_path(trained_hf, tmp_path):
 
 
 def test_amx_prefill_on_float_weights(trained_hf, tmp_path):
-    """q0f16 with amx_prefill: the Linears of prefill in bf16 on AMX (the tied head stays exact),
+    """q0f16 with amx_prefill: the Linears of prefill in bf16 on AMX or AVX512-BF16 (the tied head stays exact),
     as close to HF fp32 as bf16 products allow; decode stays exact."""
     ids = list(range(3, 70))
     with torch.inference_mode():
@@ -185,7 +238,7 @@ def test_amx_prefill_on_float_weights(trained_hf, tmp_path):
     assert amx.name == "amx" and mpt_relax.Engine(amx, device="cpu").meta["quantization"]["tag"] == "q0f16+amx"
     logits = {a.name: mpt_relax.Engine(a, device="cpu").logits(ids) for a in (exact, amx)}
     assert rel_err(logits["exact"], ref) < 1e-3 and rel_err(logits["amx"], ref) < 2e-3
-    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == AMX
+    assert (rel_err(logits["amx"], logits["exact"]) > 1e-5) == (AMX or DOTS)
     assert np.argmax(logits["amx"][-1]) == np.argmax(logits["exact"][-1])
 
 

@@ -42,97 +42,55 @@ multiplied into each row of x with FMAs, their sums held in registers, the weigh
 ``PREFETCH_BYTES`` ahead; a single row (a prefill's LM head) takes each weight straight from its
 decode into its FMA, float weights one row at a time, each group prefetching its share of a row ahead.
 
-``units="vector"`` (exact only; AVX-512 CPUs without AMX, e.g. AMD Zen 4, and fp32 operands on
-any AVX-512 CPU): the same exact math on FMAs. x is packed once per call into panels of
-:data:`PANEL_ROWS` rows (``[panel, k, row]`` fp32); per block of 32 output columns the weights are
-decoded once to fp32 and transposed in registers into ``wt[k, column]``; each panel keeps 2 x 12
-accumulator vectors in registers, per k one broadcast of x per row and two FMAs: fp32 products
-summed in k order. (No bf16 variant: TVM's bf16 legalization turns every bfloat16 operand of an
-intrinsic call into fp32, so ``vdpbf16ps`` could only take operands fresh from a conversion
-instruction, one per vector of x and of weights.)
+``units="vector"`` (AVX-512 CPUs without AMX, e.g. AMD Zen 4; fp32 operands on any AVX-512 CPU):
+per block of output columns the weights are decoded once to fp32 and transposed in registers
+into ``wt[k, column]``. Exact: x is packed once per call into panels of :data:`PANEL_ROWS` rows
+(``[panel, k, row]`` fp32); each panel keeps 2 x 12 accumulator vectors in registers, per k one
+broadcast of x per row and two FMAs: fp32 products summed in k order. Not exact (AVX512-BF16,
+:data:`DOT_FEATURES`): blocks of :data:`DOT_BLOCK` columns, their weights re-laid as (k, k + 1)
+pairs; per panel of :data:`DOT_ROWS` rows, 4 x 6 accumulators; per 32 k each row of x is rounded
+to 16 bf16 pairs, then per pair one broadcast per row and four ``vdpbf16ps`` (the weight operands
+rounded as they are loaded): the tiles' numerics. TVM's bf16 legalization would widen every
+bfloat16 value back to fp32, so the conversions are typed int16x32 in TIR; in LLVM they keep the
+intrinsic's ``<32 x bfloat>`` type, which ``vdpbf16ps`` takes.
 
-The Linear layers of ``amx_prefill`` schemes emit :func:`exact_matmul` tagged with
-:data:`KERNEL_ATTR`; :mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the
-target has AMX-BF16 (and the AVX-512 subsets used above, :data:`REQUIRED_FEATURES`) and leaves
-the exact kernel (fused and scheduled as usual) elsewhere; it also puts other fp16 models'
-exact prefill matmuls on ``amx_matmul(exact=True)``.
+The Linear layers of ``amx_prefill`` schemes emit :mod:`.exact_matmul`'s tagged kernels;
+:mod:`mpt_relax.compile.amx_kernels` swaps in :func:`amx_matmul` where the target has AMX-BF16
+(:data:`REQUIRED_FEATURES`) or AVX-512, and also puts other models' exact prefill matmuls on
+``amx_matmul(exact=True)``.
 """
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import tirx
 from tvm.script import tirx as T
 
 from mpt_relax.kernels.lanes import bound, dequantized, emit_rows, halving_sum, transposed_16x16
 from mpt_relax.runtime.cpu_features import AMX_EXACT_DTYPES
 
 from .block_chunks import BLOCK_TYPES
+from .exact_matmul import FLOAT_BITS
 from .float_gemv import PREFETCH_BYTES
 from .int8_gemv import prefetch
 
-KERNEL_ATTR = "mpt_relax.amx_matmul"  # func attr: {"bits", "in", "out", ...}; see compile.amx_kernels
 # LLVM features the kernel's instructions need: tiles, vcvtneps2bf16, vpermw (256-bit), vpermi2ps
 REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl", "avx512f"]
 BLOCK = 32  # output columns per parallel task (two A tiles), and rows of x per step (two B tiles)
 _INTERLEAVE = [i // 2 + (i % 2) * 16 for i in range(32)]  # [low0, high0, low1, high1, ...] of two 16-lane vectors
 _CONCAT = list(range(32))
-FLOAT_BITS = {"float16": 16, "float32": 32}  # float weights: their dtype -> bits in the kernel tag
 EXACT_DTYPES = AMX_EXACT_DTYPES  # operands whose bf16 hi + lo parts hold them exactly
 TILE_ROWS_MIN = 8  # exact kernels: rows of x from which the tiles pay for filling them (measured crossover)
 PANEL_ROWS = 12  # vector units: rows of x per register tile (2 x 12 fp32 accumulators of 16 lanes)
-UNITS = ("tiles", "vector")  # AMX tiles; AVX-512 FMAs (exact only)
+UNITS = ("tiles", "vector")  # AMX tiles; AVX-512 registers
 VECTOR_FEATURES = ["avx512f", "avx512bw", "avx512vl"]  # units="vector": 16-lane fp32 FMAs, 32 registers
+DOT_FEATURES = [*VECTOR_FEATURES, "avx512bf16"]  # units="vector", not exact: vcvtne2ps2bf16, vdpbf16ps
+DOT_ROWS, DOT_BLOCK = 6, 64  # bf16 vector units: rows of x x columns per register tile (4 x 6 accumulators)
 FMA_ROWS = 8  # exact kernels under TILE_ROWS_MIN rows: weight rows per sweep over x (8 sums in registers)
 
 
 def supported(out_features: int, in_features: int) -> bool:
     """Whether the kernel takes a [out, in] weight: out a multiple of 32, in of 32."""
     return out_features % BLOCK == 0 and in_features % 32 == 0
-
-
-def exact_matmul(q, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
-                 dequantized) -> tirx.PrimFunc:
-    """The exact path of a group-quantized weight as one TE PrimFunc: x [M, K] x_dtype, q_weight,
-    q_scale -> y [M, N] (fp32 products and sums, like the fused dequantize + NT_matmul).
-    ``dequantized(q, qw, qs, o, i)`` gives one weight element."""
-    qw = te.placeholder(q.q_weight_shape(out_features, in_features), "uint32", name="q_weight")
-    qs = te.placeholder(q.q_scale_shape(out_features, in_features), q.model_dtype, name="q_scale")
-    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [qw, qs],
-                          lambda o, i: dequantized(q, qw, qs, o, i), q.bits, q.model_dtype)
-
-
-def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
-    """The exact path of a float weight (q0f16, q0f32) as one TE PrimFunc: x [M, K], W [N, K]
-    ``w_dtype`` -> y [M, N] (fp32 products and sums, like NT_matmul)."""
-    w = te.placeholder((out_features, in_features), w_dtype, name="weight")
-    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [w], lambda o, i: w[o, i],
-                          FLOAT_BITS[w_dtype], w_dtype)
-
-
-def exact_block_matmul(block, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
-                       w_dtype: str) -> tirx.PrimFunc:
-    """The exact path of a weight kept in GGUF blocks (:data:`BLOCK_TYPES`: Q4_K, Q5_K, Q6_K) as one TE
-    PrimFunc: x [M, K], blocks uint8 -> y [M, N], each weight decoded and rounded to ``w_dtype``."""
-    raw = te.placeholder(block.storage_shape(out_features, in_features), "uint8", name="q_blocks")
-    return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [raw],
-                          lambda o, i: block.decode(raw, o, i).astype(w_dtype), 0, w_dtype, block.name)
-
-
-def _tagged_matmul(out_features, in_features, x_dtype, out_dtype, weights, weight, bits, w_dtype,
-                   block: str = "") -> tirx.PrimFunc:
-    """``x @ W^T`` (W[o, i] = ``weight(o, i)``, read from the placeholders ``weights``), tagged for
-    :mod:`mpt_relax.compile.amx_kernels` (``block``: the GGUF block type, if any)."""
-    m = tirx.Var("m", "int64")
-    x = te.placeholder((m, in_features), x_dtype, name="x")
-    w = te.compute((out_features, in_features), weight, name="dequantize")
-    r = te.reduce_axis((0, in_features), name="r")
-    y = te.compute((m, out_features), lambda i, j: te.sum(x[i, r].astype("float32") * w[j, r].astype("float32"),
-                                                           axis=r), name="NT_matmul")
-    if out_dtype != "float32":
-        y = te.compute(y.shape, lambda i, j: y[i, j].astype(out_dtype), name="cast")
-    func = te.create_prim_func([x, *weights, y]).without_attr("global_symbol")  # a private kernel
-    return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": in_features, "out": out_features, "block": block,
-                                        "x_dtype": x_dtype, "out_dtype": out_dtype, "w_dtype": w_dtype})
 
 
 def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out_dtype: str,
@@ -142,10 +100,10 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
     32: ``w_dtype``'s width); (x [M, K], GGUF blocks uint8) -> y [M, N] for ``block`` Q4_K / Q5_K / Q6_K
     (:data:`BLOCK_TYPES`); see the module docstring. ``exact``: the split products of
     :data:`EXACT_DTYPES` operands, and the FMA loop under :data:`TILE_ROWS_MIN` rows. ``units``
-    "vector" (``exact`` only, any float operands): AVX-512 FMAs on register tiles instead of AMX
-    (:data:`VECTOR_FEATURES`)."""
-    if units not in UNITS or (units == "vector" and not exact):
-        raise ValueError(f"units {units!r} (exact={exact}): one of {UNITS}, and 'vector' only with exact=True")
+    "vector": AVX-512 register tiles instead of AMX (FMAs; ``vdpbf16ps`` unless ``exact``)."""
+    if units not in UNITS or (units == "vector" and not exact and out_features % DOT_BLOCK):
+        raise ValueError(f"units {units!r}: one of {UNITS}; bf16 vector products need out_features a multiple "
+                         f"of {DOT_BLOCK}, got {out_features}")
     if exact and units == "tiles" and not (x_dtype in EXACT_DTYPES and w_dtype in EXACT_DTYPES):
         raise ValueError(f"exact AMX products need {' / '.join(EXACT_DTYPES)} operands, got x {x_dtype}, weights {w_dtype}")
     N, K = out_features, in_features
@@ -320,6 +278,50 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                 if p * PANEL_ROWS + r < M:
                     y[p * PANEL_ROWS + r, T.ramp(nb * 32, 1, 32)] = T.Cast(f"{out_dtype}x32", acc[r, T.ramp(0, 1, 32)])
 
+    def bf16_pairs(hi, lo):
+        """32 bf16 from two float32x16 (``lo`` first), typed int16x32 here and ``<32 x bfloat>``
+        in LLVM (the intrinsic's own type): TVM's bf16 legalization never sees a bfloat16 value."""
+        return T.call_llvm_pure_intrin("int16x32", "llvm.x86.avx512bf16.cvtne2ps2bf16.512", hi, lo)
+
+    @T.macro
+    def paired_columns(wt, wp):
+        """wp[k // 2, 16 q + 2 j + k % 2] = wt[k, 8 q + j]: the block's weights as (k, k + 1) pairs
+        per column, 8 columns per vector (two vectors convert to one ``vdpbf16ps`` operand)."""
+        for kp, q in T.grid(K // 2, DOT_BLOCK // 8):
+            wp[kp, T.ramp(q * 16, 1, 16)] = T.Shuffle(
+                [wt[2 * kp, T.ramp(q * 8, 1, 8)], wt[2 * kp + 1, T.ramp(q * 8, 1, 8)]], [i // 2 + i % 2 * 8 for i in range(16)])
+
+    def pair_dots(acc, wp, kc, xv):
+        """acc[r] += the products of 32 k of row r (``xv[r]``: its 16 bf16 pairs) and the block's
+        weights: per pair of k, four weight operands (16 columns each) rounded once, then per row
+        the pair broadcast and four ``vdpbf16ps``. Statements emitted through the IR builder."""
+        for j in range(16):
+            wv = [T.bind(bf16_pairs(wp[kc * 16 + j, T.ramp(h * 32 + 16, 1, 16)], wp[kc * 16 + j, T.ramp(h * 32, 1, 16)]))
+                  for h in range(DOT_BLOCK // 16)]
+            for r in range(DOT_ROWS):
+                xj = T.Shuffle([xv[r]], [2 * j + i % 2 for i in range(32)])
+                for h in range(DOT_BLOCK // 16):
+                    T.buffer_store(acc, T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512bf16.dpbf16ps.512",
+                                                                acc[r, T.ramp(h * 16, 1, 16)], wv[h], xj),
+                                   [r, T.ramp(h * 16, 1, 16)])
+
+    @T.macro
+    def panel_dots(wp, x, y, M, nb):
+        """y[:, nb*DOT_BLOCK : (nb + 1)*DOT_BLOCK] from the block's weight pairs ``wp`` and x, per panel
+        of DOT_ROWS rows (4 x 6 accumulators in registers), each row rounded to bf16 per 32 k."""
+        for p in range((M + DOT_ROWS - 1) // DOT_ROWS):
+            acc = T.alloc_buffer((DOT_ROWS, DOT_BLOCK), "float32", scope="local")  # registers
+            for r in T.unroll(DOT_ROWS):
+                acc[r, T.ramp(0, 1, DOT_BLOCK)] = T.Broadcast(T.float32(0), DOT_BLOCK)
+            for kc in range(k_steps):
+                xv = [T.bind(bf16_pairs(*[T.Cast("float32x16", x[T.min(p * DOT_ROWS + r, M - 1), T.ramp(kc * 32 + h, 1, 16)])
+                                          for h in (16, 0)])) for r in range(DOT_ROWS)]
+                pair_dots(acc, wp, kc, xv)
+            for r in T.unroll(DOT_ROWS):
+                if p * DOT_ROWS + r < M:
+                    y[p * DOT_ROWS + r, T.ramp(nb * DOT_BLOCK, 1, DOT_BLOCK)] = T.Cast(
+                        f"{out_dtype}x{DOT_BLOCK}", acc[r, T.ramp(0, 1, DOT_BLOCK)])
+
     @T.macro
     def fma_row(x, y, row, a, weights):
         """y[0, row] from x[0] and weight row ``row``'s fp32 groups ``weights(g)`` (one row's sums in
@@ -350,25 +352,40 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             return both(lambda h: half(a, b, row, g, h))
 
         @T.macro
-        def block_columns(a, b, wt, nb, g, c, h):
-            """wt[32 g + 16 h + i, 16 c + j] = weight 16 h + i of group ``g`` of row nb * 32 + 16 c + j
+        def block_columns(a, b, wt, n0, g, c, h):
+            """wt[32 g + 16 h + i, 16 c + j] = weight 16 h + i of group ``g`` of row n0 + 16 c + j
             (fp32, as the exact path decodes it): 16 rows' halves, transposed in registers."""
-            emit_rows(transposed_16x16([T.bind(half(a, b, nb * 32 + c * 16 + j, g, h)) for j in range(16)]),
+            emit_rows(transposed_16x16([T.bind(half(a, b, n0 + c * 16 + j, g, h)) for j in range(16)]),
                       lambda i, row: T.buffer_store(wt, row, [g * 32 + h * 16 + i, T.ramp(c * 16, 1, 16)]))
 
         @T.macro
         def run(x, y, M, a, b):
-            if not exact or M >= TILE_ROWS_MIN:
-                if units == "vector":  # (a Python condition: the other units' code is never emitted)
+            if (not exact and units == "tiles") or M >= TILE_ROWS_MIN:
+                if units == "vector" and not exact:
+                    for nb in T.parallel(N // DOT_BLOCK):
+                        wt = T.alloc_buffer((K, DOT_BLOCK), "float32")  # the block's weights, k-major
+                        wp = T.alloc_buffer((K // 2, 2 * DOT_BLOCK), "float32")  # ... as pairs of k
+                        for g in range(k_steps):
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 0, 0)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 0, 1)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 1, 0)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 1, 1)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 2, 0)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 2, 1)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 3, 0)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 3, 1)
+                        paired_columns(wt, wp)
+                        panel_dots(wp, x, y, M, nb)
+                elif units == "vector":  # (a Python condition: the other units' code is never emitted)
                     xp = T.alloc_buffer(((M + PANEL_ROWS - 1) // PANEL_ROWS * K * PANEL_ROWS,), "float32")
                     x_panels(x, xp, M)
                     for nb in T.parallel(N // 32):
                         wt = T.alloc_buffer((K, 32), "float32")  # the block's weights, k-major
                         for g in range(k_steps):
-                            block_columns(a, b, wt, nb, g, 0, 0)
-                            block_columns(a, b, wt, nb, g, 0, 1)
-                            block_columns(a, b, wt, nb, g, 1, 0)
-                            block_columns(a, b, wt, nb, g, 1, 1)
+                            block_columns(a, b, wt, nb * 32, g, 0, 0)
+                            block_columns(a, b, wt, nb * 32, g, 0, 1)
+                            block_columns(a, b, wt, nb * 32, g, 1, 0)
+                            block_columns(a, b, wt, nb * 32, g, 1, 1)
                         panel_products(wt, xp, y, M, nb)
                 else:
                     xb = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16), "float32")  # x^T as B tiles
