@@ -12,7 +12,7 @@ from factory import callees, gemv_error
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
-from mpt_relax.kernels.cpu.float_gemv import float_gemv, supported
+from mpt_relax.kernels.cpu.float_gemv import PREFETCH_BYTES, ZEN_PREFETCH_BYTES, float_gemv, prefetch_bytes, supported
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
 
@@ -30,6 +30,20 @@ def test_kernel_matches_numpy(x_dtype, w_dtype, out_dtype, rows, n_out, k_in):
     w = rng.standard_normal((n_out, k_in)).astype(w_dtype)
     err = gemv_error(float_gemv(n_out, k_in, x_dtype, w_dtype, out_dtype), HOST, (x, w), x, w, out_dtype)
     assert err < (1e-6 if out_dtype == "float32" else 1e-3)
+
+
+@pytest.mark.parametrize("distance", [64, 1 << 20])
+def test_kernel_matches_numpy_at_any_prefetch_distance(distance):
+    """A prefetch one row ahead (64 bytes: every row) or past the last row: the same sums."""
+    rng = np.random.default_rng(distance)
+    x, w = rng.standard_normal((2, 96)).astype(np.float16), rng.standard_normal((130, 96)).astype(np.float16)
+    assert gemv_error(float_gemv(130, 96, "float16", "float16", "float32", distance), HOST, (x, w), x, w, "float32") < 1e-6
+
+
+def test_prefetch_distance_follows_the_cpu():
+    assert prefetch_bytes(targets.llvm_target("znver4").target) == ZEN_PREFETCH_BYTES < PREFETCH_BYTES
+    assert prefetch_bytes(targets.llvm_target("sapphirerapids").target) == PREFETCH_BYTES
+    assert prefetch_bytes(targets.llvm_target("x86-64-v3").target) == PREFETCH_BYTES
 
 
 def test_supported_shapes():

@@ -7,7 +7,7 @@ the sums differs. The kernel streams W once per call at memory speed:
 - one weight row per parallel task, read front to back: the whole of W is one forward stream
   (four rows interleaved per task, sharing each load of x, streamed at half the speed here);
 - k in chunks of ``LANES`` (one vector of fp32 per row, the weight chunk converted in registers);
-- the weights are prefetched ``PREFETCH_BYTES`` ahead, one cache line per chunk and row (the
+- the weights are prefetched ``PREFETCH_BYTES`` ahead (``ZEN_PREFETCH_BYTES`` on AMD Zen), one cache line per chunk and row (the
   hardware prefetchers alone leave a GEMV at about half the bandwidth, as for the int8 GEMV);
 - each row's vector is summed with a halving tree of vector adds.
 
@@ -24,7 +24,8 @@ from mpt_relax.kernels.lanes import halving_sum
 from .int8_gemv import prefetch
 
 LANES = 32  # fp32 lanes per accumulator: 64 bytes of fp16 weights, one cache line
-PREFETCH_BYTES = 65536  # how far ahead the weights are asked for (16 KiB: ~10 % slower here)
+PREFETCH_BYTES = 65536  # how far ahead the weights are asked for (on an Intel Xeon 16 KiB was ~10 % slower)
+ZEN_PREFETCH_BYTES = 16384  # on AMD Zen cores: 64 KiB was 15-25 % slower (one Zen 4 core, fp16 head and FFN)
 
 
 def supported(out_features: int, in_features: int) -> bool:
@@ -32,11 +33,18 @@ def supported(out_features: int, in_features: int) -> bool:
     return in_features % LANES == 0 and out_features > 0
 
 
-def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, out_dtype: str) -> tirx.PrimFunc:
-    """PrimFunc (x [M, K] ``x_dtype``, W [N, K] ``w_dtype``) -> y [M, N] ``out_dtype``."""
+def prefetch_bytes(target) -> int:
+    """How far ahead the kernel asks for weights on ``target``'s CPU (by its LLVM CPU name)."""
+    return ZEN_PREFETCH_BYTES if str(target.attrs.get("mcpu", "")).startswith("znver") else PREFETCH_BYTES
+
+
+def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, out_dtype: str,
+               distance: int = PREFETCH_BYTES) -> tirx.PrimFunc:
+    """PrimFunc (x [M, K] ``x_dtype``, W [N, K] ``w_dtype``) -> y [M, N] ``out_dtype``; the weights
+    prefetched ``distance`` bytes ahead (:func:`prefetch_bytes`)."""
     N, K = out_features, in_features
     line = 64 // (2 if w_dtype == "float16" else 4)  # elements per cache line
-    ahead = max(1, PREFETCH_BYTES // (K * (2 if w_dtype == "float16" else 4)))  # rows between a load and its prefetch
+    ahead = max(1, distance // (K * (2 if w_dtype == "float16" else 4)))  # rows between a load and its prefetch
     f32 = f"float32x{LANES}"
 
     @T.prim_func(private=True, s_tir=True)
