@@ -35,7 +35,8 @@ temporary directory and run from there, never from this repository.
    host), timed as bench.py times HF: prefill tokens/s = prompt tokens / prefill time, decode
    tokens/s = (new tokens - 1) / time from the first to the last new token.
 
-Both sides report the median over ``--runs`` (bench.py's statistic). The table pairs q0f16 with
+Both sides report the median over ``--runs`` (bench.py's statistic); llama.cpp is measured again
+right after each of our rows, so that a ratio compares neighbouring runs. The table pairs q0f16 with
 F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax / llama.cpp.
 "/HF bf16" is the row's prefill over transformers' ``MptForCausalLM`` in bfloat16 on the same
 checkpoint and prompt (measured once per T, as bench --compare-hf --hf-dtype bfloat16 measures it;
@@ -328,13 +329,13 @@ def main() -> int:
             hf = bench.in_child(bench.measure_hf, t, str(args.checkpoint), "bfloat16", "cpu", ids, args.gen_len, args.runs)
             lines.append(f"T={t}: copy bandwidth {bytes_per_s / 1e9:.1f} GB/s; HF transformers bfloat16: prefill "
                          f"{hf['prefill_tokens_per_s']:.1f} tokens/s, decode {hf['decode_tokens_per_s']:.1f}")
-            theirs: dict[str, dict] = {}
             for name, ftype in [(name, f) for name, _, _, f in rows] + [(name, f) for name, f, _ in gguf_rows]:
                 ours = bench.run(artifacts[name], device="cpu", prompt_len=args.prompt_len, gen_len=args.gen_len,
                                  runs=args.runs, threads=t)["mpt_relax"]
-                if ftype and ftype not in theirs:
-                    theirs[ftype] = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs)
-                lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs.get(ftype), hf["prefill_tokens_per_s"]))
+                # llama.cpp measured right after each row: on a shared machine a ratio of two runs
+                # minutes apart measures the neighbours' load as much as the engines
+                theirs = llama_report(ggufs[ftype], config, t, ids, args.gen_len, args.runs) if ftype else None
+                lines.append(table_row(name, ftype, t, bytes_per_s, ours, theirs, hf["prefill_tokens_per_s"]))
                 print(lines[-1], file=sys.stderr, flush=True)
         if gguf_rows:
             lines.append("logits at every prompt position, mpt_relax built from the GGUF file vs llama.cpp on it "
