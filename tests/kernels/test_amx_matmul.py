@@ -96,26 +96,32 @@ def test_exact_kernel_matches_float64(bits, rows):
     assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
-@pytest.mark.skipif(not VECTOR, reason="this CPU has no AVX-512: the vector kernel cannot run here (the exact path is tested)")
-@pytest.mark.parametrize("bits, x_dtype", [(4, "float16"), (8, "float16"), (16, "float16"), (32, "float32")])
-@pytest.mark.parametrize("rows", [1, TILE_ROWS_MIN - 1, TILE_ROWS_MIN, 37])
-def test_vector_kernel_matches_float64(bits, x_dtype, rows):
-    """The exact kernel on AVX-512 FMAs (fp32 sums in k order; 37 rows: three full panels of 12
-    and a last one of 1): as close to float64 as the FMA path, fp32 models included."""
+def _vector_run(bits, x_dtype, rows, n_out, k_in, exact):
+    """(y, x, w) of ``amx_matmul(units="vector")`` on random operands: q4/q8 codes or fp16 weights
+    with fp16 x, fp32 weights (bits 32) with fp32 x."""
     rng = np.random.default_rng(rows + bits)
-    n_out, k_in = 64, 512
     if bits == 32:
         w = (rng.standard_normal((n_out, k_in)) * 0.05).astype(np.float32)
         inputs = (w,)
     else:
         inputs, w = _weights(bits, n_out, k_in, rng)
     x = rng.standard_normal((rows, k_in)).astype(x_dtype)
-    kernel = amx_matmul(n_out, k_in, bits, x_dtype, "float32", "float32" if bits == 32 else "float16", exact=True,
+    kernel = amx_matmul(n_out, k_in, bits, x_dtype, "float32", "float32" if bits == 32 else "float16", exact=exact,
                         units="vector")
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=HOST.target)
     y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, np.float32))
     lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in inputs), y)
-    assert rel_err(y.numpy(), x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
+    return y.numpy(), x, w
+
+
+@pytest.mark.skipif(not VECTOR, reason="this CPU has no AVX-512: the vector kernel cannot run here (the exact path is tested)")
+@pytest.mark.parametrize("bits, x_dtype", [(4, "float16"), (8, "float16"), (16, "float16"), (32, "float32")])
+@pytest.mark.parametrize("rows", [1, TILE_ROWS_MIN - 1, TILE_ROWS_MIN, 37])
+def test_vector_kernel_matches_float64(bits, x_dtype, rows):
+    """The exact kernel on AVX-512 FMAs (fp32 sums in k order; 37 rows: three full panels of 12
+    and a last one of 1): as close to float64 as the FMA path, fp32 models included."""
+    y, x, w = _vector_run(bits, x_dtype, rows, 64, 512, exact=True)
+    assert rel_err(y, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
 @pytest.mark.skipif(not DOTS, reason="this CPU has no AVX512-BF16: the bf16 vector kernel cannot run here")
@@ -124,24 +130,13 @@ def test_vector_kernel_matches_float64(bits, x_dtype, rows):
 def test_bf16_vector_kernel_matches_numpy_on_bf16_operands(bits, x_dtype, rows):
     """``vdpbf16ps`` on bf16-rounded x and weights, fp32 sums (37 rows: panels of DOT_ROWS and a
     partial one); under TILE_ROWS_MIN rows the exact FMA loop, as close to float64 as the FMA path."""
-    rng = np.random.default_rng(rows + bits)
-    n_out, k_in = 128, 320
-    if bits == 32:
-        w = (rng.standard_normal((n_out, k_in)) * 0.05).astype(np.float32)
-        inputs = (w,)
-    else:
-        inputs, w = _weights(bits, n_out, k_in, rng)
-    x = rng.standard_normal((rows, k_in)).astype(x_dtype)
-    kernel = amx_matmul(n_out, k_in, bits, x_dtype, "float32", "float32" if bits == 32 else "float16", units="vector")
-    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=HOST.target)
-    y = tvm.runtime.tensor(np.full((rows, n_out), np.nan, np.float32))
-    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in inputs), y)
+    y, x, w = _vector_run(bits, x_dtype, rows, 128, 320, exact=False)
     exact = x.astype(np.float64) @ w.astype(np.float64).T
     if rows < TILE_ROWS_MIN:
-        assert rel_err(y.numpy(), exact) < 1e-6
+        assert rel_err(y, exact) < 1e-6
     else:
-        assert rel_err(y.numpy(), bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T) < 1e-5
-        assert 1e-4 < rel_err(y.numpy(), exact) < 1e-2  # the bf16 rounding shows
+        assert rel_err(y, bf16(x).astype(np.float64) @ bf16(w).astype(np.float64).T) < 1e-5
+        assert 1e-4 < rel_err(y, exact) < 1e-2  # the bf16 rounding shows
     assert rows < 37 or rows % DOT_ROWS  # a partial panel is among the cases
 
 
