@@ -15,7 +15,7 @@ from tvm.relax.frontend import nn
 
 import mpt_relax
 from mpt_relax.compile import targets
-from mpt_relax.compile.amx_kernels import has_amx
+from mpt_relax.compile.amx_kernels import has_amx, has_bf16_dots
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.io.gguf_file import GGUFFile
 from mpt_relax.models.mpt import gguf_loader
@@ -141,8 +141,9 @@ def test_repacked_gguf_weights_take_the_int8_kernels(flags, tmp_path):
 
 def test_k_quant_prefill_on_amx(tmp_path):
     """A Q4_K / Q5_K / Q6_K file built with --amx-prefill: its prefill projections are the tagged AMX
-    kernel (the exact one where the CPU has no AMX); on an AMX CPU the prefill moves by the bf16
-    rounding only, and the decode step over that cache stays close."""
+    kernel (bf16 products on the tiles or on ``vdpbf16ps``, the exact one where the CPU has neither);
+    with bf16 products the prefill moves by their rounding only, and the decode step over that cache
+    stays close."""
     model = tiny_mpt()
     write_gguf(tmp_path / "m.gguf", model, _cycle(["Q4_K", "Q5_K", "Q6_K"]))
     exact = mpt_relax.build(tmp_path / "m.gguf", target="llvm", output=tmp_path / "exact", quiet=True)
@@ -153,7 +154,7 @@ def test_k_quant_prefill_on_amx(tmp_path):
     kernels = [c for c in callees(mod["prefill"]) if c.startswith("amx_matmul_gguf_")]
     assert {c[:len("amx_matmul_gguf_q4_k")] for c in kernels} == {f"amx_matmul_gguf_q{b}_k" for b in (4, 5, 6)}
     (p_exact, d_exact), (p_amx, d_amx) = prefill_then_decode(exact, IDS), prefill_then_decode(amx, IDS)
-    if has_amx(targets.llvm_target()):
+    if has_amx(targets.llvm_target()) or has_bf16_dots(targets.llvm_target()):
         assert 0 < rel_err(p_amx, p_exact) < 3e-2 and rel_err(d_amx, d_exact) < 3e-2
     else:
         np.testing.assert_array_equal(p_amx, p_exact)
