@@ -187,8 +187,8 @@ class GGUFLinear(nn.Module):
             return self._int8_forward(x)
         if self.amx_prefill and not is_decoding():
             out_dtype = self.out_dtype or self.dtype
-            func = exact_matmul.exact_block_matmul(self.block, self.out_features, self.in_features, x.dtype, out_dtype,
-                                                 self.dtype)
+            func = exact_matmul.exact_block_matmul(self.block, self.out_features, self.in_features, x.dtype,
+                                                   out_dtype, self.dtype)
             return rows_op(x, func, f"amx_matmul_gguf_{self.block.name.lower()}", [self.q_blocks], self.out_features,
                            out_dtype, self.bias)
         w = nn.op.tensor_expr_op(self._dequantize, self._kernel_name(DEQUANTIZE_PREFIX), [self.q_blocks])

@@ -231,12 +231,16 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
             write_tile(y, tb, M, mb, nb, 3)
         tile("llvm.x86.tilerelease")
 
+    def rows_ahead(a):
+        """Weight rows of ``a`` in ``PREFETCH_BYTES``: how far ahead of its reads a row is asked for."""
+        return T.max(1, PREFETCH_BYTES * 8 // (a.shape[1] * a.dtype.bits))
+
     @T.macro
     def prefetch_ahead(a, row0):
         """Ask for the weight rows ``PREFETCH_BYTES`` past rows ``row0 .. row0 + FMA_ROWS`` of ``a``
         (with the hardware prefetchers alone, the 125M model's prefill LM head took 1.3x as long)."""
         for r, c in T.grid(FMA_ROWS, T.ceildiv(a.shape[1] * a.dtype.bits, 512)):
-            prefetch(a, T.min(row0 + r + T.max(1, PREFETCH_BYTES * 8 // (a.shape[1] * a.dtype.bits)), N - 1),
+            prefetch(a, T.min(row0 + r + rows_ahead(a), N - 1),
                      c * (512 // a.dtype.bits))
 
     @T.macro
@@ -334,7 +338,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         lines = T.ceildiv(a.shape[1] * a.dtype.bits, 512)  # cache lines per weight row
         for g in range(k_steps):
             for c in range(T.ceildiv(lines, k_steps)):  # from line g * lines // k_steps: every line of the row
-                prefetch(a, T.min(row + T.max(1, PREFETCH_BYTES * 8 // (a.shape[1] * a.dtype.bits)), N - 1),
+                prefetch(a, T.min(row + rows_ahead(a), N - 1),
                          T.min(g * lines // k_steps + c, lines - 1) * (512 // a.dtype.bits))
             acc[T.ramp(0, 1, 32)] = acc[T.ramp(0, 1, 32)] + weights(g) * T.Cast("float32x32", x[0, T.ramp(g * 32, 1, 32)])
         y[0, row] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, 32)], 32)[0])
@@ -351,12 +355,14 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         def values(a, b, row, g):
             return both(lambda h: half(a, b, row, g, h))
 
-        @T.macro
-        def block_columns(a, b, wt, n0, g, c, h):
-            """wt[32 g + 16 h + i, 16 c + j] = weight 16 h + i of group ``g`` of row n0 + 16 c + j
-            (fp32, as the exact path decodes it): 16 rows' halves, transposed in registers."""
-            emit_rows(transposed_16x16([T.bind(half(a, b, n0 + c * 16 + j, g, h)) for j in range(16)]),
-                      lambda i, row: T.buffer_store(wt, row, [g * 32 + h * 16 + i, T.ramp(c * 16, 1, 16)]))
+        def block_columns(a, b, wt, n0, g, width):
+            """wt[32 g + 16 h + i, 16 c + j] = weight 16 h + i of group ``g`` of row n0 + 16 c + j, for
+            the block's ``width`` columns (fp32, as the exact path decodes them): 16 rows' halves at a
+            time, transposed in registers. Statements emitted through the IR builder."""
+            for c in range(width // 16):
+                for h in (0, 1):
+                    emit_rows(transposed_16x16([T.bind(half(a, b, n0 + c * 16 + j, g, h)) for j in range(16)]),
+                              lambda i, row: T.buffer_store(wt, row, [g * 32 + h * 16 + i, T.ramp(c * 16, 1, 16)]))
 
         @T.macro
         def run(x, y, M, a, b):
@@ -366,14 +372,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                         wt = T.alloc_buffer((K, DOT_BLOCK), "float32")  # the block's weights, k-major
                         wp = T.alloc_buffer((K // 2, 2 * DOT_BLOCK), "float32")  # ... as pairs of k
                         for g in range(k_steps):
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 0, 0)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 0, 1)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 1, 0)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 1, 1)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 2, 0)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 2, 1)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 3, 0)
-                            block_columns(a, b, wt, nb * DOT_BLOCK, g, 3, 1)
+                            block_columns(a, b, wt, nb * DOT_BLOCK, g, DOT_BLOCK)
                         paired_columns(wt, wp)
                         panel_dots(wp, x, y, M, nb)
                 elif units == "vector":  # (a Python condition: the other units' code is never emitted)
@@ -382,10 +381,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
                     for nb in T.parallel(N // 32):
                         wt = T.alloc_buffer((K, 32), "float32")  # the block's weights, k-major
                         for g in range(k_steps):
-                            block_columns(a, b, wt, nb * 32, g, 0, 0)
-                            block_columns(a, b, wt, nb * 32, g, 0, 1)
-                            block_columns(a, b, wt, nb * 32, g, 1, 0)
-                            block_columns(a, b, wt, nb * 32, g, 1, 1)
+                            block_columns(a, b, wt, nb * 32, g, 32)
                         panel_products(wt, xp, y, M, nb)
                 else:
                     xb = T.alloc_buffer(((M + 31) // 32 * 2 * k_steps * 16, 16), "float32")  # x^T as B tiles

@@ -33,7 +33,7 @@ def exact_float_matmul(out_features: int, in_features: int, w_dtype: str, x_dtyp
 
 def exact_block_matmul(block, out_features: int, in_features: int, x_dtype: str, out_dtype: str,
                        w_dtype: str) -> tirx.PrimFunc:
-    """The exact path of a weight kept in GGUF blocks (:data:`BLOCK_TYPES`: Q4_K, Q5_K, Q6_K) as one TE
+    """The exact path of a weight kept in GGUF blocks (:data:`~.block_chunks.BLOCK_TYPES`: Q4_K, Q5_K, Q6_K) as one TE
     PrimFunc: x [M, K], blocks uint8 -> y [M, N], each weight decoded and rounded to ``w_dtype``."""
     raw = te.placeholder(block.storage_shape(out_features, in_features), "uint8", name="q_blocks")
     return _tagged_matmul(out_features, in_features, x_dtype, out_dtype, [raw],
