@@ -35,7 +35,7 @@ def _numpy_quantize(x: np.ndarray):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows, n_out, k_in", [(1, 256, 768), (3, 96, 320), (2, 10, 64)])
+@pytest.mark.parametrize("rows, n_out, k_in", [(1, 256, 768), (3, 48, 384), (3, 96, 320), (2, 10, 64)])
 def test_kernels_match_numpy(bits, rows, n_out, k_in):
     rng = np.random.default_rng(bits + rows)
     q = get_quantization(f"q{bits}f16_1")
