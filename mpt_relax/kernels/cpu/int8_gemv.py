@@ -19,12 +19,11 @@ Two PrimFuncs per layer shape, both already scheduled (``tirx.is_scheduled``):
   weights each group's 32 values are stored evens first, then odds: the order in which a
   vector of 16 code bytes yields its low nibbles, then its high ones.
 - :func:`int8_gemv`: (xq, xs, xc, q_weight, q_scale) -> y [M, N]. ``isa`` picks the kernel:
-  ``avx512vnni`` (512-bit vpdpbusd, two groups per instruction; for int4 weights with K a
-  multiple of 128 four groups per two instructions, see :func:`_vnni_int4`), ``avxvnni``
-  (256-bit, one group) or ``generic`` (plain integer loops: the same numbers on any CPU,
-  slower). The model
-  emits ``generic``; :func:`mpt_relax.compile.int8_kernels.select_int8_kernels` swaps in the
-  fastest the target has.
+  ``avx512vnni`` (512-bit vpdpbusd, two groups per instruction), ``avxvnni`` (256-bit, one
+  group) or ``generic`` (plain integer loops: the same numbers on any CPU, slower); int4
+  weights with K a multiple of 128 take four groups per pair of vpdpbusd on either width
+  (:func:`_vnni_int4`). The model emits ``generic``;
+  :func:`mpt_relax.compile.int8_kernels.select_int8_kernels` swaps in the fastest the target has.
 
 Rows of W are processed ``ROWS`` at a time (independent accumulator chains sharing each load
 of x), all M rows of x per block of W (so a weight byte is read once per call), blocks in
@@ -151,8 +150,8 @@ def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, sc
         func = _generic(N, K, G, words, bits, rows, out_dtype, scale_dtype)
     else:
         lanes = _LANES[isa] if G % 2 == 0 else 8  # two groups per 512-bit vector need an even count
-        if bits == 4 and lanes == 16 and G % QUAD_GROUPS == 0:
-            func = _vnni_int4(N, K, G, words, out_dtype, scale_dtype)
+        if bits == 4 and G % QUAD_GROUPS == 0:
+            func = _vnni_int4(N, K, G, words, out_dtype, scale_dtype, _LANES[isa])
         else:
             func = _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, _DOT[lanes])
     return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": K, "out": N, "out_dtype": out_dtype,
@@ -296,35 +295,41 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
     return func
 
 
-def _vnni_int4(N, K, G, words, out_dtype, scale_dtype):
-    """int4 weights on 512-bit vpdpbusd, ``QUAD_GROUPS`` = 4 groups per step.
+def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes):
+    """int4 weights, ``QUAD_GROUPS`` = 4 groups per step, on vpdpbusd of ``lanes`` int32 lanes
+    (16: 512-bit, one vector per step; 8: 256-bit, two).
 
-    One 64-byte load of a row's codes holds 4 groups: masking gives their low nibbles (the
-    evens of each group), a shift their high ones (the odds). Two vpdpbusd with x's evens and
-    odds of the same 4 groups add into one int32 vector whose lanes 4g..4g+3 hold group g's
-    partial sums, so one conversion, one permute of the combined scales and one fp32 FMA serve
-    128 weights (the two-group kernel spends them on 64, and an unpack shuffle more). For that,
-    x is re-laid once per call: per block of 4 groups their evens, then their odds (16 bytes
-    each; xq already stores each group's evens first). On one AMD Zen 4 core, from cache, this
-    doubled the int4 GEMV's speed (19.6 -> 37.5 GB/s of codes); from DRAM it reaches the fp16
-    GEMV's bandwidth.
+    64 bytes of a row's codes hold 4 groups: masking gives their low nibbles (the evens of each
+    group), a shift their high ones (the odds). Two vpdpbusd with x's evens and odds of the same
+    bytes add into one int32 vector whose lanes 4g..4g+3 hold a group's partial sums, so one
+    conversion, one permute of the combined scales and one fp32 FMA serve 32 * lanes / 4
+    weights (the two-group kernel spends them on half as many, plus an unpack shuffle). For
+    that, x is re-laid once per call: per block of 4 groups their evens, then their odds (16
+    bytes each; xq already stores each group's evens first). On one AMD Zen 4 core, from cache,
+    this doubled the 512-bit int4 GEMV's speed (19.6 -> 37.5 GB/s of codes) and made the 256-bit
+    one 1.5-1.9x faster (14.5 -> 22-27); from DRAM the 512-bit one reaches the fp16 GEMV's bandwidth.
     """
-    lanes, chunk = 16, 8 if G % 8 == 0 else QUAD_GROUPS
-    steps = chunk // QUAD_GROUPS  # steps per chunk of scales
+    chunk = 8 if G % 8 == 0 else QUAD_GROUPS
+    steps, parts = chunk // QUAD_GROUPS, 16 // lanes  # steps per chunk of scales; vectors per step
     ahead = max(1, PREFETCH_BYTES // (words * 4))
-    fc = f"float32x{chunk}"
-    nib = T.broadcast(T.uint32(0x0F0F0F0F), 16)
+    fc, f32 = f"float32x{chunk}", f"float32x{lanes}"
+    nib = T.broadcast(T.uint32(0x0F0F0F0F), lanes)
     # word p of a block of the re-laid x <- word of xq: half p // 16 (evens, odds), group (p % 16) // 4
     relaid = [(p % 16) // 4 * 8 + p // 16 * 4 + p % 4 for p in range(32)]
 
-    def quad_dot(qw, xw, n, m, c):
-        """int32 [16]: row n's codes of groups 4c..4c+3 times x row m's; lanes 4g.. are group g's."""
-        packed = qw[n, T.ramp(c * 16, 1, 16)]
-        evens = _dot(_DOT[16], 16, T.broadcast(T.int32(0), 16), packed & nib, xw[m, T.ramp(c * 32, 1, 16)])
-        return _dot(_DOT[16], 16, evens, (packed >> T.broadcast(T.uint32(4), 16)) & nib, xw[m, T.ramp(c * 32 + 16, 1, 16)])
+    def quad_dot(qw, xw, n, m, c, h):
+        """int32 [lanes]: row n's codes in words 16c + h * lanes.. (of groups 4c..4c+3) times x row
+        m's; lane j is group 4c + (h * lanes + j) // 4's."""
+        packed, at = qw[n, T.ramp(c * 16 + h * lanes, 1, lanes)], c * 32 + h * lanes
+        evens = _dot(_DOT[lanes], lanes, T.broadcast(T.int32(0), lanes), packed & nib, xw[m, T.ramp(at, 1, lanes)])
+        return _dot(_DOT[lanes], lanes, evens, (packed >> T.broadcast(T.uint32(4), lanes)) & nib, xw[m, T.ramp(at + 16, 1, lanes)])
 
     def scales(qs, n, ch):
         return T.Cast(fc, qs[n, T.ramp(ch * chunk, 1, chunk)])
+
+    def lane_scales(combined, s, h):
+        """[lanes]: the combined scale of each lane's group, for vector h of step s."""
+        return T.Shuffle([combined] * -(-lanes // chunk), [s * QUAD_GROUPS + (h * lanes + j) // 4 for j in range(lanes)])
 
     @T.prim_func(private=True, s_tir=True)
     def func(xq_h: T.handle, xs_h: T.handle, xc_h: T.handle, qw_h: T.handle, qs_h: T.handle, y_h: T.handle):
@@ -353,9 +358,9 @@ def _vnni_int4(N, K, G, words, out_dtype, scale_dtype):
                         cor[n, T.ramp(0, 1, chunk)] = cor[n, T.ramp(0, 1, chunk)] + scales(qs, n, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)]
                         for s in T.unroll(steps):
                             prefetch(qw, T.min(n + ahead, N - 1), (ch * steps + s) * 16)
-                            acc[n, T.ramp(0, 1, lanes)] = acc[n, T.ramp(0, 1, lanes)] + T.Cast(
-                                "float32x16", quad_dot(qw, xw, n, m, ch * steps + s)) * T.Shuffle(
-                                [combined[n, T.ramp(0, 1, chunk)]] * (lanes // chunk), [s * QUAD_GROUPS + lane // 4 for lane in range(lanes)])
+                            for h in T.unroll(parts):
+                                acc[n, T.ramp(0, 1, lanes)] = acc[n, T.ramp(0, 1, lanes)] + T.Cast(
+                                    f32, quad_dot(qw, xw, n, m, ch * steps + s, h)) * lane_scales(combined[n, T.ramp(0, 1, chunk)], s, h)
                     y[m, n] = T.Cast(out_dtype, _total(acc[n, T.ramp(0, 1, lanes)], cor[n, T.ramp(0, 1, chunk)], lanes, chunk))
 
     return func
