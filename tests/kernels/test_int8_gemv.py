@@ -35,6 +35,8 @@ def _numpy_quantize(x: np.ndarray):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+# int4 with K a multiple of 128 (768: chunks of 8 groups, 384: of 4) takes the four-group kernel,
+# 320 and 64 the two-group one
 @pytest.mark.parametrize("rows, n_out, k_in", [(1, 256, 768), (3, 48, 384), (3, 96, 320), (2, 10, 64)])
 def test_kernels_match_numpy(bits, rows, n_out, k_in):
     rng = np.random.default_rng(bits + rows)
