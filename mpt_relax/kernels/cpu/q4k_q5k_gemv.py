@@ -216,19 +216,22 @@ def _exact(layout, N, K, x_dtype, out_dtype):
     return func
 
 
-def q4k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
+def q4k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic",
+                  distance: int = PREFETCH_BYTES) -> tirx.PrimFunc:
     """PrimFunc (xq int8 [M, K], xs f32 [M, K/32], blocks uint8 [N, K / 256 * 144]) -> y [M, N]
-    ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``."""
-    return _int8(Q4_K, out_features, in_features, out_dtype, isa)
+    ``out_dtype``; see the module docstring. ``isa``: ``avx512vnni`` or ``generic``; ``distance``:
+    how many bytes ahead the VNNI kernel prefetches (:func:`.float_gemv.prefetch_bytes`)."""
+    return _int8(Q4_K, out_features, in_features, out_dtype, isa, distance)
 
 
-def q5k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic") -> tirx.PrimFunc:
+def q5k_int8_gemv(out_features: int, in_features: int, out_dtype: str, isa: str = "generic",
+                  distance: int = PREFETCH_BYTES) -> tirx.PrimFunc:
     """As :func:`q4k_int8_gemv` on Q5_K blocks (uint8 [N, K / 256 * 176])."""
-    return _int8(Q5_K, out_features, in_features, out_dtype, isa)
+    return _int8(Q5_K, out_features, in_features, out_dtype, isa, distance)
 
 
-def _int8(layout, out_features, in_features, out_dtype, isa):
-    builders = {"avx512vnni": lambda *shape: _vnni(layout, *shape), "generic": lambda *shape: _generic(layout, *shape)}
+def _int8(layout, out_features, in_features, out_dtype, isa, distance):
+    builders = {"avx512vnni": lambda *shape: _vnni(layout, *shape, distance), "generic": lambda *shape: _generic(layout, *shape)}
     return block_kernel(layout.name, builders, out_features, in_features, out_dtype, isa)
 
 
@@ -274,9 +277,9 @@ def _generic(layout, N, K, out_dtype):
     return func
 
 
-def _vnni(layout, N, K, out_dtype):
+def _vnni(layout, N, K, out_dtype, distance):
     B, G, row_bytes = K // BLOCK, K // GROUP, K // BLOCK * layout.block_bytes
-    ahead = max(1, PREFETCH_BYTES // row_bytes)
+    ahead = max(1, distance // row_bytes)
 
     @T.prim_func(private=True, s_tir=True)
     def func(xq_h: T.handle, xs_h: T.handle, raw_h: T.handle, y_h: T.handle):
