@@ -47,6 +47,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SelectInt8Kernels")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         isa = None
+        distance = float_gemv.prefetch_bytes(spec.target)  # the K-quant kernels' prefetch distance
         for gvar, func in list(mod.functions.items()):
             attrs = func.attrs if func.attrs is not None else {}
             key = next((k for k in (int8_gemv.KERNEL_ATTR, int8_gemv.BLOCK_KERNEL_ATTR) if attrs.get(k) is not None), None)
@@ -60,7 +61,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
             if key == int8_gemv.BLOCK_KERNEL_ATTR:
                 make = INT8_GEMVS[str(info["block"])]
                 kernel = make(int(info["out"]), int(info["in"]), str(info["out_dtype"]),
-                              isa if isa in int8_gemv.BLOCK_ISAS else "generic", float_gemv.prefetch_bytes(spec.target))
+                              isa if isa in int8_gemv.BLOCK_ISAS else "generic", distance)
             else:
                 shape = (int(info["out"]), int(info["in"]), int(info["bits"]), str(info["out_dtype"]),
                          str(info["scale_dtype"]))

@@ -44,7 +44,7 @@ from mpt_relax.kernels.lanes import halving_sum
 
 GROUP = 32
 ROWS = 1
-QUAD_GROUPS = 4  # groups per step of the int4 kernel on 512-bit VNNI (K a multiple of 128)
+QUAD_GROUPS = 4  # groups per step of the int4 VNNI kernel, 512- or 256-bit (K a multiple of 128)
 PREFETCH_BYTES = 16384  # how far ahead the VNNI kernels ask for weights: 2x faster from DRAM
 PARALLEL_ROWS = 4  # rows of x from which quantize_activation runs rows in parallel
 KERNEL_ATTR = "mpt_relax.int8_gemv"  # func attr: {"bits", "in", "out", "isa"}; see compile.int8_kernels
