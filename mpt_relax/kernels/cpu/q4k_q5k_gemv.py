@@ -21,11 +21,15 @@ in fp32 (q: 0..15, or 0..31 with the fifth bit).
 
       y[m, n] = sum_sub xs[m, g] * (d * scale * sum_k q[k] * xq[m, k] - dmin * min * sum_k xq[m, k])
 
-  the inner sums exact integers. ``avx512vnni``: one ``vpdpbusd`` per 64 codes, lanes 0-7 of
-  its 16 int32 lanes in one sub-block and 8-15 in the next. Once per block, one 16-lane vector
+  the inner sums exact integers. ``avx512vnni``: one 64-byte load of nibbles (chunks 2p and
+  2p + 1) feeds two ``vpdpbusd``: its low nibbles are sub-blocks 4p and 4p + 2, its high ones
+  4p + 1 and 4p + 3 (one mask, one shift), each in 8 of the 16 int32 lanes. x is re-laid once
+  per call to match (per 128 inputs, groups 0, 2, 1, 3). Once per block, one 16-lane vector
   holds the eight ``d * scale * xs`` and the eight ``dmin * min * xs * sum xq`` (each group's
   ``xs`` and ``xs * sum xq`` laid out per block once per call); the mins' half is summed into
-  its own accumulator, and each dot product takes its two factors with one ``vpermps``.
+  its own accumulator, and each dot product takes its two factors with one ``vpermps``. One
+  Zen 4 core, from cache: 14.7 -> 21.7 GB/s (Q4_K, 3072x768) against one ``vpdpbusd`` per
+  32-byte chunk (a broadcast, shift and mask each) and two final lane sums.
   ``generic``: plain integer loops, the same numbers on any CPU.
 """
 
@@ -89,8 +93,8 @@ def _half(layout, d16, n, b, offset: int):
 
 def _d_dmin(layout, d16, n, b):
     """fp32 [16]: block ``b``'s ``d`` in lanes 0-7, its ``dmin`` in 8-15."""
-    return T.Shuffle([T.Broadcast(_half(layout, d16, n, b, 0), 8), T.Broadcast(_half(layout, d16, n, b, 2), 8)],
-                     list(range(16)))
+    pair = d16[n, T.ramp(b * (layout.block_bytes // 2), 1, 2)]
+    return T.Cast("float32x16", T.reinterpret(T.Shuffle([pair] * 8, [0] * 8 + [1] * 8), dtype="float16x16"))
 
 
 def _scales_mins(layout, raw, n, b):
@@ -133,11 +137,28 @@ def _codes(layout, raw, n, b, c):
     codes = _shifted(T.Shuffle([qs, qs], list(range(32)) * 2), (0, 4), (0, 0)) & T.Broadcast(T.uint8(15), 64)
     if layout.fifth_bits is None:
         return codes
-    # weight 64c + i takes bit s = 2c of byte i, weight 64c + 32 + i bit s = 2c + 1: moved to bit 4
-    qh = raw[n, T.ramp(base + layout.fifth_bits, 1, 32)]
-    fifth = _shifted(T.Shuffle([qh, qh], list(range(32)) * 2), (T.max(2 * c - 4, 0), T.max(2 * c - 3, 0)),
-                     (T.max(4 - 2 * c, 0), T.max(3 - 2 * c, 0)))
-    return codes | (fifth & T.Broadcast(T.uint8(16), 64))
+    # weight 64c + i takes bit s = 2c of byte i, weight 64c + 32 + i bit s = 2c + 1
+    return codes | _fifth_bits(layout, raw, n, b, 2 * c, 2 * c + 1)
+
+
+def _fifth_bits(layout, raw, n, b, low_bit, high_bit):
+    """uint8 [64]: Q5_K block ``b``'s 32 bytes of fifth bits twice, bit ``low_bit`` of each byte
+    moved to bit 4 in the lower 32 lanes and bit ``high_bit`` in the upper, all else zero."""
+    qh = raw[n, T.ramp(b * layout.block_bytes + layout.fifth_bits, 1, 32)]
+    fifth = _shifted(T.Shuffle([qh, qh], list(range(32)) * 2), (T.max(low_bit - 4, 0), T.max(high_bit - 4, 0)),
+                     (T.max(4 - low_bit, 0), T.max(4 - high_bit, 0)))
+    return fifth & T.Broadcast(T.uint8(16), 64)
+
+
+def _nibble_half(layout, raw, n, b, p, high):
+    """uint8 [64]: the codes of sub-blocks 4p and 4p + 2 of block ``b`` (``high`` = 1: 4p + 1 and
+    4p + 3; ``p``, ``high`` unrolled loop variables), 32 each: the low (high) nibbles of one
+    64-byte load of chunks 2p and 2p + 1, plus Q5_K's fifth bits."""
+    qs = raw[n, T.ramp(b * layout.block_bytes + layout.nibbles + p * 64, 1, 64)]
+    codes = T.shift_right(qs, T.Broadcast(T.Cast("uint8", high * 4), 64)) & T.Broadcast(T.uint8(15), 64)
+    if layout.fifth_bits is None:
+        return codes
+    return codes | _fifth_bits(layout, raw, n, b, 4 * p + high, 4 * p + 2 + high)
 
 
 def _table_products(layout, raw, sm, xf, n, m, b, c, x_dtype):
@@ -296,6 +317,9 @@ def _vnni(layout, N, K, out_dtype, distance):
             acc = T.alloc_buffer((N, 32), "float32")  # two 16-lane chains
             low = T.alloc_buffer((N, 16), "float32")  # lanes 8-15: the mins' term per sub-block
             fac = T.alloc_buffer((N, 16), "float32")  # the block's d * scale * xs (0-7), dmin * min * xs * sum xq (8-15)
+            xr = T.alloc_buffer((M, K), "int8")  # x's groups per 128 inputs in the order 0, 2, 1, 3
+            for m, h, q in T.grid(M, K // 128, 4):
+                xr[m, T.ramp(h * 128 + q * 32, 1, 32)] = xq[m, T.ramp(h * 128 + (q % 2 * 2 + q // 2) * 32, 1, 32)]
             for m, g in T.grid(M, G):
                 block_xs[m, g // 8 * 16 + g % 8] = xs[m, g]
                 block_xs[m, g // 8 * 16 + 8 + g % 8] = xs[m, g] * T.Cast("float32", halving_sum(
@@ -310,14 +334,15 @@ def _vnni(layout, N, K, out_dtype, distance):
                         fac[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(
                             layout, d16, n, b) * block_xs[m, T.ramp(b * 16, 1, 16)]
                         low[n, T.ramp(0, 1, 16)] = low[n, T.ramp(0, 1, 16)] + fac[n, T.ramp(0, 1, 16)]
-                        for c in T.unroll(4):  # lanes 0-7 of vector c are sub-block 2c, 8-15 2c + 1
-                            acc[n, T.ramp(c % 2 * 16, 1, 16)] = acc[n, T.ramp(c % 2 * 16, 1, 16)] + T.Cast(
-                                "float32x16", T.call_llvm_pure_intrin(
-                                    T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
-                                    T.reinterpret(_codes(layout, raw, n, b, c), dtype="int8x64"),
-                                    T.reinterpret(xq[m, T.ramp(b * BLOCK + c * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
-                            ) * T.Shuffle([fac[n, T.ramp(0, 1, 16)]], [c * 2] * 8 + [c * 2 + 1] * 8)
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 32)], 32)[0]
-                                     - halving_sum(low[n, T.ramp(8, 1, 8)], 8)[0])
+                        for p in T.unroll(2):
+                            for high in T.unroll(2):  # lanes 0-7: sub-block 4p + high, 8-15: 4p + 2 + high
+                                acc[n, T.ramp(high * 16, 1, 16)] = acc[n, T.ramp(high * 16, 1, 16)] + T.Cast(
+                                    "float32x16", T.call_llvm_pure_intrin(
+                                        T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
+                                        T.reinterpret(_nibble_half(layout, raw, n, b, p, high), dtype="int8x64"),
+                                        T.reinterpret(xr[m, T.ramp(b * BLOCK + p * 128 + high * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
+                                ) * T.Shuffle([fac[n, T.ramp(0, 1, 16)]], [4 * p + high] * 8 + [4 * p + 2 + high] * 8)
+                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)] + acc[n, T.ramp(16, 1, 16)] - T.Shuffle(
+                        [low[n, T.ramp(0, 1, 16)], T.Broadcast(T.float32(0), 16)], [16] * 8 + list(range(8, 16))), 16)[0])
 
     return func
