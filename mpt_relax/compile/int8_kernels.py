@@ -6,9 +6,9 @@ it with the fastest one the target's instruction sets allow: AVX512-VNNI (512-bi
 ``vpdpbusd``), else AVX-VNNI (256-bit), else the generic integer loops, which give the same
 numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K, Q4_K and Q5_K weights
 (:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`, :mod:`mpt_relax.kernels.cpu.q4k_q5k_gemv`) have an
-AVX512-VNNI kernel and the generic one, prefetching as far ahead as the float GEMV on that CPU
-(:func:`mpt_relax.kernels.cpu.float_gemv.prefetch_bytes`: on a Zen 4 core 16 KiB streamed the
-Q6_K head at 19.7 GB/s, 64 KiB at 16.4). A prefill's GEMV (``int8_prefill`` schemes)
+AVX512-VNNI kernel and the generic one, prefetching 64 KiB ahead as the float GEMV does, but
+:data:`ZEN_BLOCK_PREFETCH_BYTES` on AMD Zen (one Zen 4 core streamed the Q6_K head from DRAM at
+16.4 GB/s with 64 KiB, 18.3-19.7 with 16 KiB, 20.2-21.2 with 8 KiB). A prefill's GEMV (``int8_prefill`` schemes)
 becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
 """
@@ -22,6 +22,10 @@ from mpt_relax.kernels.cpu import float_gemv, int8_gemv, int8_matmul
 from mpt_relax.kernels.cpu.base import cpu_has
 from mpt_relax.quantization import Quantization
 from mpt_relax.quantization.gguf_scheme import INT8_GEMVS
+
+# how far ahead the K-quant kernels prefetch on AMD Zen (gguf Q4_K_M decode, alternated with 16 KiB:
+# 173 -> 180 tokens/s at one thread, 250 -> 273 at two)
+ZEN_BLOCK_PREFETCH_BYTES = 8192
 
 
 def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
@@ -47,7 +51,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SelectInt8Kernels")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         isa = None
-        distance = float_gemv.prefetch_bytes(spec.target)  # the K-quant kernels' prefetch distance
+        distance = float_gemv.prefetch_bytes(spec.target, zen=ZEN_BLOCK_PREFETCH_BYTES)  # the K-quant kernels
         for gvar, func in list(mod.functions.items()):
             attrs = func.attrs if func.attrs is not None else {}
             key = next((k for k in (int8_gemv.KERNEL_ATTR, int8_gemv.BLOCK_KERNEL_ATTR) if attrs.get(k) is not None), None)

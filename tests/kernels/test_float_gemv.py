@@ -44,6 +44,8 @@ def test_prefetch_distance_follows_the_cpu():
     assert prefetch_bytes(targets.llvm_target("znver4").target) == ZEN_PREFETCH_BYTES < PREFETCH_BYTES
     assert prefetch_bytes(targets.llvm_target("sapphirerapids").target) == PREFETCH_BYTES
     assert prefetch_bytes(targets.llvm_target("x86-64-v3").target) == PREFETCH_BYTES
+    assert prefetch_bytes(targets.llvm_target("znver4").target, zen=8192) == 8192  # the K-quant kernels' distance
+    assert prefetch_bytes(targets.llvm_target("x86-64-v3").target, zen=8192) == PREFETCH_BYTES
 
 
 def test_supported_shapes():
