@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+import tvm
 from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import halving_sum, transposed_sums
 from .common import (
@@ -317,6 +317,7 @@ def decode_paged_cpu(spec: AttentionSpec):
     H, D, TILE, group, dtype = spec.n_heads, spec.head_dim, spec.page_size, spec.group, spec.dtype
     rounded = _cpu_sweeps(spec) == 2
     fold_keys = _fold_16_keys(spec) if D % _KEYS == 0 else _fold_one_key_at_a_time(spec)
+    prefetch = _page_prefetch(spec)
 
     # fmt: off
     @T.macro
@@ -343,6 +344,10 @@ def decode_paged_cpu(spec: AttentionSpec):
                     # the sweeps (it would move it into the innermost loop its accesses share)
                     kept[0] = T.float32(NEG)
                     for sweep, tile in T.grid(_cpu_sweeps(spec), T.ceildiv(kv_len, TILE)):
+                        for part in T.serial(2):  # what this sweep reads of the page _PAGES_AHEAD on
+                            if not rounded or part == sweep:
+                                prefetch(pages, page_values[page_indptr[b] + T.min(tile + _PAGES_AHEAD, T.ceildiv(kv_len, TILE) - 1)],
+                                         part, h // group)
                         fold_keys(pages, page_values[page_indptr[b] + tile], h // group, tile * TILE,
                                   T.min(TILE, kv_len - tile * TILE), k_pos_offset[b], q_pos[b], slope, sweep,
                                   q_f32, acc, scores, state, kept)
@@ -357,6 +362,27 @@ def decode_paged_cpu(spec: AttentionSpec):
 
 
 _KEYS = 16  # keys scored per vector by the decode kernel
+# How many pages ahead the decode kernel asks for a head's keys / values. A head's rows of one page
+# are 2 KiB (fp16, page 16, head dim 64) a whole page apart, too short a run for the hardware
+# prefetchers: on one Zen 4 core the kernel read a 1536-token fp16 cache at 11 GB/s without, 17
+# with prefetches into L2 (10.5-12 into L1).
+_PAGES_AHEAD = 4
+
+
+def _page_prefetch(spec: AttentionSpec):
+    """``prefetch(pages, page, part, kv_head)``: ask for one kv head's keys (``part`` 0) or values
+    (1) in ``page``, every cache line of them, into L2."""
+    D = spec.head_dim
+    per_line = 512 // tvm.DataType(spec.dtype).bits  # cache elements per 64-byte line
+    lines = -(-spec.page_size * D // per_line)
+
+    @T.macro
+    def prefetch(pages, page, part, kv_head):
+        for line in T.serial(lines):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                pages[page, part, kv_head, line * per_line // D, line * per_line % D]), T.int32(0), T.int32(2), T.int32(1)))
+
+    return prefetch
 
 
 def _scores_of_16_keys(spec: AttentionSpec, pages, page, kv_head, key0, n_keys, q_f32):
