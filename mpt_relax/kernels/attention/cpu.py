@@ -419,6 +419,26 @@ def _fold_16_keys(spec: AttentionSpec):
     def hsum(v):
         return halving_sum(v, _KEYS)[0]
 
+    def weighed(pages, page, kv_head, key0, scores, chunk):
+        """fp32 [16]: lanes ``16 chunk ..`` of the 16 keys' values weighed by their probabilities,
+        summed as a tree (one update of acc per 16 keys, not one per key)."""
+        terms = [T.Broadcast(scores[t], _KEYS) * T.Cast(f"float32x{_KEYS}", pages[page, 1, kv_head, key0 + t, T.ramp(chunk * _KEYS, 1, _KEYS)])
+                 for t in range(_KEYS)]
+        while len(terms) > 1:
+            terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+        return terms[0]
+
+    @T.macro
+    def add_values(pages, page, kv_head, key0, n_keys, scores, acc):
+        if n_keys - key0 >= _KEYS:
+            for chunk in T.unroll(D // _KEYS):
+                acc[T.ramp(chunk * _KEYS, 1, _KEYS)] = acc[T.ramp(chunk * _KEYS, 1, _KEYS)] + weighed(
+                    pages, page, kv_head, key0, scores, chunk)
+        else:
+            for t in T.serial(n_keys - key0):
+                for x in T.vectorized(D):
+                    acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
+
     # fmt: off
     @T.macro
     def fold(pages, page, kv_head, pos0, n_keys, key_pos_offset, query_pos, slope, sweep, q_f32, acc, scores, state, kept):
@@ -436,16 +456,12 @@ def _fold_16_keys(spec: AttentionSpec):
                 if not rounded:
                     for x in T.vectorized(D):
                         acc[x] *= state[_RESCALE]
-                    for t in T.serial(T.min(_KEYS, n_keys - key0)):
-                        for x in T.vectorized(D):
-                            acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
+                    add_values(pages, page, kv_head, key0, n_keys, scores, acc)
                 state[_M] = state[_M_NEW]
             else:
                 scores[T.ramp(0, 1, _KEYS)] = T.Cast(f"float32x{_KEYS}", T.Cast(f"{dtype}x{_KEYS}", fast_exp2(
                     kept[T.ramp(pos0 + key0, 1, _KEYS)] - T.Broadcast(state[_M], _KEYS)) / T.Broadcast(state[_D], _KEYS)))
-                for t in T.serial(T.min(_KEYS, n_keys - key0)):
-                    for x in T.vectorized(D):
-                        acc[x] += scores[t] * T.cast(pages[page, 1, kv_head, key0 + t, x], "float32")
+                add_values(pages, page, kv_head, key0, n_keys, scores, acc)
     # fmt: on
     return fold
 
