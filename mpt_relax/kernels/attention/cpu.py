@@ -362,25 +362,22 @@ def decode_paged_cpu(spec: AttentionSpec):
 
 
 _KEYS = 16  # keys scored per vector by the decode kernel
-# How many pages ahead the decode kernel asks for a head's keys / values. A head's rows of one page
-# are 2 KiB (fp16, page 16, head dim 64) a whole page apart, too short a run for the hardware
-# prefetchers: on one Zen 4 core the kernel read a 1536-token fp16 cache at 11 GB/s without, 17
-# with prefetches into L2 (10.5-12 into L1).
+# pages ahead the decode kernel asks for a head's keys / values: a head's rows of a page are 2 KiB
+# runs a page apart, too short for the hardware prefetchers (one Zen 4 core, a 1536-token fp16
+# cache: 11 GB/s without, 17 with prefetches into L2, 10.5-12 into L1)
 _PAGES_AHEAD = 4
 
 
 def _page_prefetch(spec: AttentionSpec):
-    """``prefetch(pages, page, part, kv_head)``: ask for one kv head's keys (``part`` 0) or values
-    (1) in ``page``, every cache line of them, into L2."""
+    """``prefetch(pages, page, part, kv_head)``: one kv head's keys (``part`` 0) or values (1) in ``page``, into L2."""
     D = spec.head_dim
     per_line = 512 // tvm.DataType(spec.dtype).bits  # cache elements per 64-byte line
-    lines = -(-spec.page_size * D // per_line)
 
     @T.macro
     def prefetch(pages, page, part, kv_head):
-        for line in T.serial(lines):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                pages[page, part, kv_head, line * per_line // D, line * per_line % D]), T.int32(0), T.int32(2), T.int32(1)))
+        for line in T.serial(-(-spec.page_size * D // per_line)):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(pages[page, part, kv_head, line * per_line // D,
+                                                                                          line * per_line % D]), T.int32(0), T.int32(2), T.int32(1)))
 
     return prefetch
 
@@ -424,9 +421,7 @@ def _fold_16_keys(spec: AttentionSpec):
         summed as a tree (one update of acc per 16 keys, not one per key)."""
         terms = [T.Broadcast(scores[t], _KEYS) * T.Cast(f"float32x{_KEYS}", pages[page, 1, kv_head, key0 + t, T.ramp(chunk * _KEYS, 1, _KEYS)])
                  for t in range(_KEYS)]
-        while len(terms) > 1:
-            terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
-        return terms[0]
+        return halving_sum(T.Shuffle(terms, list(range(_KEYS * _KEYS))), _KEYS * _KEYS, until=_KEYS)[0]
 
     @T.macro
     def add_values(pages, page, kv_head, key0, n_keys, scores, acc):
