@@ -6,6 +6,12 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
+def prefetch_line(address, locality: int = 3):
+    """The call that asks for the cache line at ``address`` (a ``T.address_of``) for reading:
+    into L1 (``locality`` 3) or L2 (2)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(locality), T.int32(1))
+
+
 def bound(value, use):
     """``use(v)`` with ``value`` bound to a variable ``v`` once (a TIR ``Let``), so that an
     expression using a vector several times does not copy its expression tree each time (the

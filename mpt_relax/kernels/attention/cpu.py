@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tvm
 from tvm.script import tirx as T
-from mpt_relax.kernels.lanes import halving_sum, transposed_sums
+from mpt_relax.kernels.lanes import halving_sum, prefetch_line, transposed_sums
 from .common import (
     alibi_bias,
     AttentionSpec,
@@ -376,8 +376,7 @@ def _page_prefetch(spec: AttentionSpec):
     @T.macro
     def prefetch(pages, page, part, kv_head):
         for line in T.serial(-(-spec.page_size * D // per_line)):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(pages[page, part, kv_head, line * per_line // D,
-                                                                                          line * per_line % D]), T.int32(0), T.int32(2), T.int32(1)))
+            T.evaluate(prefetch_line(T.address_of(pages[page, part, kv_head, line * per_line // D, line * per_line % D]), locality=2))
 
     return prefetch
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mpt_relax.kernels.lanes import halving_sum
+from mpt_relax.kernels.lanes import halving_sum, prefetch_line
 
 GROUP = 32
 ROWS = 1
@@ -60,7 +60,7 @@ _LANES = {"avx512vnni": 16, "avxvnni": 8}  # int32 lanes of one vpdpbusd
 @T.macro
 def prefetch(buf, row, col):
     """Ask for the cache line of ``buf[row, col]`` (into L1, for reading)."""
-    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), T.int32(0), T.int32(3), T.int32(1)))
+    T.evaluate(prefetch_line(T.address_of(buf[row, col])))
 
 
 def block_kernel(type_name: str, builders: dict, out_features: int, in_features: int, out_dtype: str,
