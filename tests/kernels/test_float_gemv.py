@@ -70,3 +70,20 @@ def test_pass_rewrites_decode_only(quantization, expected):
     assert not any(c.startswith("float_gemv_") for c in callees(out["prefill"]))
     gpu = select_decode_gemv(targets.resolve_target("cuda"))(mod)
     assert not any(c.startswith("float_gemv_") for c in callees(gpu["batch_decode"]))
+
+
+def _asm(func, mcpu: str) -> str:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=targets.llvm_target(mcpu).target)
+    return lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+
+
+def test_streaming_gemvs_prefetch_into_l2_and_the_exact_dequantizing_ones_into_l1():
+    """The kernels that stream weights at memory speed (float, int8) ask for them into L2
+    (``prefetcht1``); the compute-bound exact group GEMV into L1 (``prefetcht0``)."""
+    from mpt_relax.kernels.cpu.group_gemv import group_gemv
+    from mpt_relax.kernels.cpu.int8_gemv import int8_gemv
+    for func in (float_gemv(64, 256, "float16", "float16", "float32"), int8_gemv(64, 256, 4, "float32", isa="avx512vnni")):
+        asm = _asm(func, "znver4")
+        assert "prefetcht1" in asm and "prefetcht0" not in asm
+    asm = _asm(group_gemv(64, 256, 4, "float16", "float32"), "znver4")
+    assert "prefetcht0" in asm and "prefetcht1" not in asm

@@ -71,7 +71,7 @@ from mpt_relax.runtime.cpu_features import AMX_EXACT_DTYPES
 from .block_chunks import BLOCK_TYPES
 from .exact_matmul import FLOAT_BITS
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import prefetch
+from .int8_gemv import prefetch_l1
 
 # LLVM features the kernel's instructions need: tiles, vcvtneps2bf16, vpermw (256-bit), vpermi2ps
 REQUIRED_FEATURES = ["amx-tile", "amx-bf16", "avx512bf16", "avx512bw", "avx512vl", "avx512f"]
@@ -240,7 +240,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         """Ask for the weight rows ``PREFETCH_BYTES`` past rows ``row0 .. row0 + FMA_ROWS`` of ``a``
         (with the hardware prefetchers alone, the 125M model's prefill LM head took 1.3x as long)."""
         for r, c in T.grid(FMA_ROWS, T.ceildiv(a.shape[1] * a.dtype.bits, 512)):
-            prefetch(a, T.min(row0 + r + rows_ahead(a), N - 1),
+            prefetch_l1(a, T.min(row0 + r + rows_ahead(a), N - 1),
                      c * (512 // a.dtype.bits))
 
     @T.macro
@@ -338,7 +338,7 @@ def amx_matmul(out_features: int, in_features: int, bits: int, x_dtype: str, out
         lines = T.ceildiv(a.shape[1] * a.dtype.bits, 512)  # cache lines per weight row
         for g in range(k_steps):
             for c in range(T.ceildiv(lines, k_steps)):  # from line g * lines // k_steps: every line of the row
-                prefetch(a, T.min(row + rows_ahead(a), N - 1),
+                prefetch_l1(a, T.min(row + rows_ahead(a), N - 1),
                          T.min(g * lines // k_steps + c, lines - 1) * (512 // a.dtype.bits))
             acc[T.ramp(0, 1, 32)] = acc[T.ramp(0, 1, 32)] + weights(g) * T.Cast("float32x32", x[0, T.ramp(g * 32, 1, 32)])
         y[0, row] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, 32)], 32)[0])

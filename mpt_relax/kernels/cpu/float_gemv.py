@@ -7,7 +7,7 @@ the sums differs. The kernel streams W once per call at memory speed:
 - one weight row per parallel task, read front to back: the whole of W is one forward stream
   (four rows interleaved per task, sharing each load of x, streamed at half the speed here);
 - k in chunks of ``LANES`` (one vector of fp32 per row, the weight chunk converted in registers);
-- the weights are prefetched ``PREFETCH_BYTES`` ahead (``ZEN_PREFETCH_BYTES`` on AMD Zen), one
+- the weights are prefetched into L2 ``PREFETCH_BYTES`` ahead (``ZEN_PREFETCH_BYTES`` on AMD Zen), one
   cache line per chunk and row (the hardware prefetchers alone leave a GEMV at about half the
   bandwidth, as for the int8 GEMV);
 - each row's vector is summed with a halving tree of vector adds.

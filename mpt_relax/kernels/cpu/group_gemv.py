@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import bound, dequantized, halving_sum, high_nibbles, nibble_lookup
 
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import GROUP, code_offset, group_position, prefetch
+from .int8_gemv import GROUP, code_offset, group_position, prefetch_l1
 
 REQUIRED_FEATURES = ["avx512f"]
 CHAINS = 4  # 16-lane fp32 accumulators per row: FMA chains that run side by side
@@ -91,7 +91,7 @@ def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out
                     for gw in range(G // width):
                         sv[n, T.ramp(0, 1, width)] = T.Cast(f"float32x{width}", qs[n, T.ramp(gw * width, 1, width)])
                         for g2, pair in T.grid(width // 2, 2):  # two groups per step: four independent FMA chains
-                            prefetch(qb, T.min(n + ahead, N - 1), group(gw, g2, pair) * group_bytes)
+                            prefetch_l1(qb, T.min(n + ahead, N - 1), group(gw, g2, pair) * group_bytes)
                             if bits == 4:  # (no named vectors: each would be a store to a buffer)
                                 acc[n, T.ramp(pair * 32, 1, 32)] = acc[n, T.ramp(pair * 32, 1, 32)] + nibble_products(
                                     qb, sv[n, g2 * 2 + pair], xf, n, m, group(gw, g2, pair))

@@ -43,7 +43,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import bound, halving_sum, high_nibbles, nibble_lookup
 
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import GROUP, block_kernel, prefetch
+from .int8_gemv import GROUP, block_kernel, prefetch, prefetch_l1
 
 BLOCK = 256
 CHAINS = 4  # 16-lane fp32 accumulators per row (exact kernel)
@@ -219,7 +219,7 @@ def _exact(layout, N, K, x_dtype, out_dtype):
                     acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
                     for b in range(B):
                         for line in T.unroll(layout.cache_lines):
-                            prefetch(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
+                            prefetch_l1(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
                         sm[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(layout, d16, n, b)
                         for c in T.unroll(4):
                             if layout.fifth_bits is None:  # Q4_K: through its sub-blocks' tables

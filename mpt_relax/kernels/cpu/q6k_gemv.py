@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 from mpt_relax.kernels.lanes import halving_sum
 
 from .float_gemv import PREFETCH_BYTES
-from .int8_gemv import prefetch
+from .int8_gemv import prefetch_l1
 
 BLOCK, BLOCK_BYTES = 256, 210
 CHAINS = 4  # 16-lane fp32 accumulators per row
@@ -86,7 +86,7 @@ def q6k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
                     acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
                     for b in range(B):
                         for line in T.unroll(4):  # the block's 210 bytes span up to 4 cache lines
-                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
+                            prefetch_l1(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
                         for h, part in T.grid(2, 2):  # unrolled by LLVM (constant trip counts)
                             cb[n, T.ramp(0, 1, 64)] = codes(raw, n, b, h, part)
                             for quarter in T.unroll(4):  # (no named vectors: each would be a store to a buffer)
