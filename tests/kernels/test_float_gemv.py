@@ -1,7 +1,10 @@
 """The streaming float-weight decode GEMV: the kernel against float64 numpy, and the pass that
-puts it in ``batch_decode`` only, on llvm targets only."""
+puts it in ``batch_decode`` only, on llvm targets only. And the machine code of the decode GEMVs:
+where they prefetch to, and their accumulators kept in registers."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +16,10 @@ from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
 from mpt_relax.kernels.cpu.float_gemv import PREFETCH_BYTES, ZEN_PREFETCH_BYTES, float_gemv, prefetch_bytes, supported
+from mpt_relax.kernels.cpu.group_gemv import group_gemv
+from mpt_relax.kernels.cpu.int8_gemv import int8_gemv
+from mpt_relax.kernels.cpu.q4k_q5k_gemv import q4k_int8_gemv
+from mpt_relax.kernels.cpu.q6k_int8_gemv import q6k_int8_gemv
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
 
@@ -77,11 +84,26 @@ def _asm(func, mcpu: str) -> str:
     return lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
 
 
+def _row_task(asm: str) -> str:
+    """The code of the kernel's parallel task (its rows)."""
+    body = asm[asm.index(".L__tvm_parallel_lambda:"):]
+    return body[:body.index(".Lfunc_end")]
+
+
+def test_gemv_accumulators_stay_in_registers():
+    """A row's accumulators are a small buffer of its task (no per-row scratch in memory, no
+    workspace call): the only stores of a task are its outputs."""
+    for func in (float_gemv(64, 256, "float16", "float16", "float32"), int8_gemv(64, 256, 4, "float32", isa="avx512vnni"),
+                 int8_gemv(64, 256, 8, "float32", isa="avx512vnni"), group_gemv(64, 256, 4, "float16", "float32"),
+                 q6k_int8_gemv(64, 256, "float32", "avx512vnni"), q4k_int8_gemv(64, 256, "float32", "avx512vnni")):
+        task = _row_task(_asm(func, "znver4"))
+        assert re.findall(r"\tv\w+\s+%[yz]mm\d+, -?\d*\(%\w+[^)]*\)", task) == []  # vector stores
+        assert "TVMBackendAllocWorkspace" not in task
+
+
 def test_streaming_gemvs_prefetch_into_l2_and_the_exact_dequantizing_ones_into_l1():
     """The kernels that stream weights at memory speed (float, int8) ask for them into L2
     (``prefetcht1``); the compute-bound exact group GEMV into L1 (``prefetcht0``)."""
-    from mpt_relax.kernels.cpu.group_gemv import group_gemv
-    from mpt_relax.kernels.cpu.int8_gemv import int8_gemv
     for func in (float_gemv(64, 256, "float16", "float16", "float32"), int8_gemv(64, 256, 4, "float32", isa="avx512vnni")):
         asm = _asm(func, "znver4")
         assert "prefetcht1" in asm and "prefetcht0" not in asm

@@ -57,17 +57,16 @@ def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, 
         w = T.match_buffer(w_h, (N, K), w_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
-            # one accumulator slot per weight row, allocated once per call: a buffer allocated
-            # inside the parallel loop is a workspace call (TVMBackendAllocWorkspace) per row
-            acc = T.alloc_buffer((N, LANES), "float32")
             for n in T.parallel(N):
-                for m in range(M):
-                    acc[n, T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                    for c in range(K // LANES):
-                        for p in T.unroll(LANES // line):
-                            prefetch(w, T.min(n + ahead, N - 1), c * LANES + p * line)
-                        acc[n, T.ramp(0, 1, LANES)] = acc[n, T.ramp(0, 1, LANES)] + T.Cast(
-                            f32, w[n, T.ramp(c * LANES, 1, LANES)]) * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)])
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, LANES)], LANES)[0])
+                with T.sblock("row"):
+                    acc = T.sblock_alloc_buffer((LANES,), "float32")  # small, global scope: in registers
+                    for m in range(M):
+                        acc[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                        for c in range(K // LANES):
+                            for p in T.unroll(LANES // line):
+                                prefetch(w, T.min(n + ahead, N - 1), c * LANES + p * line)
+                            acc[T.ramp(0, 1, LANES)] = acc[T.ramp(0, 1, LANES)] + T.Cast(
+                                f32, w[n, T.ramp(c * LANES, 1, LANES)]) * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)])
+                        y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, LANES)], LANES)[0])
 
     return func

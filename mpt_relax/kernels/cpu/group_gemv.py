@@ -81,25 +81,26 @@ def group_gemv(out_features: int, in_features: int, bits: int, x_dtype: str, out
         with T.sblock("root"):
             qb = T.decl_buffer((N, code_bytes), "uint8", data=qw.data)  # the codes as bytes, little-endian
             xf = T.alloc_buffer((M, K), "float32")  # x in fp32, in the kernel's order
-            acc = T.alloc_buffer((N, CHAINS * 16), "float32")  # a row's accumulators, allocated once per call
-            sv = T.alloc_buffer((N, width), "float32")  # a row's fp32 scales of ``width`` groups
             for m, g, i in T.grid(M, G, GROUP):
                 xf[m, g * GROUP + group_position(i, bits)] = T.Cast("float32", x[m, g * GROUP + i])
             for n in T.parallel(N):
-                for m in range(M):
-                    acc[n, T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
-                    for gw in range(G // width):
-                        sv[n, T.ramp(0, 1, width)] = T.Cast(f"float32x{width}", qs[n, T.ramp(gw * width, 1, width)])
-                        for g2, pair in T.grid(width // 2, 2):  # two groups per step: four independent FMA chains
-                            prefetch_l1(qb, T.min(n + ahead, N - 1), group(gw, g2, pair) * group_bytes)
-                            if bits == 4:  # (no named vectors: each would be a store to a buffer)
-                                acc[n, T.ramp(pair * 32, 1, 32)] = acc[n, T.ramp(pair * 32, 1, 32)] + nibble_products(
-                                    qb, sv[n, g2 * 2 + pair], xf, n, m, group(gw, g2, pair))
-                            else:
-                                for h in T.unroll(2):
-                                    acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] = acc[n, T.ramp(pair * 32 + h * 16, 1, 16)] + weights(
-                                        qb[n, T.ramp(group(gw, g2, pair) * 32 + h * 16, 1, 16)], sv[n, g2 * 2 + pair]) * xf[
-                                            m, T.ramp(group(gw, g2, pair) * 32 + h * 16, 1, 16)]
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, CHAINS * 16)], CHAINS * 16)[0])
+                with T.sblock("row"):
+                    acc = T.sblock_alloc_buffer((CHAINS * 16,), "float32")  # a row's accumulators (in registers)
+                    sv = T.sblock_alloc_buffer((width,), "float32")  # a row's fp32 scales of ``width`` groups
+                    for m in range(M):
+                        acc[T.ramp(0, 1, CHAINS * 16)] = T.Broadcast(T.float32(0), CHAINS * 16)
+                        for gw in range(G // width):
+                            sv[T.ramp(0, 1, width)] = T.Cast(f"float32x{width}", qs[n, T.ramp(gw * width, 1, width)])
+                            for g2, pair in T.grid(width // 2, 2):  # two groups per step: four independent FMA chains
+                                prefetch_l1(qb, T.min(n + ahead, N - 1), group(gw, g2, pair) * group_bytes)
+                                if bits == 4:  # (no named vectors: each would be a store to a buffer)
+                                    acc[T.ramp(pair * 32, 1, 32)] = acc[T.ramp(pair * 32, 1, 32)] + nibble_products(
+                                        qb, sv[g2 * 2 + pair], xf, n, m, group(gw, g2, pair))
+                                else:
+                                    for h in T.unroll(2):
+                                        acc[T.ramp(pair * 32 + h * 16, 1, 16)] = acc[T.ramp(pair * 32 + h * 16, 1, 16)] + weights(
+                                            qb[n, T.ramp(group(gw, g2, pair) * 32 + h * 16, 1, 16)], sv[g2 * 2 + pair]) * xf[
+                                                m, T.ramp(group(gw, g2, pair) * 32 + h * 16, 1, 16)]
+                        y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, CHAINS * 16)], CHAINS * 16)[0])
 
     return func

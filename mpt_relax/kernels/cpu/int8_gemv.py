@@ -271,38 +271,35 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
         qs = T.match_buffer(qs_h, (N, G), scale_dtype)
         y = T.match_buffer(y_h, (M, N), out_dtype)
         with T.sblock("root"):
-            # scratch indexed by weight row: allocated once per call (an allocation inside the
-            # parallel loop would be a workspace call per block of rows)
-            acc = T.alloc_buffer((N, lanes), "float32")
-            cor = T.alloc_buffer((N, chunk), "float32")
-            combined = T.alloc_buffer((N, chunk), "float32")
             for nb in T.parallel(N // rows):
-                for m in range(M):
-                    for r in T.unroll(rows):
-                        acc[nb * rows + r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                        for lane in range(chunk):
-                            cor[nb * rows + r, lane] = T.float32(0)
-                    for ch in range(G // chunk):
+                with T.sblock("rows"):
+                    acc = T.sblock_alloc_buffer((rows, lanes), "float32")  # small: in registers
+                    cor = T.sblock_alloc_buffer((rows, chunk), "float32")
+                    combined = T.sblock_alloc_buffer((rows, chunk), "float32")
+                    for m in range(M):
                         for r in T.unroll(rows):
-                            if chunk > 1:
-                                combined[nb * rows + r, T.ramp(0, 1, chunk)] = (w_scale(qs, nb * rows + r, ch)
-                                                                                * xs[m, T.ramp(ch * chunk, 1, chunk)])
-                                cor[nb * rows + r, T.ramp(0, 1, chunk)] = (cor[nb * rows + r, T.ramp(0, 1, chunk)]
-                                                                           + w_scale(qs, nb * rows + r, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)])
-                            else:
-                                combined[nb * rows + r, 0] = w_scale(qs, nb * rows + r, ch) * xs[m, ch]
-                                cor[nb * rows + r, 0] = cor[nb * rows + r, 0] + w_scale(qs, nb * rows + r, ch) * xc[m, ch]
-                        for s in T.unroll(steps):
+                            acc[r, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                            for lane in range(chunk):
+                                cor[r, lane] = T.float32(0)
+                        for ch in range(G // chunk):
                             for r in T.unroll(rows):
-                                prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
-                            for r in T.unroll(rows):
-                                acc[nb * rows + r, T.ramp(0, 1, lanes)] = (
-                                    acc[nb * rows + r, T.ramp(0, 1, lanes)]
-                                    + T.Cast(f32, dot(qw, xq, nb * rows + r, m, ch * steps + s))
-                                    * step_scales(part(combined, nb * rows + r, 0), s))
-                    for r in T.unroll(rows):
-                        y[m, nb * rows + r] = T.Cast(out_dtype, _total(acc[nb * rows + r, T.ramp(0, 1, lanes)],
-                                                                       part(cor, nb * rows + r, 0), lanes, chunk))
+                                if chunk > 1:
+                                    combined[r, T.ramp(0, 1, chunk)] = w_scale(qs, nb * rows + r, ch) * xs[m, T.ramp(ch * chunk, 1, chunk)]
+                                    cor[r, T.ramp(0, 1, chunk)] = (cor[r, T.ramp(0, 1, chunk)]
+                                                                   + w_scale(qs, nb * rows + r, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)])
+                                else:
+                                    combined[r, 0] = w_scale(qs, nb * rows + r, ch) * xs[m, ch]
+                                    cor[r, 0] = cor[r, 0] + w_scale(qs, nb * rows + r, ch) * xc[m, ch]
+                            for s in T.unroll(steps):
+                                for r in T.unroll(rows):
+                                    prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
+                                for r in T.unroll(rows):
+                                    acc[r, T.ramp(0, 1, lanes)] = (
+                                        acc[r, T.ramp(0, 1, lanes)]
+                                        + T.Cast(f32, dot(qw, xq, nb * rows + r, m, ch * steps + s))
+                                        * step_scales(part(combined, r, 0), s))
+                        for r in T.unroll(rows):
+                            y[m, nb * rows + r] = T.Cast(out_dtype, _total(acc[r, T.ramp(0, 1, lanes)], part(cor, r, 0), lanes, chunk))
 
     return func
 
@@ -356,23 +353,24 @@ def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes):
         with T.sblock("root"):
             x4 = T.decl_buffer((M, K // 4), "int32", data=xq.data)  # xq as words
             xw = T.alloc_buffer((M, K // 4), "int32")  # x re-laid per block of 4 groups
-            acc = T.alloc_buffer((N, lanes), "float32")  # scratch per weight row, as in _vnni
-            cor = T.alloc_buffer((N, chunk), "float32")
-            combined = T.alloc_buffer((N, chunk), "float32")
             for m, c in T.grid(M, G // QUAD_GROUPS):
                 xw[m, T.ramp(c * 32, 1, 32)] = T.Shuffle([x4[m, T.ramp(c * 32, 1, 32)]], relaid)
             for n in T.parallel(N):
-                for m in range(M):
-                    acc[n, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                    cor[n, T.ramp(0, 1, chunk)] = T.broadcast(T.float32(0), chunk)
-                    for ch in range(G // chunk):
-                        combined[n, T.ramp(0, 1, chunk)] = scales(qs, n, ch) * xs[m, T.ramp(ch * chunk, 1, chunk)]
-                        cor[n, T.ramp(0, 1, chunk)] = cor[n, T.ramp(0, 1, chunk)] + scales(qs, n, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)]
-                        for s in T.unroll(steps):
-                            prefetch(qw, T.min(n + ahead, N - 1), (ch * steps + s) * 16)
-                            for h in T.unroll(parts):
-                                acc[n, T.ramp(0, 1, lanes)] = acc[n, T.ramp(0, 1, lanes)] + T.Cast(
-                                    f32, quad_dot(qw, xw, n, m, ch * steps + s, h)) * lane_scales(combined[n, T.ramp(0, 1, chunk)], s, h)
-                    y[m, n] = T.Cast(out_dtype, _total(acc[n, T.ramp(0, 1, lanes)], cor[n, T.ramp(0, 1, chunk)], lanes, chunk))
+                with T.sblock("row"):
+                    acc = T.sblock_alloc_buffer((lanes,), "float32")  # small: in registers, as in _vnni
+                    cor = T.sblock_alloc_buffer((chunk,), "float32")
+                    combined = T.sblock_alloc_buffer((chunk,), "float32")
+                    for m in range(M):
+                        acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        cor[T.ramp(0, 1, chunk)] = T.broadcast(T.float32(0), chunk)
+                        for ch in range(G // chunk):
+                            combined[T.ramp(0, 1, chunk)] = scales(qs, n, ch) * xs[m, T.ramp(ch * chunk, 1, chunk)]
+                            cor[T.ramp(0, 1, chunk)] = cor[T.ramp(0, 1, chunk)] + scales(qs, n, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)]
+                            for s in T.unroll(steps):
+                                prefetch(qw, T.min(n + ahead, N - 1), (ch * steps + s) * 16)
+                                for h in T.unroll(parts):
+                                    acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + T.Cast(
+                                        f32, quad_dot(qw, xw, n, m, ch * steps + s, h)) * lane_scales(combined[T.ramp(0, 1, chunk)], s, h)
+                        y[m, n] = T.Cast(out_dtype, _total(acc[T.ramp(0, 1, lanes)], cor[T.ramp(0, 1, chunk)], lanes, chunk))
 
     return func

@@ -314,9 +314,6 @@ def _vnni(layout, N, K, out_dtype, distance):
             d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
             # per block of x: its 8 groups' xs (lanes 0-7), then xs * the group's sum of xq (8-15)
             block_xs = T.alloc_buffer((M, B * 16), "float32")
-            acc = T.alloc_buffer((N, 32), "float32")  # two 16-lane chains
-            low = T.alloc_buffer((N, 16), "float32")  # lanes 8-15: the mins' term per sub-block
-            fac = T.alloc_buffer((N, 16), "float32")  # the block's d * scale * xs (0-7), dmin * min * xs * sum xq (8-15)
             xr = T.alloc_buffer((M, K), "int8")  # x's groups per 128 inputs in the order 0, 2, 1, 3
             for m, h, q in T.grid(M, K // 128, 4):
                 xr[m, T.ramp(h * 128 + q * 32, 1, 32)] = xq[m, T.ramp(h * 128 + (q % 2 * 2 + q // 2) * 32, 1, 32)]
@@ -325,24 +322,28 @@ def _vnni(layout, N, K, out_dtype, distance):
                 block_xs[m, g // 8 * 16 + 8 + g % 8] = xs[m, g] * T.Cast("float32", halving_sum(
                     T.Cast(f"int32x{GROUP}", xq[m, T.ramp(g * GROUP, 1, GROUP)]), GROUP)[0])
             for n in T.parallel(N):
-                for m in range(M):
-                    acc[n, T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
-                    low[n, T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
-                    for b in range(B):
-                        for line in T.unroll(layout.cache_lines):
-                            prefetch(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
-                        fac[n, T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(
-                            layout, d16, n, b) * block_xs[m, T.ramp(b * 16, 1, 16)]
-                        low[n, T.ramp(0, 1, 16)] = low[n, T.ramp(0, 1, 16)] + fac[n, T.ramp(0, 1, 16)]
-                        for p in T.unroll(2):
-                            for high in T.unroll(2):  # lanes 0-7: sub-block 4p + high, 8-15: 4p + 2 + high
-                                acc[n, T.ramp(high * 16, 1, 16)] = acc[n, T.ramp(high * 16, 1, 16)] + T.Cast(
-                                    "float32x16", T.call_llvm_pure_intrin(
-                                        T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
-                                        T.reinterpret(_nibble_half(layout, raw, n, b, p, high), dtype="int8x64"),
-                                        T.reinterpret(xr[m, T.ramp(b * BLOCK + p * 128 + high * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
-                                ) * T.Shuffle([fac[n, T.ramp(0, 1, 16)]], [4 * p + high] * 8 + [4 * p + 2 + high] * 8)
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)] + acc[n, T.ramp(16, 1, 16)] - T.Shuffle(
-                        [low[n, T.ramp(0, 1, 16)], T.Broadcast(T.float32(0), 16)], [16] * 8 + list(range(8, 16))), 16)[0])
+                with T.sblock("row"):
+                    acc = T.sblock_alloc_buffer((32,), "float32")  # two 16-lane chains
+                    low = T.sblock_alloc_buffer((16,), "float32")  # lanes 8-15: the mins' term per sub-block
+                    fac = T.sblock_alloc_buffer((16,), "float32")  # the block's d * scale * xs (0-7), dmin * min * xs * sum xq (8-15)
+                    for m in range(M):
+                        acc[T.ramp(0, 1, 32)] = T.Broadcast(T.float32(0), 32)
+                        low[T.ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                        for b in range(B):
+                            for line in T.unroll(layout.cache_lines):
+                                prefetch(raw, T.min(n + ahead, N - 1), b * layout.block_bytes + line * 64)
+                            fac[T.ramp(0, 1, 16)] = T.Cast("float32x16", _scales_mins(layout, raw, n, b)) * _d_dmin(
+                                layout, d16, n, b) * block_xs[m, T.ramp(b * 16, 1, 16)]
+                            low[T.ramp(0, 1, 16)] = low[T.ramp(0, 1, 16)] + fac[T.ramp(0, 1, 16)]
+                            for p in T.unroll(2):
+                                for high in T.unroll(2):  # lanes 0-7: sub-block 4p + high, 8-15: 4p + 2 + high
+                                    acc[T.ramp(high * 16, 1, 16)] = acc[T.ramp(high * 16, 1, 16)] + T.Cast(
+                                        "float32x16", T.call_llvm_pure_intrin(
+                                            T.llvm_lookup_intrinsic_id(_DOT), T.Broadcast(T.int32(0), 16),
+                                            T.reinterpret(_nibble_half(layout, raw, n, b, p, high), dtype="int8x64"),
+                                            T.reinterpret(xr[m, T.ramp(b * BLOCK + p * 128 + high * 64, 1, 64)], dtype="int8x64"), dtype="int32x16")
+                                    ) * T.Shuffle([fac[T.ramp(0, 1, 16)]], [4 * p + high] * 8 + [4 * p + 2 + high] * 8)
+                        y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, 16)] + acc[T.ramp(16, 1, 16)] - T.Shuffle(
+                            [low[T.ramp(0, 1, 16)], T.Broadcast(T.float32(0), 16)], [16] * 8 + list(range(8, 16))), 16)[0])
 
     return func

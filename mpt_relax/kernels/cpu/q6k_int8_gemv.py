@@ -121,19 +121,20 @@ def _vnni(N, K, out_dtype, distance):
             d16 = T.decl_buffer((N, row_bytes // 2), "uint16", data=raw.data)
             offset = T.alloc_buffer((M, K // 4), "int32")  # -32 * the sum of each 4 activations
             sub_xs = T.alloc_buffer((M, K // 16), "float32")  # each sub-block's activation scale
-            acc = T.alloc_buffer((N, 16), "float32")
             for m, lane in T.grid(M, K // 4):
                 offset[m, lane] = T.int32(-32) * (T.Cast("int32", xq[m, lane * 4]) + T.Cast("int32", xq[m, lane * 4 + 1])
                                                   + T.Cast("int32", xq[m, lane * 4 + 2]) + T.Cast("int32", xq[m, lane * 4 + 3]))
             for m, j in T.grid(M, K // 16):
                 sub_xs[m, j] = xs[m, j * 16 // GROUP]
             for n in T.parallel(N):
-                for m in range(M):
-                    acc[n, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
-                    for b in range(B):
-                        for line in T.unroll(4):  # the block's 210 bytes span up to 4 cache lines
-                            prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
-                        acc[n, T.ramp(0, 1, 16)] = acc[n, T.ramp(0, 1, 16)] + block(raw, sc, d16, xq, offset, sub_xs, m, n, b)
-                    y[m, n] = T.Cast(out_dtype, halving_sum(acc[n, T.ramp(0, 1, 16)], 16)[0])
+                with T.sblock("row"):
+                    acc = T.sblock_alloc_buffer((16,), "float32")
+                    for m in range(M):
+                        acc[T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+                        for b in range(B):
+                            for line in T.unroll(4):  # the block's 210 bytes span up to 4 cache lines
+                                prefetch(raw, T.min(n + ahead, N - 1), b * BLOCK_BYTES + line * 64)
+                            acc[T.ramp(0, 1, 16)] = acc[T.ramp(0, 1, 16)] + block(raw, sc, d16, xq, offset, sub_xs, m, n, b)
+                        y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, 16)], 16)[0])
 
     return func
