@@ -8,7 +8,8 @@ numbers more slowly (e.g. ``--mcpu x86-64-v3``). GGUF Q6_K, Q4_K and Q5_K weight
 (:mod:`mpt_relax.kernels.cpu.q6k_int8_gemv`, :mod:`mpt_relax.kernels.cpu.q4k_q5k_gemv`) have an
 AVX512-VNNI kernel and the generic one, prefetching 64 KiB ahead as the float GEMV does, but
 :data:`ZEN_BLOCK_PREFETCH_BYTES` on AMD Zen (one Zen 4 core streamed the Q6_K head from DRAM at
-16.4 GB/s with 64 KiB, 18.3-19.7 with 16 KiB, 20.2-21.2 with 8 KiB). A prefill's GEMV (``int8_prefill`` schemes)
+16.4 GB/s with 64 KiB, 18.3-19.7 with 16 KiB, 20.2-21.2 with 8 KiB); the q8 GEMV prefetches
+nothing there (:data:`ZEN_Q8_PREFETCH_BYTES`). A prefill's GEMV (``int8_prefill`` schemes)
 becomes the GEMM of :mod:`mpt_relax.kernels.cpu.int8_matmul` on AVX512-VNNI. The kernels are CPU code: a GPU target is
 refused with one line.
 """
@@ -26,6 +27,10 @@ from mpt_relax.quantization.gguf_scheme import INT8_GEMVS
 # how far ahead the K-quant kernels prefetch on AMD Zen (gguf Q4_K_M decode, alternated with 16 KiB:
 # 173 -> 180 tokens/s at one thread, 250 -> 273 at two)
 ZEN_BLOCK_PREFETCH_BYTES = 8192
+# the q8 int8 GEMV on AMD Zen leaves the weights to the hardware prefetchers (one Zen 4 core from DRAM,
+# 3072x768 and 768x3072: 23.8-24.8 GB/s so, 20.5-21.3 prefetching 16 KiB ahead into L2); q4 keeps its
+# prefetches (17-19 GB/s without, 24-25 with)
+ZEN_Q8_PREFETCH_BYTES = 0
 
 
 def check_targets(q: Quantization, specs: list[TargetSpec]) -> None:
@@ -72,7 +77,9 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
                 if bool(info["prefill"]) and isa == "avx512vnni" and int8_matmul.supported(*shape[:2]):
                     kernel = int8_matmul.int8_matmul(*shape)
                 else:
-                    kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]))
+                    ahead = float_gemv.prefetch_bytes(spec.target, ZEN_Q8_PREFETCH_BYTES, int8_gemv.PREFETCH_BYTES)
+                    kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]),
+                                                 ahead if shape[2] == 8 else int8_gemv.PREFETCH_BYTES)
             for name, value in func.attrs.items():
                 if name != key:
                     kernel = kernel.with_attr(name, value)

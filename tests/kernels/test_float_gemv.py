@@ -53,6 +53,8 @@ def test_prefetch_distance_follows_the_cpu():
     assert prefetch_bytes(targets.llvm_target("x86-64-v3").target) == PREFETCH_BYTES
     assert prefetch_bytes(targets.llvm_target("znver4").target, zen=8192) == 8192  # the K-quant kernels' distance
     assert prefetch_bytes(targets.llvm_target("x86-64-v3").target, zen=8192) == PREFETCH_BYTES
+    assert prefetch_bytes(targets.llvm_target("znver4").target, 0, 16384) == 0  # the q8 int8 GEMV's
+    assert prefetch_bytes(targets.llvm_target("sapphirerapids").target, 0, 16384) == 16384
 
 
 def test_supported_shapes():
@@ -109,3 +111,4 @@ def test_streaming_gemvs_prefetch_into_l2_and_the_exact_dequantizing_ones_into_l
         assert "prefetcht1" in asm and "prefetcht0" not in asm
     asm = _asm(group_gemv(64, 256, 4, "float16", "float32"), "znver4")
     assert "prefetcht0" in asm and "prefetcht1" not in asm
+    assert "prefetch" not in _asm(int8_gemv(64, 256, 8, "float32", isa="avx512vnni", distance=0), "znver4")

@@ -13,7 +13,7 @@ from mpt_relax.compile import targets
 from mpt_relax.io import artifact
 from mpt_relax.compile.int8_kernels import best_isa
 from mpt_relax.compile.targets import TargetError
-from mpt_relax.kernels.cpu.int8_gemv import ISAS, code_offset, int8_gemv, quantize_activation
+from mpt_relax.kernels.cpu.int8_gemv import ISAS, PREFETCH_BYTES, code_offset, int8_gemv, quantize_activation
 from mpt_relax.quantization import QuantizationError, dequantize_weight, get_quantization, quantize_weight
 
 HOST = targets.llvm_target().target
@@ -58,11 +58,11 @@ def test_kernels_match_numpy(bits, rows, n_out, k_in):
 
     w = dequantize_weight(packed["q_weight"], packed["q_scale"], q, (n_out, k_in)).astype(np.float64)
     expected = (codes * np.repeat(scales, 32, axis=1)).astype(np.float64) @ w.T
-    for isa in RUNNABLE:
+    for isa, distance in [(isa, d) for isa in RUNNABLE for d in ((PREFETCH_BYTES, 0) if isa != "generic" else (PREFETCH_BYTES,))]:
         y = tvm.runtime.tensor(np.zeros((rows, n_out), np.float32), dev)
-        _compile(int8_gemv(n_out, k_in, bits, "float32", "float16", isa))["main"](
+        _compile(int8_gemv(n_out, k_in, bits, "float32", "float16", isa, distance=distance))["main"](
             xq, xs, xc, tvm.runtime.tensor(packed["q_weight"], dev), tvm.runtime.tensor(packed["q_scale"], dev), y)
-        assert rel_err(y.numpy(), expected) < 2e-6, isa
+        assert rel_err(y.numpy(), expected) < 2e-6, (isa, distance)
 
 
 def test_this_machine_gets_its_best_kernel():

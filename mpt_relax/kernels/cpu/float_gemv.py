@@ -34,10 +34,10 @@ def supported(out_features: int, in_features: int) -> bool:
     return in_features % LANES == 0 and out_features > 0
 
 
-def prefetch_bytes(target, zen: int = ZEN_PREFETCH_BYTES) -> int:
+def prefetch_bytes(target, zen: int = ZEN_PREFETCH_BYTES, other: int = PREFETCH_BYTES) -> int:
     """How far ahead a kernel asks for weights on ``target``'s CPU (by its LLVM CPU name): ``zen``
-    on AMD Zen cores, else :data:`PREFETCH_BYTES`."""
-    return zen if str(target.attrs.get("mcpu", "")).startswith("znver") else PREFETCH_BYTES
+    on AMD Zen cores, else ``other``."""
+    return zen if str(target.attrs.get("mcpu", "")).startswith("znver") else other
 
 
 def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, out_dtype: str,

@@ -149,10 +149,12 @@ def quantize_activation(in_features: int, bits: int, x_dtype: str) -> tirx.PrimF
 
 
 def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, scale_dtype: str = "float16",
-              isa: str = "generic", prefill: bool = False) -> tirx.PrimFunc:
+              isa: str = "generic", prefill: bool = False, distance: int = PREFETCH_BYTES) -> tirx.PrimFunc:
     """PrimFunc (xq, xs, xc as :func:`quantize_activation` gives them, q_weight uint32 [N, K*bits/32],
     q_scale ``scale_dtype`` [N, K/32]) -> y [M, N] ``out_dtype``; see the module docstring.
-    ``prefill``: recorded in the attribute, for a pass to swap in the GEMM of :mod:`.int8_matmul`."""
+    ``prefill``: recorded in the attribute, for a pass to swap in the GEMM of :mod:`.int8_matmul`;
+    ``distance``: how many bytes ahead the VNNI kernels prefetch the weights (0: they leave it to
+    the hardware prefetchers)."""
     if isa not in ISAS:
         raise ValueError(f"unknown int8 GEMV kernel {isa!r}; one of {ISAS}")
     N, K = out_features, in_features
@@ -163,9 +165,9 @@ def int8_gemv(out_features: int, in_features: int, bits: int, out_dtype: str, sc
     else:
         lanes = _LANES[isa] if G % 2 == 0 else 8  # two groups per 512-bit vector need an even count
         if bits == 4 and G % QUAD_GROUPS == 0:
-            func = _vnni_int4(N, K, G, words, out_dtype, scale_dtype, _LANES[isa])
+            func = _vnni_int4(N, K, G, words, out_dtype, scale_dtype, _LANES[isa], distance)
         else:
-            func = _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, _DOT[lanes])
+            func = _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, _DOT[lanes], distance)
     return func.with_attr(KERNEL_ATTR, {"bits": bits, "in": K, "out": N, "out_dtype": out_dtype,
                                         "scale_dtype": scale_dtype, "isa": isa, "prefill": prefill})
 
@@ -214,7 +216,7 @@ def _total(acc, cor, lanes: int, chunk: int):
     return halving_sum(acc - cor, width)[0]
 
 
-def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
+def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic, distance):
     """vpdpbusd over ``lanes`` int32 lanes = ``lanes // 8`` groups per instruction.
 
     Groups are taken ``chunk`` at a time (8 where G allows): per row, one vector conversion of
@@ -225,7 +227,7 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
     chunk = next(c for c in (8, 4, 2, 1) if G % c == 0)
     steps = chunk // gpv  # vpdpbusd steps per chunk
     wpv = gpv * 32 * bits // 32  # uint32 words of codes per vector
-    ahead = max(1, PREFETCH_BYTES // (words * 4))  # rows between a weight load and its prefetch
+    ahead = max(1, distance // (words * 4))  # rows between a weight load and its prefetch
     i8, f32 = f"int8x{4 * lanes}", f"float32x{lanes}"
     fc = f"float32x{chunk}" if chunk > 1 else "float32"
     nib = T.uint32(0x0F0F0F0F)
@@ -291,8 +293,9 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
                                     combined[r, 0] = w_scale(qs, nb * rows + r, ch) * xs[m, ch]
                                     cor[r, 0] = cor[r, 0] + w_scale(qs, nb * rows + r, ch) * xc[m, ch]
                             for s in T.unroll(steps):
-                                for r in T.unroll(rows):
-                                    prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
+                                if distance > 0:
+                                    for r in T.unroll(rows):
+                                        prefetch(qw, T.min(nb * rows + r + ahead, N - 1), (ch * steps + s) * wpv)
                                 for r in T.unroll(rows):
                                     acc[r, T.ramp(0, 1, lanes)] = (
                                         acc[r, T.ramp(0, 1, lanes)]
@@ -304,7 +307,7 @@ def _vnni(N, K, G, words, bits, rows, out_dtype, scale_dtype, lanes, intrinsic):
     return func
 
 
-def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes):
+def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes, distance):
     """int4 weights, ``QUAD_GROUPS`` = 4 groups per step, on vpdpbusd of ``lanes`` int32 lanes
     (16: 512-bit, one vector per step; 8: 256-bit, two).
 
@@ -320,7 +323,7 @@ def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes):
     """
     chunk = 8 if G % 8 == 0 else QUAD_GROUPS
     steps, parts = chunk // QUAD_GROUPS, 16 // lanes  # steps per chunk of scales; vectors per step
-    ahead = max(1, PREFETCH_BYTES // (words * 4))
+    ahead = max(1, distance // (words * 4))
     fc, f32 = f"float32x{chunk}", f"float32x{lanes}"
     nib = T.broadcast(T.uint32(0x0F0F0F0F), lanes)
     # word p of a block of the re-laid x <- word of xq: half p // 16 (evens, odds), group (p % 16) // 4
@@ -367,7 +370,8 @@ def _vnni_int4(N, K, G, words, out_dtype, scale_dtype, lanes):
                             combined[T.ramp(0, 1, chunk)] = scales(qs, n, ch) * xs[m, T.ramp(ch * chunk, 1, chunk)]
                             cor[T.ramp(0, 1, chunk)] = cor[T.ramp(0, 1, chunk)] + scales(qs, n, ch) * xc[m, T.ramp(ch * chunk, 1, chunk)]
                             for s in T.unroll(steps):
-                                prefetch(qw, T.min(n + ahead, N - 1), (ch * steps + s) * 16)
+                                if distance > 0:
+                                    prefetch(qw, T.min(n + ahead, N - 1), (ch * steps + s) * 16)
                                 for h in T.unroll(parts):
                                     acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + T.Cast(
                                         f32, quad_dot(qw, xw, n, m, ch * steps + s, h)) * lane_scales(combined[T.ramp(0, 1, chunk)], s, h)
