@@ -32,7 +32,6 @@ def pipeline(spec: TargetSpec, page_size: int = DEFAULT_PAGE_SIZE) -> tvm.transf
         fuse_dequantize_matmul(),  # x @ W^T (and dequantize) as one kernel: no weight transposes at run time
         select_decode_gemv(spec),  # llvm: decode GEMVs (float, exact q4/q8) stream with prefetches
         select_exact_amx_prefill(spec),  # the prefill's exact matmuls on the AMX tiles or AVX-512 register tiles
-        relax.transform.RemoveRedundantReshape(),  # reshape(reshape(x)): one; a reshape to its own shape: none (23 % fewer VM instructions per decode step)
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
