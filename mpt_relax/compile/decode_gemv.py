@@ -30,13 +30,13 @@ _BLOCK_GEMVS = {"Q6_K": (q6k_gemv.supported, q6k_gemv.BLOCK_BYTES, q6k_gemv.q6k_
                 "Q5_K": (q4k_q5k_gemv.supported, q4k_q5k_gemv.Q5_K.block_bytes, q4k_q5k_gemv.q5k_gemv)}
 
 
-def _decode_kernel(m: Matmul, group_kernels: bool, distance: int):
-    """(name, maker, x first) of the decode GEMV for ``m``, or None (``distance``: the float GEMV's
-    prefetch distance)."""
+def _decode_kernel(m: Matmul, group_kernels: bool, target: tvm.target.Target):
+    """(name, maker, x first) of the decode GEMV for ``m`` on ``target``, or None."""
     if m.kind == "float":
         if not float_gemv.supported(m.n, m.k):
             return None
         key = (m.n, m.k, m.x_dtype, m.w_dtype, m.out_dtype)
+        distance = float_gemv.weight_distance(target, m.w_dtype)
         return "float_gemv_{}x{}_{}_{}_{}".format(*key), lambda: float_gemv.float_gemv(*key, distance), True
     if m.kind == "group":
         if not group_kernels or not group_gemv.supported(m.n, m.k):
@@ -59,7 +59,6 @@ def select_decode_gemv(spec: TargetSpec) -> tvm.transform.Pass:
         if spec.name != "llvm":
             return mod
         group_kernels = cpu_has(spec.target, group_gemv.REQUIRED_FEATURES)
-        distance = float_gemv.prefetch_bytes(spec.target)
-        return rewrite_matmuls(mod, DECODE_FUNCTION, lambda m: _decode_kernel(m, group_kernels, distance))
+        return rewrite_matmuls(mod, DECODE_FUNCTION, lambda m: _decode_kernel(m, group_kernels, spec.target))
 
     return _run

@@ -15,7 +15,8 @@ from factory import callees, gemv_error
 from mpt_relax.compile import targets
 from mpt_relax.compile.builder import quantized_model
 from mpt_relax.compile.decode_gemv import select_decode_gemv
-from mpt_relax.kernels.cpu.float_gemv import PREFETCH_BYTES, ZEN_PREFETCH_BYTES, float_gemv, prefetch_bytes, supported
+from mpt_relax.kernels.cpu.float_gemv import (PREFETCH_BYTES, ZEN_FP32_PREFETCH_BYTES, ZEN_PREFETCH_BYTES, float_gemv,
+                                              prefetch_bytes, supported, weight_distance)
 from mpt_relax.kernels.cpu.group_gemv import group_gemv
 from mpt_relax.kernels.cpu.int8_gemv import int8_gemv
 from mpt_relax.kernels.cpu.q4k_q5k_gemv import q4k_int8_gemv
@@ -39,9 +40,9 @@ def test_kernel_matches_numpy(x_dtype, w_dtype, out_dtype, rows, n_out, k_in):
     assert err < (1e-6 if out_dtype == "float32" else 1e-3)
 
 
-@pytest.mark.parametrize("distance", [64, 1 << 20])
+@pytest.mark.parametrize("distance", [0, 64, 1 << 20])
 def test_kernel_matches_numpy_at_any_prefetch_distance(distance):
-    """A prefetch one row ahead (64 bytes: every row) or past the last row: the same sums."""
+    """A prefetch of the line being read, of the next line or past the end of W: the same sums."""
     rng = np.random.default_rng(distance)
     x, w = rng.standard_normal((2, 96)).astype(np.float16), rng.standard_normal((130, 96)).astype(np.float16)
     assert gemv_error(float_gemv(130, 96, "float16", "float16", "float32", distance), HOST, (x, w), x, w, "float32") < 1e-6
@@ -55,6 +56,10 @@ def test_prefetch_distance_follows_the_cpu():
     assert prefetch_bytes(targets.llvm_target("x86-64-v3").target, zen=8192) == PREFETCH_BYTES
     assert prefetch_bytes(targets.llvm_target("znver4").target, 0, 16384) == 0  # the q8 int8 GEMV's
     assert prefetch_bytes(targets.llvm_target("sapphirerapids").target, 0, 16384) == 16384
+    # the float GEMV's by weight dtype: fp32 weights nearer on Zen
+    assert weight_distance(targets.llvm_target("znver4").target, "float32") == ZEN_FP32_PREFETCH_BYTES < ZEN_PREFETCH_BYTES
+    assert weight_distance(targets.llvm_target("znver4").target, "float16") == ZEN_PREFETCH_BYTES
+    assert weight_distance(targets.llvm_target("sapphirerapids").target, "float32") == PREFETCH_BYTES
 
 
 def test_supported_shapes():
