@@ -20,6 +20,7 @@ from mpt_relax.kernels.cpu.float_gemv import (PREFETCH_BYTES, ZEN_FP32_PREFETCH_
 from mpt_relax.kernels.cpu.group_gemv import group_gemv
 from mpt_relax.kernels.cpu.int8_gemv import int8_gemv
 from mpt_relax.kernels.cpu.q4k_q5k_gemv import q4k_int8_gemv
+from mpt_relax.kernels.cpu.q6k_gemv import q6k_gemv
 from mpt_relax.kernels.cpu.q6k_int8_gemv import q6k_int8_gemv
 from mpt_relax.models.mpt.config import MPTConfig
 from mpt_relax.quantization import fuse_dequantize_matmul, get_quantization
@@ -102,7 +103,8 @@ def test_gemv_accumulators_stay_in_registers():
     workspace call): the only stores of a task are its outputs."""
     for func in (float_gemv(64, 256, "float16", "float16", "float32"), int8_gemv(64, 256, 4, "float32", isa="avx512vnni"),
                  int8_gemv(64, 256, 8, "float32", isa="avx512vnni"), group_gemv(64, 256, 4, "float16", "float32"),
-                 q6k_int8_gemv(64, 256, "float32", "avx512vnni"), q4k_int8_gemv(64, 256, "float32", "avx512vnni")):
+                 q6k_int8_gemv(64, 256, "float32", "avx512vnni"), q4k_int8_gemv(64, 256, "float32", "avx512vnni"),
+                 q6k_gemv(64, 256, "float16", "float32")):
         task = _row_task(_asm(func, "znver4"))
         assert re.findall(r"\tv\w+\s+%[yz]mm\d+, -?\d*\(%\w+[^)]*\)", task) == []  # vector stores
         assert "TVMBackendAllocWorkspace" not in task
