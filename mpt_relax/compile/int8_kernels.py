@@ -57,6 +57,7 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         isa = None
         distance = float_gemv.prefetch_bytes(spec.target, zen=ZEN_BLOCK_PREFETCH_BYTES)  # the K-quant kernels
+        q8_distance = float_gemv.prefetch_bytes(spec.target, ZEN_Q8_PREFETCH_BYTES, int8_gemv.PREFETCH_BYTES)
         for gvar, func in list(mod.functions.items()):
             attrs = func.attrs if func.attrs is not None else {}
             key = next((k for k in (int8_gemv.KERNEL_ATTR, int8_gemv.BLOCK_KERNEL_ATTR) if attrs.get(k) is not None), None)
@@ -77,9 +78,8 @@ def select_int8_kernels(spec: TargetSpec) -> tvm.transform.Pass:
                 if bool(info["prefill"]) and isa == "avx512vnni" and int8_matmul.supported(*shape[:2]):
                     kernel = int8_matmul.int8_matmul(*shape)
                 else:
-                    ahead = float_gemv.prefetch_bytes(spec.target, ZEN_Q8_PREFETCH_BYTES, int8_gemv.PREFETCH_BYTES)
                     kernel = int8_gemv.int8_gemv(*shape, isa, bool(info["prefill"]),
-                                                 ahead if shape[2] == 8 else int8_gemv.PREFETCH_BYTES)
+                                                 q8_distance if shape[2] == 8 else int8_gemv.PREFETCH_BYTES)
             for name, value in func.attrs.items():
                 if name != key:
                     kernel = kernel.with_attr(name, value)
