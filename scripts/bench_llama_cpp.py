@@ -13,13 +13,14 @@ converter, taken from a llama-cpp-python source tarball (``--llama-src``; a llam
 tree works too): its convert_hf_to_gguf.py, conversion/ and gguf-py/ are copied into a
 temporary directory and run from there, never from this repository.
 
-1. The checkpoint is converted to an F16 GGUF through a temporary view of it whose config.json
+1. The checkpoint is converted to F32 and F16 GGUFs through a temporary view of it whose config.json
    has the keys the converter reads (``architectures``, ``attn_config.clip_qkv``); the
    converter's pre-tokenizer lookup is patched in memory to answer "mpt", since a test
    tokenizer's hash is not in its table. ``llama_cpp.llama_model_quantize`` then makes Q8_0,
    Q4_0, Q4_K_M and Q5_K_M with llama.cpp's defaults: in Q4_0 the tied embedding (also the LM
    head) becomes Q6_K, or Q8_0 where its rows are not a multiple of 256; Q4_K_M / Q5_K_M are
-   Q4_K / Q5_K with some layers and the head in Q6_K. ``--keep-gguf DIR`` keeps the five files.
+   Q4_K / Q5_K with some layers and the head in Q6_K (from the F16 file). ``--keep-gguf DIR`` keeps
+   the six files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
    checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
    and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 or AVX512-BF16 also
@@ -37,7 +38,8 @@ temporary directory and run from there, never from this repository.
 
 Both sides report the median over ``--runs`` (bench.py's statistic); llama.cpp is measured again
 right after each of our rows, so that a ratio compares neighbouring runs. The table pairs q0f16 with
-F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax / llama.cpp.
+q0f32 with F32, q0f16 with F16, every q8f16_1 row with Q8_0 and every q4f16_1 row with Q4_0; ratio = mpt_relax /
+llama.cpp.
 "/HF bf16" is the row's prefill over transformers' ``MptForCausalLM`` in bfloat16 on the same
 checkpoint and prompt (measured once per T, as bench --compare-hf --hf-dtype bfloat16 measures it;
 on a CPU with AMX that is oneDNN on the tiles). "/bound" is decode tokens/s over the bandwidth
@@ -103,7 +105,7 @@ FEATURES = host_features() or frozenset()  # normal-form names
 BF16 = {normal_form(f) for f in ("amx-bf16", "amx-tile")} <= FEATURES or normal_form("avx512bf16") in FEATURES
 FAST = [{"int8_activations": True, "int8_prefill": True}] + ([{"int8_activations": True, "amx_prefill": True}] if BF16 else [])
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
-ROWS = (("q0f32", {}, None), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if BF16 else ()),
+ROWS = (("q0f32", {}, "F32"), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if BF16 else ()),
         ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
         *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
@@ -178,17 +180,19 @@ def converter_view(ckpt: Path, dest: Path) -> Path:
 
 
 def make_ggufs(ckpt: Path, llama_src: Path, out_dir: Path, tmp: Path, threads: int) -> dict[str, Path]:
-    """F16, Q8_0 and Q4_0 GGUF files of ``ckpt`` in ``out_dir``."""
+    """F32, F16, Q8_0, Q4_0, Q4_K_M and Q5_K_M GGUF files of ``ckpt`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     converter = copy_converter(llama_src, tmp / "converter")
-    files = {name: out_dir / f"{ckpt.name}-{name}.gguf" for name in ("F16", *FTYPES)}
-    start = time.perf_counter()
+    files = {name: out_dir / f"{ckpt.name}-{name}.gguf" for name in ("F32", "F16", *FTYPES)}
     view = converter_view(ckpt, tmp / "view" / ckpt.name)
-    proc = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(view), "--outtype", "f16",
-                           "--outfile", str(files["F16"])], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"error: convert_hf_to_gguf.py failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f"converted to {files['F16']} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    for name in ("F32", "F16"):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(view), "--outtype", name.lower(),
+                               "--outfile", str(files[name])], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"error: convert_hf_to_gguf.py --outtype {name.lower()} failed (rc {proc.returncode}):\n"
+                     f"{proc.stderr[-3000:]}")
+        print(f"converted to {files[name]} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     for name, ftype in FTYPES.items():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, threads
