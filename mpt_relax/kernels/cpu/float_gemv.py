@@ -17,7 +17,7 @@ the sums differs. The kernel streams W once per call at memory speed:
 
 from __future__ import annotations
 
-from tvm import tirx
+from tvm import DataType, tirx
 from tvm.script import tirx as T
 
 from mpt_relax.kernels.lanes import halving_sum
@@ -54,8 +54,9 @@ def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, 
     """PrimFunc (x [M, K] ``x_dtype``, W [N, K] ``w_dtype``) -> y [M, N] ``out_dtype``; the weights
     prefetched ``distance`` bytes of W ahead (:func:`weight_distance`)."""
     N, K = out_features, in_features
-    line = 64 // (2 if w_dtype == "float16" else 4)  # elements per cache line
-    ahead = distance // (2 if w_dtype == "float16" else 4)  # elements of W between a load and its prefetch
+    itemsize = DataType(w_dtype).bits // 8
+    line = 64 // itemsize  # elements per cache line
+    ahead = distance // itemsize  # elements of W between a load and its prefetch (none at 0)
     f32 = f"float32x{LANES}"
 
     @T.prim_func(private=True, s_tir=True)
@@ -73,8 +74,9 @@ def float_gemv(out_features: int, in_features: int, x_dtype: str, w_dtype: str, 
                     for m in range(M):
                         acc[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                         for c in range(K // LANES):
-                            for p in T.unroll(LANES // line):
-                                prefetch(flat, 0, T.min(n * K + c * LANES + p * line + ahead, N * K - 1))
+                            if ahead > 0:
+                                for p in T.unroll(LANES // line):
+                                    prefetch(flat, 0, T.min(n * K + c * LANES + p * line + ahead, N * K - 1))
                             acc[T.ramp(0, 1, LANES)] = acc[T.ramp(0, 1, LANES)] + T.Cast(
                                 f32, w[n, T.ramp(c * LANES, 1, LANES)]) * T.Cast(f32, x[m, T.ramp(c * LANES, 1, LANES)])
                         y[m, n] = T.Cast(out_dtype, halving_sum(acc[T.ramp(0, 1, LANES)], LANES)[0])
