@@ -1,17 +1,17 @@
 """Decode GEMV on GGUF Q6_K weights, exact: ``y = x @ W^T`` for a few rows of x, W kept in
-the file's Q6_K blocks (:mod:`mpt_relax.quantization.gguf_blocks`), the math of the fused
-dequantize + ``NT_matmul`` it replaces: each weight ``float16((d * scale) * (q - 32))`` with
-float32 products, then fp32 products and sums; only the order of the sums differs.
+the file's Q6_K blocks (:mod:`mpt_relax.quantization.gguf_blocks`): each weight ``(d * scale)
+* (q - 32)`` in fp32, then fp32 products and sums. The fused dequantize + ``NT_matmul`` it
+replaces rounds each weight to fp16 first (at most half an fp16 step apart).
 
 llama.cpp's Q4_0 and Q4_K_M files keep the tied embedding, MPT's LM head, in Q6_K: the largest
 matmul of a decode step. Per 256-weight block (210 bytes: 128 of low nibbles, 64 of 2-bit
 highs, 16 int8 scales, the fp16 ``d``), 64 codes at a time come from a few byte-wide vector ops
-(:func:`codes`, shared with the int8 kernel), then each sub-block of 16 is widened, scaled,
-rounded to fp16 and FMA'd into one of four accumulator chains. One weight row per parallel
-task, read front to back, prefetched ``PREFETCH_BYTES`` ahead; a row's accumulators and codes
-are a small buffer of its task, kept in registers (6.5 -> 6.8 G weights/s on one Zen 4 core
-against a per-row scratch in memory). The fp16 rounding's two conversions and the widening keep
-the two 512-bit ports busy (without the rounding 8.6); :mod:`.q6k_int8_gemv` reaches ~27.
+(:func:`codes`, shared with the int8 kernel), then each sub-block of 16 is widened, scaled
+and FMA'd into one of four accumulator chains. One weight row per parallel task, read front to
+back, prefetched ``PREFETCH_BYTES`` ahead; a row's accumulators and codes are a small buffer of
+its task, kept in registers (6.5 -> 6.8 G weights/s on one Zen 4 core against a per-row scratch
+in memory). Rounding each weight to fp16 (two conversions) kept it at 6.7; without, 9.2 (3072 x
+768 from DRAM); :mod:`.q6k_int8_gemv` reaches ~27.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ def codes(raw, n, b, h, part):
 
 def q6k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) -> tirx.PrimFunc:
     """PrimFunc (blocks uint8 [N, K / 256 * 210], x [M, K] ``x_dtype``) -> y [M, N] ``out_dtype``
-    (the argument order of the fused kernel it replaces). Each weight is rounded to ``x_dtype``,
-    the model dtype, which the layer dequantizes to."""
+    (the argument order of the fused kernel it replaces)."""
     N, K = out_features, in_features
     B, row_bytes = K // BLOCK, K // BLOCK * BLOCK_BYTES
     ahead = max(1, PREFETCH_BYTES // row_bytes)
@@ -62,10 +61,9 @@ def q6k_gemv(out_features: int, in_features: int, x_dtype: str, out_dtype: str) 
             "float32", sc[n, b * BLOCK_BYTES + 192 + s])
 
     def weights(cb, sc, d16, n, b, s, quarter):
-        """The 16 weights of sub-block ``s`` (their codes at ``cb[16 quarter:]``), rounded to
-        ``x_dtype``, in fp32."""
+        """The 16 weights of sub-block ``s`` (their codes at ``cb[16 quarter:]``), fp32."""
         q = T.Cast("int32x16", cb[T.ramp(quarter * 16, 1, 16)]) - T.Broadcast(32, 16)
-        return T.Cast("float32x16", T.Cast(f"{x_dtype}x16", T.Broadcast(scaled(sc, d16, n, b, s), 16) * T.Cast("float32x16", q)))
+        return T.Broadcast(scaled(sc, d16, n, b, s), 16) * T.Cast("float32x16", q)
 
     @T.prim_func(private=True, s_tir=True)
     def func(raw_h: T.handle, x_h: T.handle, y_h: T.handle):
