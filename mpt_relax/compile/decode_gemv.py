@@ -1,7 +1,8 @@
 """Give the decode step's GEMVs the streaming CPU kernels (llvm targets only).
 
 In ``batch_decode`` (a few rows of x) this pass points each exact ``x @ W^T`` call
-(:mod:`mpt_relax.compile.matmul_calls`) at a hand-written kernel with the same math:
+(:mod:`mpt_relax.compile.matmul_calls`) at a hand-written kernel with the same math (except
+that the group-quantized and GGUF kernels do not round each weight to fp16 first):
 
 - float weights (fp16/fp32): :func:`mpt_relax.kernels.cpu.float_gemv.float_gemv`;
 - q4f16_1 / q8f16_1 weights, on targets with AVX-512F:
@@ -39,10 +40,11 @@ def _decode_kernel(m: Matmul, group_kernels: bool, target: tvm.target.Target):
         distance = float_gemv.weight_distance(target, m.w_dtype)
         return "float_gemv_{}x{}_{}_{}_{}".format(*key), lambda: float_gemv.float_gemv(*key, distance), True
     if m.kind == "group":
-        if not group_kernels or not group_gemv.supported(m.n, m.k):
+        if not group_kernels or not group_gemv.supported(m.n, m.k, m.scheme.bits):
             return None
         key = (m.n, m.k, m.scheme.bits, m.x_dtype, m.out_dtype, m.scheme.model_dtype)
-        return "group_gemv_{}x{}_q{}_{}_{}_{}".format(*key), lambda: group_gemv.group_gemv(*key), False
+        distance = group_gemv.prefetch_distance(target)
+        return "group_gemv_{}x{}_q{}_{}_{}_{}".format(*key), lambda: group_gemv.group_gemv(*key, distance), False
     supported, block_bytes, make = _BLOCK_GEMVS.get(m.block, (None, None, None))
     if make is None or not supported(m.n, m.k) or m.weights[0].ty.shape.values[1].value != m.k // 256 * block_bytes:
         return None

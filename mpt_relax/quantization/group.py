@@ -31,8 +31,9 @@ multiples of 64); nothing is padded.
 
 int8 codes live in the same uint32 words as int4 (rather than an int8 tensor): one dequantize
 compute and one loader path serve both; the CPU GEMV vectorises over whole words (see
-``mpt_relax.kernels.cpu.gemv``). On the CPU, decoding with these weights is bound by the unpacking
-(shift, mask, convert, scale: about 7-8 G weights/s per core), not by memory bandwidth.
+``mpt_relax.kernels.cpu.gemv``). On the CPU, decoding with these weights exactly is bound by the
+unpacking (about 7-8 G weights/s per core with that schedule; 17-24 with
+``mpt_relax.kernels.cpu.group_gemv``, which never converts a code), not by memory bandwidth.
 
 By default only ``nn.Linear`` layers are quantized. The token embedding ``wte`` stays in the
 model dtype: MPT ties it to the LM head, and the logits over a 50k vocabulary are the matmul

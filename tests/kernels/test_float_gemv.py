@@ -69,7 +69,7 @@ def test_supported_shapes():
 
 
 def _exported(quantization: str, **options):
-    cfg = MPTConfig(d_model=64, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)
+    cfg = MPTConfig(d_model=128, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)  # whole q4 chunks
     net, _ = quantized_model(cfg, get_quantization(quantization, **options))
     mod, _ = net.export_tvm(spec=net.export_spec())
     return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), fuse_dequantize_matmul()])(mod)
