@@ -22,8 +22,8 @@ temporary directory and run from there, never from this repository.
    Q4_K / Q5_K with some layers and the head in Q6_K (from the F16 file). ``--keep-gguf DIR`` keeps
    the six files.
 2. mpt_relax artifacts are built for the host CPU (``mpt_relax.build``, target llvm): from the
-   checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q4f16_1 with a quantized embedding ("-emb"),
-   and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 or AVX512-BF16 also
+   checkpoint in q0f32, q0f16, q8f16_1, q4f16_1, q8f16_1 / q4f16_1 with a quantized embedding
+   ("-emb"; q4 also with an 8-bit one, "-emb8"), and q8/q4 with the int8 decode and prefill kernels ("-a8-p8"; with AMX-BF16 or AVX512-BF16 also
    "-a8-amx", the bf16 prefill, and q0f16-amx), with and without "-emb" (llama.cpp's Q8_0 file is all Q8_0,
    its tied head included, so q8f16_1-emb-a8-p8 is the equal-bits row); ``--rows`` picks some;
    and from each of the GGUF files ("gguf F16" ...: ``--quantization gguf``, the file's own
@@ -107,7 +107,8 @@ FAST = [{"int8_activations": True, "int8_prefill": True}] + ([{"int8_activations
 # (mpt_relax quantization, its build options, the llama.cpp file type it is compared with)
 ROWS = (("q0f32", {}, "F32"), ("q0f16", {}, "F16"), *((("q0f16", {"amx_prefill": True}, "F16"),) if BF16 else ()),
         ("q8f16_1", {}, "Q8_0"), *(("q8f16_1", f, "Q8_0") for f in FAST),
-        *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),  # Q8_0 holds its tied head in Q8_0 too
+        # Q8_0 holds its tied head in Q8_0 too
+        ("q8f16_1", {"quantize_embedding": True}, "Q8_0"), *(("q8f16_1", {"quantize_embedding": True, **f}, "Q8_0") for f in FAST),
         ("q4f16_1", {}, "Q4_0"), ("q4f16_1", {"quantize_embedding": True}, "Q4_0"), *(("q4f16_1", f, "Q4_0") for f in FAST),
         *(("q4f16_1", {"quantize_embedding": True, **f}, "Q4_0") for f in FAST),
         # llama.cpp's Q4_0 keeps the tied head in Q6_K: ours in 8 bits is the nearest mix with as many bits
