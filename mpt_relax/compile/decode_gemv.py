@@ -5,7 +5,7 @@ In ``batch_decode`` (a few rows of x) this pass points each exact ``x @ W^T`` ca
 that the group-quantized and GGUF kernels do not round each weight to fp16 first):
 
 - float weights (fp16/fp32): :func:`mpt_relax.kernels.cpu.float_gemv.float_gemv`;
-- q4f16_1 / q8f16_1 weights, on targets with AVX-512F:
+- q4f16_1 / q8f16_1 weights, on x86 targets with AVX2 and FMA:
   :func:`mpt_relax.kernels.cpu.group_gemv.group_gemv`;
 - GGUF Q6_K / Q4_K / Q5_K blocks: :func:`mpt_relax.kernels.cpu.q6k_gemv.q6k_gemv`,
   :func:`mpt_relax.kernels.cpu.q4k_q5k_gemv.q4k_gemv` and ``q5k_gemv``.
@@ -54,7 +54,7 @@ def _decode_kernel(m: Matmul, group_kernels: bool, target: tvm.target.Target):
 
 def select_decode_gemv(spec: TargetSpec) -> tvm.transform.Pass:
     """Module pass: on llvm targets, the decode step's float, exact group-quantized and GGUF Q6_K /
-    Q4_K / Q5_K GEMVs become the streaming kernels (the group one where the target has AVX-512F)."""
+    Q4_K / Q5_K GEMVs become the streaming kernels (the group one where the target has AVX2 and FMA)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectDecodeGEMV")
     def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mpt_relax
-from factory import hf_checkpoint
+from factory import hf_checkpoint, prefill_then_decode
 from mpt_relax.compile import targets
 from mpt_relax.io.artifact import read_params
 from mpt_relax.quantization import dequantize_weight, get_quantization, quantize_weight
@@ -154,6 +154,19 @@ def test_portable_mcpu_builds_runs_and_is_checked_at_load(ckpt, tmp_path):
     assert lib.stat().st_mtime_ns != stamp
     with pytest.raises(mpt_relax.TargetError, match="--mcpu 'pentium9' is not a CPU LLVM knows"):
         mpt_relax.build(path, output=tmp_path / "bad", mcpu="pentium9", quantization="q0f32", quiet=True)
+
+
+def test_portable_q4_build_decodes_on_the_exact_group_gemv(ckpt, tmp_path):
+    """An AVX2 build (x86-64-v3) decodes exact q4f16_1 on the group GEMV too: the same lane
+    arithmetic as the native build, and HF's numbers on the dequantized weights."""
+    path, model = ckpt
+    builds = [mpt_relax.build(path, output=tmp_path / name, quantization="q4f16_1", quiet=True, **options)
+              for name, options in (("v3", {"mcpu": "x86-64-v3"}), ("native", {}))]
+    assert all(b"group_gemv_" in (art / "tiny-q4f16_1-llvm.so").read_bytes() for art in builds)
+    (_, v3), (_, native) = (prefill_then_decode(art, IDS) for art in builds)
+    np.testing.assert_allclose(v3, native, rtol=0, atol=1e-3 * np.abs(native).max())
+    ref = _logits(_dequantized_copy(model, "q4f16_1"), IDS)[-1]
+    assert np.abs(v3.reshape(-1) - ref).max() / np.abs(ref).max() < 2e-2
 
 
 def test_amx_tile_state_is_asked_for_where_prefill_runs_on_the_tiles(ckpt, tmp_path, monkeypatch):
